@@ -1,0 +1,73 @@
+"""Flax models and a name -> constructor registry.
+
+``get(name, num_classes=10, **kwargs)`` builds one; ``abstract_params(model,
+input_shape)`` gives the params pytree of shapes a parameterization targets;
+``init_model_state(model, input_shape)`` gives the non-param collections
+(``batch_stats``) without materializing the params.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pemn_jax.models.convmixer import ConvMixer
+from pemn_jax.models.layers import DepthwiseConv
+from pemn_jax.models.mlp import MLP, LeNet5
+from pemn_jax.models.resnet import ResNet, cifar_resnet, resnet18
+from pemn_jax.models.vit import ViT
+
+REGISTRY = {
+    'mlp': MLP,
+    'lenet5': LeNet5,
+    'resnet20': functools.partial(cifar_resnet, 20),
+    'resnet32': functools.partial(cifar_resnet, 32),
+    'resnet56': functools.partial(cifar_resnet, 56),
+    'resnet18': resnet18,
+    'convmixer': ConvMixer,
+    'convmixer_256_6': functools.partial(ConvMixer, dim=256, depth=6, kernel_size=5, patch_size=2),
+    'convmixer_256_8': functools.partial(ConvMixer, dim=256, depth=8, kernel_size=5, patch_size=2),
+    'vit': ViT,
+}
+
+
+def get(name: str, num_classes: int = 10, **kwargs):
+  if name not in REGISTRY:
+    raise ValueError(f'unknown model {name!r}; known: {sorted(REGISTRY)}')
+  try:
+    return REGISTRY[name](num_classes=num_classes, **kwargs)
+  except TypeError as e:
+    raise ValueError(f'bad options for model {name!r}: {e}') from None
+
+
+def _dummy(input_shape):
+  return jnp.zeros((1, *input_shape), jnp.float32)
+
+
+def abstract_variables(model, input_shape):
+  """All variable collections as ShapeDtypeStructs (nothing is computed)."""
+  return jax.eval_shape(model.init, jax.random.key(0), _dummy(input_shape))
+
+
+def abstract_params(model, input_shape):
+  """The params pytree of shapes (a parameterization's target)."""
+  return abstract_variables(model, input_shape)['params']
+
+
+def init_model_state(model, input_shape, key=None):
+  """Initial non-param collections (e.g. ``batch_stats``); the params are
+  dropped inside jit, so XLA never computes them."""
+  key = jax.random.key(0) if key is None else key
+
+  def f(k):
+    variables = model.init(k, _dummy(input_shape))
+    return {c: v for c, v in variables.items() if c != 'params'}
+
+  return jax.jit(f)(key)
+
+
+__all__ = ['REGISTRY', 'ConvMixer', 'DepthwiseConv', 'LeNet5', 'MLP', 'ResNet', 'ViT',
+           'abstract_params', 'abstract_variables', 'cifar_resnet', 'get', 'init_model_state',
+           'resnet18']

@@ -1,0 +1,182 @@
+"""The parameterization protocol and the helpers every method shares.
+
+A parameterization is built from a *target* -- the model's params pytree of
+shapes (``jax.eval_shape(model.init, ...)['params']``) -- and offers
+
+* ``init(key) -> state``: only what is trained (a pytree of float arrays);
+* ``materialize(state, seed, rng=None) -> params``: pure, jittable,
+  differentiable w.r.t. ``state`` and deterministic in ``seed``;
+* ``regularizer(state, seed) -> scalar``: an extra loss term (0 by default);
+* ``storage_bits() -> dict``: what a compact file of this model must hold.
+
+Leaves are addressed by their '/'-joined path (``'Conv_0/kernel'``) and chosen
+with regular expressions (``re.search``).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from pemn_jax.ops.hashing import as_seed, path_id
+
+PyTree = Any
+KERNELS = r'(^|/)kernel$'
+EMBEDDINGS = ('pos_embedding', 'cls', 'embedding')
+RESTS = ('train', 'fixed')
+
+
+def flatten(tree: Mapping) -> dict[str, Any]:
+  """Nested dict -> ``{'a/b/c': leaf}`` in deterministic (sorted) order."""
+  flat = traverse_util.flatten_dict(tree, sep='/') if tree else {}
+  return dict(sorted(flat.items()))
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  return traverse_util.unflatten_dict(dict(flat), sep='/') if flat else {}
+
+
+def size(shape) -> int:
+  return int(math.prod(shape))
+
+
+def fan_in(shape) -> int:
+  """Fan-in of a Dense (in, out) or Conv (kh, kw, in/groups, out) kernel."""
+  return max(1, size(shape[:-1])) if len(shape) >= 2 else max(1, size(shape))
+
+
+def init_std(path: str, shape, gain: float = 2.0) -> float:
+  """The standard deviation a freshly initialized weight leaf has here.
+
+  Kernels: ``sqrt(gain / fan_in)`` (gain 2 = Kaiming/He normal, fan-in; gain 1
+  = LeCun). Embeddings: 0.02. Everything else (scales, biases) is not random.
+  """
+  name = path.rsplit('/', 1)[-1]
+  if name in EMBEDDINGS:
+    return 0.02
+  return math.sqrt(gain / fan_in(shape))
+
+
+def init_leaf(path: str, shape, dtype, key, gain: float = 2.0):
+  """The library's initializer for any params leaf, chosen by its name.
+
+  ``scale`` -> ones, ``bias`` -> zeros, kernels (ndim >= 2) and embeddings ->
+  normal with ``init_std``; any other 1-D leaf -> zeros.
+  """
+  name = path.rsplit('/', 1)[-1]
+  if name == 'scale':
+    return jnp.ones(shape, dtype)
+  if name == 'bias' or (len(shape) < 2 and name not in EMBEDDINGS):
+    return jnp.zeros(shape, dtype)
+  return init_std(path, shape, gain) * jax.random.normal(key, shape, dtype)
+
+
+def leaf_key(seed, path: str):
+  """A jax.random key that is a pure function of (seed, leaf path)."""
+  return jax.random.fold_in(jax.random.key(as_seed(seed)), path_id(path))
+
+
+def _check_target(target) -> dict[str, jax.ShapeDtypeStruct]:
+  if isinstance(target, Mapping) and set(target) == {'params'}:
+    target = target['params']
+  if not isinstance(target, Mapping) or not target:
+    raise TypeError('a parameterization target must be a non-empty params dict '
+                    f'(jax.eval_shape(model.init, ...)["params"]), got {type(target)}')
+  flat = flatten(target)
+  for p, leaf in flat.items():
+    if not hasattr(leaf, 'shape') or not hasattr(leaf, 'dtype'):
+      raise TypeError(f'target leaf {p!r} has no shape/dtype: {leaf!r}')
+  return {p: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for p, v in flat.items()}
+
+
+def select_paths(paths, pattern: str | None) -> list[str]:
+  if pattern is None:
+    return []
+  rx = re.compile(pattern)
+  return [p for p in paths if rx.search(p)]
+
+
+class Parameterization(abc.ABC):
+  """Maps (trainable state, seed) to a model's full params pytree."""
+
+  def __init__(self, target):
+    self.leaves: dict[str, jax.ShapeDtypeStruct] = _check_target(target)
+    self.target = unflatten(self.leaves)
+
+  @property
+  def num_params(self) -> int:
+    """N: the number of parameters of the model (all leaves)."""
+    return sum(size(v.shape) for v in self.leaves.values())
+
+  @abc.abstractmethod
+  def init(self, key) -> PyTree:
+    """The trainable state (a pytree of float arrays, possibly empty)."""
+
+  @abc.abstractmethod
+  def materialize(self, state, seed, rng=None) -> PyTree:
+    """The model's params pytree (nested dict, shapes and dtypes of target)."""
+
+  def regularizer(self, state, seed) -> jax.Array:
+    del state, seed
+    return jnp.zeros((), jnp.float32)
+
+  @abc.abstractmethod
+  def storage_bits(self) -> dict[str, int]:
+    """Bits a compact model file needs, by component (seed and config aside)."""
+
+  def num_trainable(self) -> int:
+    return sum(size(x.shape) for x in jax.tree.leaves(jax.eval_shape(self.init, jax.random.key(0))))
+
+
+class Split(Parameterization):
+  """A parameterization that *generates* the leaves matching ``select`` and
+  treats the others (norm scales, biases, ...) per ``rest``: ``'train'`` (plain
+  trained params) or ``'fixed'`` (initial values from the seed, never trained).
+  """
+
+  def __init__(self, target, select: str = KERNELS, rest: str = 'train', gain: float = 2.0):
+    super().__init__(target)
+    if rest not in RESTS:
+      raise ValueError(f'rest must be one of {RESTS}, got {rest!r}')
+    self.select, self.rest, self.gain = select, rest, float(gain)
+    self.generated = select_paths(self.leaves, select)
+    if not self.generated:
+      raise ValueError(f'select={select!r} matches no leaf of the target; leaves: '
+                       f'{sorted(self.leaves)}')
+    self.others = [p for p in self.leaves if p not in set(self.generated)]
+
+  def _init_leaf(self, path, key):
+    leaf = self.leaves[path]
+    return init_leaf(path, leaf.shape, leaf.dtype, key, self.gain)
+
+  def init_rest(self, key) -> dict:
+    if self.rest == 'fixed':
+      return {}
+    return unflatten({p: self._init_leaf(p, jax.random.fold_in(key, path_id(p)))
+                      for p in self.others})
+
+  def rest_params(self, rest_state, seed) -> dict[str, jax.Array]:
+    if self.rest == 'train':
+      return flatten(rest_state)
+    return {p: self._init_leaf(p, leaf_key(seed, p)) for p in self.others}
+
+  def rest_bits(self) -> dict[str, int]:
+    n = sum(size(self.leaves[p].shape) for p in self.others)
+    return {'rest_floats': 32 * n} if self.rest == 'train' else {}
+
+  @abc.abstractmethod
+  def generate(self, state, seed) -> dict[str, jax.Array]:
+    """Values of the generated leaves, ``{path: array}``."""
+
+  def materialize(self, state, seed, rng=None):
+    del rng
+    flat = self.generate(state, seed)
+    flat.update(self.rest_params(state.get('rest', {}), seed))
+    return unflatten({p: flat[p].astype(self.leaves[p].dtype) for p in self.leaves})

@@ -1,0 +1,31 @@
+"""Dense: every parameter trained -- the baseline every method is compared with."""
+
+from __future__ import annotations
+
+import jax
+
+from pemn_jax.ops.hashing import path_id
+from pemn_jax.params.base import Parameterization, flatten, init_leaf, size, unflatten
+
+
+class Dense(Parameterization):
+  """Identity parameterization: the state *is* the params pytree."""
+
+  def __init__(self, target, gain: float = 2.0):
+    super().__init__(target)
+    self.gain = float(gain)
+
+  def init(self, key):
+    return unflatten({
+        p: init_leaf(p, v.shape, v.dtype, jax.random.fold_in(key, path_id(p)), self.gain)
+        for p, v in self.leaves.items()})
+
+  def materialize(self, state, seed=0, rng=None):
+    del seed, rng
+    flat = flatten(state)
+    if set(flat) != set(self.leaves):
+      raise ValueError(f'dense state leaves {sorted(flat)} != target leaves {sorted(self.leaves)}')
+    return unflatten({p: flat[p].astype(v.dtype) for p, v in self.leaves.items()})
+
+  def storage_bits(self):
+    return {'floats': 32 * sum(size(v.shape) for v in self.leaves.values())}

@@ -1,0 +1,92 @@
+"""Learned masks over any weight source (edge-popup, supermask).
+
+``Masked(source)`` multiplies the selected leaves of ``source.materialize`` by
+a mask computed from per-leaf trainable scores:
+
+* ``edge_popup``: keep the top ``keep`` fraction of ``|score|`` in each leaf
+  (exactly ``round(keep * n)`` ones); straight-through gradient to ``|score|``.
+* ``supermask``: ``p = sigmoid(score)``; a Bernoulli sample when ``rng`` is
+  given (training), else ``p > 0.5``; straight-through gradient to ``p``.
+
+The source can be frozen random weights (``Prototype(mode='dense')``: the
+edge-popup baseline), PEMN prototypes, an RPG ring, or dense trained weights.
+Its ``rest`` policy decides whether norm scales/biases are trained (PEMN) or
+fixed (edge-popup).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pemn_jax.ops.hashing import path_id
+from pemn_jax.ops.segments import Segments
+from pemn_jax.ops.topk import segment_edge_popup_mask, straight_through
+from pemn_jax.params.base import (
+  KERNELS,
+  Parameterization,
+  fan_in,
+  flatten,
+  select_paths,
+  size,
+  unflatten,
+)
+
+KINDS = ('edge_popup', 'supermask')
+
+
+class Masked(Parameterization):
+  """Per-leaf learned masks composed over another parameterization."""
+
+  def __init__(self, source: Parameterization, keep: float = 0.5, select: str = KERNELS,
+               kind: str = 'edge_popup'):
+    if not isinstance(source, Parameterization):
+      raise TypeError(f'Masked needs a Parameterization as source, got {type(source)}')
+    super().__init__(source.target)
+    if kind not in KINDS:
+      raise ValueError(f'mask kind must be one of {KINDS}, got {kind!r}')
+    if kind == 'edge_popup' and not 0.0 < keep <= 1.0:
+      raise ValueError(f'mask keep fraction must be in (0, 1], got {keep}')
+    self.source, self.keep, self.kind, self.select = source, float(keep), kind, select
+    self.masked = select_paths(self.leaves, select)
+    if not self.masked:
+      raise ValueError(f'mask select={select!r} matches no leaf; leaves: {sorted(self.leaves)}')
+    self.segments = Segments([size(self.leaves[p].shape) for p in self.masked])
+
+  def init(self, key):
+    k_src, k_scores = jax.random.split(key)
+    scores = {}
+    for p in self.masked:
+      shape = self.leaves[p].shape
+      bound = 1.0 / fan_in(shape) ** 0.5  # PyTorch kaiming_uniform_(a=sqrt(5))
+      scores[p] = jax.random.uniform(jax.random.fold_in(k_scores, path_id(p)), shape,
+                                     jnp.float32, -bound, bound)
+    return {'source': self.source.init(k_src), 'scores': unflatten(scores)}
+
+  def masks(self, state, rng=None) -> dict[str, jax.Array]:
+    """The (straight-through) masks of the masked leaves, ``{path: mask}``."""
+    scores = flatten(state['scores'])
+    flat = self.segments.concat([scores[p] for p in self.masked])
+    if self.kind == 'edge_popup':
+      m = segment_edge_popup_mask(flat, self.segments, [self.keep] * len(self.masked))
+    else:
+      prob = jax.nn.sigmoid(flat)
+      hard = jax.random.bernoulli(rng, prob) if rng is not None else prob > 0.5
+      m = straight_through(hard.astype(prob.dtype), prob)
+    shapes = [self.leaves[p].shape for p in self.masked]
+    return dict(zip(self.masked, self.segments.split(m, shapes), strict=True))
+
+  def materialize(self, state, seed, rng=None):
+    src_rng, mask_rng = (None, None) if rng is None else jax.random.split(rng)
+    params = flatten(self.source.materialize(state['source'], seed, src_rng))
+    for p, m in self.masks(state, mask_rng).items():
+      params[p] = (params[p] * m).astype(self.leaves[p].dtype)
+    return unflatten(params)
+
+  def regularizer(self, state, seed):
+    return self.source.regularizer(state['source'], seed)
+
+  def storage_bits(self):
+    bits = dict(self.source.storage_bits())
+    bits['mask_bits'] = sum(size(self.leaves[p].shape) for p in self.masked)
+    return bits
