@@ -57,8 +57,18 @@ def abstract_params(model, input_shape):
 
 
 def init_model_state(model, input_shape, key=None):
-  """Initial non-param collections (e.g. ``batch_stats``); the params are
-  dropped inside jit, so XLA never computes them."""
+  """Initial non-param collections (e.g. ``batch_stats``).
+
+  Batch-norm statistics are known without running the model (mean 0, var 1);
+  any other collection comes from ``model.init`` under jit with the params
+  dropped, so XLA never computes them.
+  """
+  shapes = {c: v for c, v in abstract_variables(model, input_shape).items() if c != 'params'}
+  if set(shapes) <= {'batch_stats'}:
+    def stat(path, x):
+      name = path[-1].key if hasattr(path[-1], 'key') else str(path[-1])
+      return (jnp.ones if name == 'var' else jnp.zeros)(x.shape, x.dtype)
+    return jax.tree_util.tree_map_with_path(stat, shapes)
   key = jax.random.key(0) if key is None else key
 
   def f(k):

@@ -64,18 +64,35 @@ def init_std(path: str, shape, gain: float = 2.0) -> float:
   return math.sqrt(gain / fan_in(shape))
 
 
-def init_leaf(path: str, shape, dtype, key, gain: float = 2.0):
-  """The library's initializer for any params leaf, chosen by its name.
+def _is_random(path: str, shape) -> bool:
+  name = path.rsplit('/', 1)[-1]
+  return name in EMBEDDINGS or (len(shape) >= 2 and name not in ('scale', 'bias'))
+
+
+def init_leaves(leaves: Mapping[str, Any], key, gain: float = 2.0) -> dict[str, jax.Array]:
+  """The library's initial values for params leaves, chosen by name.
 
   ``scale`` -> ones, ``bias`` -> zeros, kernels (ndim >= 2) and embeddings ->
-  normal with ``init_std``; any other 1-D leaf -> zeros.
+  normal with ``init_std``; any other 1-D leaf -> zeros. All random values are
+  drawn as one vector (one RNG op compiles much faster than one per leaf).
   """
-  name = path.rsplit('/', 1)[-1]
-  if name == 'scale':
-    return jnp.ones(shape, dtype)
-  if name == 'bias' or (len(shape) < 2 and name not in EMBEDDINGS):
-    return jnp.zeros(shape, dtype)
-  return init_std(path, shape, gain) * jax.random.normal(key, shape, dtype)
+  rand = [p for p, v in leaves.items() if _is_random(p, v.shape)]
+  noise = jax.random.normal(key, (sum(size(leaves[p].shape) for p in rand),), jnp.float32)
+  out, start = {}, 0
+  for p, v in leaves.items():
+    if p in rand:
+      n = size(v.shape)
+      out[p] = (init_std(p, v.shape, gain) * noise[start:start + n]).reshape(v.shape)
+      out[p] = out[p].astype(v.dtype)
+      start += n
+    else:
+      out[p] = (jnp.ones if p.rsplit('/', 1)[-1] == 'scale' else jnp.zeros)(v.shape, v.dtype)
+  return out
+
+
+def init_leaf(path: str, shape, dtype, key, gain: float = 2.0):
+  """``init_leaves`` for a single leaf."""
+  return init_leaves({path: jax.ShapeDtypeStruct(tuple(shape), dtype)}, key, gain)[path]
 
 
 def leaf_key(seed, path: str):
@@ -152,20 +169,15 @@ class Split(Parameterization):
                        f'{sorted(self.leaves)}')
     self.others = [p for p in self.leaves if p not in set(self.generated)]
 
-  def _init_leaf(self, path, key):
-    leaf = self.leaves[path]
-    return init_leaf(path, leaf.shape, leaf.dtype, key, self.gain)
-
   def init_rest(self, key) -> dict:
     if self.rest == 'fixed':
       return {}
-    return unflatten({p: self._init_leaf(p, jax.random.fold_in(key, path_id(p)))
-                      for p in self.others})
+    return unflatten(init_leaves({p: self.leaves[p] for p in self.others}, key, self.gain))
 
   def rest_params(self, rest_state, seed) -> dict[str, jax.Array]:
     if self.rest == 'train':
       return flatten(rest_state)
-    return {p: self._init_leaf(p, leaf_key(seed, p)) for p in self.others}
+    return init_leaves({p: self.leaves[p] for p in self.others}, leaf_key(seed, 'rest'), self.gain)
 
   def rest_bits(self) -> dict[str, int]:
     n = sum(size(self.leaves[p].shape) for p in self.others)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import jax
-
-from pemn_jax.ops.hashing import path_id
-from pemn_jax.params.base import Parameterization, flatten, init_leaf, size, unflatten
+from pemn_jax.params.base import Parameterization, flatten, init_leaves, size, unflatten
 
 
 class Dense(Parameterization):
@@ -16,9 +13,7 @@ class Dense(Parameterization):
     self.gain = float(gain)
 
   def init(self, key):
-    return unflatten({
-        p: init_leaf(p, v.shape, v.dtype, jax.random.fold_in(key, path_id(p)), self.gain)
-        for p, v in self.leaves.items()})
+    return unflatten(init_leaves(self.leaves, key, self.gain))
 
   def materialize(self, state, seed=0, rng=None):
     del seed, rng

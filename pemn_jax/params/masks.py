@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pemn_jax.ops.hashing import path_id
 from pemn_jax.ops.segments import Segments
 from pemn_jax.ops.topk import segment_edge_popup_mask, straight_through
 from pemn_jax.params.base import (
@@ -55,12 +54,11 @@ class Masked(Parameterization):
 
   def init(self, key):
     k_src, k_scores = jax.random.split(key)
-    scores = {}
-    for p in self.masked:
-      shape = self.leaves[p].shape
-      bound = 1.0 / fan_in(shape) ** 0.5  # PyTorch kaiming_uniform_(a=sqrt(5))
-      scores[p] = jax.random.uniform(jax.random.fold_in(k_scores, path_id(p)), shape,
-                                     jnp.float32, -bound, bound)
+    # PyTorch's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    u = jax.random.uniform(k_scores, (self.segments.total,), jnp.float32, -1.0, 1.0)
+    shapes = [self.leaves[p].shape for p in self.masked]
+    scores = {p: x / fan_in(x.shape) ** 0.5
+              for p, x in zip(self.masked, self.segments.split(u, shapes), strict=True)}
     return {'source': self.source.init(k_src), 'scores': unflatten(scores)}
 
   def masks(self, state, rng=None) -> dict[str, jax.Array]:

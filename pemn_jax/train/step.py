@@ -1,0 +1,70 @@
+"""The train state and the jitted step, method-agnostic.
+
+The optimizer sees only ``state`` (what the parameterization trains); the model
+sees only the materialized params. The step never learns a method's name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from pemn_jax.ops.hashing import as_seed
+from pemn_jax.params.base import Parameterization
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  state: Any           # the parameterization's trainable state
+  opt_state: Any       # optax state of ``state`` only
+  model_state: Any     # non-param collections (batch_stats), not trained by optax
+  seed: jax.Array      # uint32 scalar: weights / permutations derive from it
+
+
+def create_train_state(param: Parameterization, tx: optax.GradientTransformation, key,
+                       model_state=None, seed: int = 0) -> TrainState:
+  """Initial train state; ``param.init`` and ``tx.init`` run as one jitted call
+  (eagerly, each of their many small ops would compile on its own)."""
+  def init(k):
+    state = param.init(k)
+    return state, tx.init(state)
+
+  state, opt_state = jax.jit(init)(key)
+  return TrainState(step=jnp.zeros((), jnp.int32), state=state, opt_state=opt_state,
+                    model_state=model_state or {}, seed=as_seed(seed))
+
+
+def loss_fn(model, param: Parameterization, state, model_state, seed, images, labels,
+            rng=None, train: bool = True):
+  """Cross-entropy (+ the parameterization's regularizer); returns
+  ``(loss, (new_model_state, logits))``."""
+  params = param.materialize(state, seed, rng)
+  variables = {'params': params, **model_state}
+  if train and model_state:
+    logits, new_model_state = model.apply(variables, images, train=True,
+                                          mutable=list(model_state))
+  else:
+    logits, new_model_state = model.apply(variables, images, train=train), model_state
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss + param.regularizer(state, seed), (new_model_state, logits)
+
+
+def make_train_step(model, param: Parameterization, tx: optax.GradientTransformation):
+  """``step(train_state, images, labels, rng) -> (train_state, metrics)`` (not jitted)."""
+
+  def step(ts: TrainState, images, labels, rng=None):
+    grad_fn = jax.value_and_grad(loss_fn, argnums=2, has_aux=True)
+    (loss, (model_state, logits)), grads = grad_fn(
+        model, param, ts.state, ts.model_state, ts.seed, images, labels, rng, True)
+    updates, opt_state = tx.update(grads, ts.opt_state, ts.state)
+    state = optax.apply_updates(ts.state, updates)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    ts = ts.replace(step=ts.step + 1, state=state, opt_state=opt_state, model_state=model_state)
+    return ts, {'loss': loss, 'accuracy': acc}
+
+  return step

@@ -1,0 +1,55 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pemn_jax.ops import edge_popup_mask, num_kept, topk_mask
+from pemn_jax.ops.segments import Segments
+from pemn_jax.ops.topk import segment_edge_popup_mask, segment_topk_mask
+
+
+@pytest.mark.parametrize('n,keep', [(10, 0.5), (100, 0.9), (7, 0.3), (1, 0.01), (1000, 0.05),
+                                    (64, 1.0)])
+def test_topk_keeps_exactly_k_largest(n, keep):
+  v = jax.random.normal(jax.random.key(n), (n,))
+  m = np.asarray(topk_mask(v, keep))
+  k = num_kept(n, keep)
+  assert m.sum() == k == max(1, round(keep * n))
+  vv = np.asarray(v)
+  assert vv[m == 1].min() >= vv[m == 0].max(initial=-np.inf)
+
+
+def test_topk_ties_exact_count():
+  m = topk_mask(jnp.zeros((10,)), 0.3)
+  assert int(m.sum()) == 3
+
+
+def test_segmented_matches_per_segment():
+  sizes = [5, 1, 100, 33]
+  seg = Segments(sizes)
+  v = jax.random.normal(jax.random.key(0), (seg.total,))
+  v = v.at[10:20].set(0.5)  # ties
+  keeps = [0.4, 0.5, 0.1, 0.9]
+  flat = np.asarray(segment_topk_mask(v, seg, [num_kept(n, k) for n, k in zip(sizes, keeps)]))
+  for s, n, k in zip(seg.starts, sizes, keeps):
+    np.testing.assert_array_equal(flat[s:s + n], np.asarray(topk_mask(v[s:s + n], k)))
+
+
+def test_edge_popup_straight_through_gradient():
+  s = jnp.array([0.3, -2.0, 0.1, -0.05, 1.5, -0.7])
+  w = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+  c = jnp.array([0.5, -1.0, 2.0, 1.0, -3.0, 0.25])  # loss = sum(c * w * mask)
+  loss = lambda s: jnp.sum(c * w * edge_popup_mask(s, 0.5))
+  # Forward: the 3 largest |s| are kept: -2.0, 1.5, -0.7.
+  np.testing.assert_array_equal(np.asarray(edge_popup_mask(s, 0.5)), [0, 1, 0, 0, 1, 1])
+  # Backward by hand: dL/ds = c * w * sign(s) for every element (kept or not).
+  np.testing.assert_allclose(np.asarray(jax.grad(loss)(s)), np.asarray(c * w * jnp.sign(s)))
+  seg = Segments([6])
+  np.testing.assert_allclose(
+      np.asarray(jax.grad(lambda s: jnp.sum(c * w * segment_edge_popup_mask(s, seg, [0.5])))(s)),
+      np.asarray(c * w * jnp.sign(s)))
+
+
+def test_bad_keep():
+  with pytest.raises(ValueError, match='keep'):
+    num_kept(10, 0.0)

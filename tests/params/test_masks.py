@@ -1,0 +1,93 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_target, tree_equal
+
+from pemn_jax import params as P
+from pemn_jax.params import Masked, Prototype, Ring, flatten
+
+SHAPES = {'a/kernel': (3, 3, 2, 5), 'a/bias': (5,), 'n/scale': (5,), 'fc/kernel': (7, 3)}
+
+
+@pytest.mark.parametrize('keep', [0.05, 0.3, 0.5, 0.9])
+def test_mask_density_per_layer_is_exactly_k(keep):
+  m = Masked(Prototype(tiny_target(SHAPES), mode='dense'), keep=keep)
+  state = m.init(jax.random.key(0))
+  for p, mask in m.masks(state).items():
+    n = mask.size
+    assert int(np.asarray(mask).sum()) == max(1, round(keep * n)), p
+  # The materialized weights are the source's times the mask.
+  src = flatten(m.source.materialize(state['source'], 0))
+  out = flatten(m.materialize(state, 0))
+  masks = m.masks(state)
+  for p in m.masked:
+    np.testing.assert_array_equal(np.asarray(out[p]), np.asarray(src[p] * masks[p]))
+  np.testing.assert_array_equal(np.asarray(out['a/bias']), 0)
+
+
+def test_ste_gradient_by_hand_on_a_small_layer():
+  target = tiny_target({'l/kernel': (2, 3)})
+  m = Masked(Prototype(target, mode='dense'), keep=0.5)
+  state = m.init(jax.random.key(3))
+  w = np.asarray(m.source.materialize(state['source'], 0)['l']['kernel'])
+  s = np.asarray(state['scores']['l']['kernel'])
+  c = np.array([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]])
+  loss = lambda st: jnp.sum(c * m.materialize(st, 0)['l']['kernel'])
+  g = np.asarray(jax.grad(loss)(state)['scores']['l']['kernel'])
+  # Straight-through: dL/dscore = dL/dw_eff * w * sign(score), for kept and dropped alike.
+  np.testing.assert_allclose(g, c * w * np.sign(s), rtol=1e-6)
+  # Forward: the 3 largest |score| are kept.
+  kept = np.asarray(m.materialize(state, 0)['l']['kernel']) != 0
+  assert kept.sum() == 3 and np.abs(s)[kept].min() > np.abs(s)[~kept].max()
+
+
+def test_edge_popup_with_fixed_rest_trains_only_scores():
+  m = Masked(Prototype(tiny_target(SHAPES), mode='dense', rest='fixed'), keep=0.5)
+  state = m.init(jax.random.key(0))
+  n_scores = 3 * 3 * 2 * 5 + 7 * 3
+  assert sum(x.size for x in jax.tree.leaves(state)) == n_scores
+  out = flatten(m.materialize(state, 0))
+  np.testing.assert_array_equal(np.asarray(out['n/scale']), 1.0)
+  assert m.storage_bits() == {'prototype_floats': 32 * n_scores, 'mask_bits': n_scores}
+
+
+def test_masked_ring_gradients_reach_ring_and_scores():
+  m = Masked(Ring(tiny_target(SHAPES), dof=11), keep=0.5)
+  state = m.init(jax.random.key(0))
+  g = jax.grad(lambda s: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(m.materialize(s, 0))))(state)
+  assert np.abs(np.asarray(g['source']['ring'])).sum() > 0
+  assert np.abs(np.asarray(g['scores']['a']['kernel'])).sum() > 0
+
+
+def test_supermask_sampling_and_rounding():
+  m = Masked(Prototype(tiny_target(SHAPES), mode='dense'), kind='supermask')
+  state = m.init(jax.random.key(0))
+  det = m.masks(state)
+  s = np.asarray(state['scores']['fc']['kernel'])
+  np.testing.assert_array_equal(np.asarray(det['fc/kernel']), (s > 0).astype(np.float32))
+  a = m.masks(state, jax.random.key(1))
+  b = m.masks(state, jax.random.key(2))
+  assert tree_equal(a, m.masks(state, jax.random.key(1)))
+  assert not tree_equal(a, b)
+  # Straight-through to sigmoid(score).
+  g = jax.grad(lambda st: jnp.sum(m.masks(st, jax.random.key(1))['fc/kernel']))(state)
+  sig = 1 / (1 + np.exp(-s))
+  np.testing.assert_allclose(np.asarray(g['scores']['fc']['kernel']), sig * (1 - sig), rtol=1e-5)
+
+
+def test_build_and_errors():
+  target = tiny_target(SHAPES)
+  m = P.build({'name': 'masked', 'keep': 0.3,
+               'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 0.1}}, target)
+  assert isinstance(m, Masked) and m.source.mode == 'rp'
+  with pytest.raises(ValueError, match='unknown parameterization'):
+    P.build({'name': 'nope'}, target)
+  with pytest.raises(ValueError, match="bad options for parameterization 'ring'"):
+    P.build({'name': 'ring', 'dof': 3, 'colour': 1}, target)
+  with pytest.raises(ValueError, match='keep'):
+    Masked(Prototype(target, mode='dense'), keep=1.5)
+  with pytest.raises(ValueError, match='kind'):
+    Masked(Prototype(target, mode='dense'), kind='magic')
+  with pytest.raises(TypeError, match='target'):
+    P.Dense({})
