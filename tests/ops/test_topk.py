@@ -17,11 +17,24 @@ def test_topk_keeps_exactly_k_largest(n, keep):
   assert m.sum() == k == max(1, round(keep * n))
   vv = np.asarray(v)
   assert vv[m == 1].min() >= vv[m == 0].max(initial=-np.inf)
+  np.testing.assert_array_equal(m, reference_topk(vv, k))
 
 
-def test_topk_ties_exact_count():
-  m = topk_mask(jnp.zeros((10,)), 0.3)
-  assert int(m.sum()) == 3
+def reference_topk(v, k):
+  """The tail of a stable ascending argsort (edge-popup's rule), in numpy."""
+  m = np.zeros(v.size, np.float32)
+  m[np.argsort(v.reshape(-1), kind='stable')[v.size - k:]] = 1
+  return m.reshape(v.shape)
+
+
+@pytest.mark.parametrize('vals', [np.zeros(10), np.array([1., 2, 2, 2, 3, -1, 2, 0, -0.0, 5]),
+                                  np.array([-3., -1, -2, -1, -5, -1e-30, 1e-30, np.inf, -np.inf])])
+@pytest.mark.parametrize('keep', [0.1, 0.3, 0.5, 0.7])
+def test_topk_ties_and_signs_match_stable_argsort(vals, keep):
+  k = num_kept(vals.size, keep)
+  m = np.asarray(topk_mask(jnp.asarray(vals, jnp.float32), keep))
+  assert m.sum() == k
+  np.testing.assert_array_equal(m, reference_topk(vals.astype(np.float32), k))
 
 
 def test_segmented_matches_per_segment():
