@@ -1,0 +1,112 @@
+"""The config schema: defaults, and validation with errors that name the key."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from pemn_jax import models
+from pemn_jax.data.sources import DATASETS
+from pemn_jax.train.optim import OPTIMIZERS, SCHEDULES
+
+
+class ConfigError(ValueError):
+  """A config key or value that cannot be used."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a training config has (configs/*.py start from this)."""
+  c = ml_collections.ConfigDict()
+  c.dataset = 'fashion_mnist'   # see pemn_jax.data.sources.DATASETS
+  c.data_dir = ''               # TFDS data dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.source_dir = ''             # local files to prepare from ('' = the dataset's usual place)
+  c.train_limit = 0             # use only the first N training examples (0 = all)
+  c.test_limit = 0              # evaluate on the first N test examples (0 = all)
+  c.augment = False             # random crop (pad 4) + horizontal flip
+  c.model = 'mlp'
+  c.model_kwargs = ml_collections.ConfigDict()
+  c.param = ml_collections.ConfigDict({'name': 'dense'})  # pemn_jax.params.build spec
+  c.optimizer = ml_collections.ConfigDict({
+      'name': 'adamw', 'lr': 1e-3, 'weight_decay': 0.0, 'momentum': 0.9, 'nesterov': False,
+      'schedule': 'cosine', 'warmup_steps': 0, 'grad_clip': 0.0})
+  c.batch_size = 128            # global batch, split over all devices
+  c.eval_batch_size = 1000
+  c.num_epochs = 1.0            # used when num_steps == 0
+  c.num_steps = 0
+  c.stop_at_step = 0            # checkpoint and exit at this step (0 = run to the end)
+  c.log_every = 100
+  c.eval_every = 0              # 0 = only at the end
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.seed = 0
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad key/value."""
+  base = base_config()
+  for key in c.keys():
+    if key not in base:
+      raise ConfigError(f'unknown config key {key!r}; known keys: {sorted(base.keys())}')
+  for key in base.keys():
+    if key not in c:
+      raise ConfigError(f'config is missing key {key!r}')
+  for key in c.optimizer.keys():
+    if key not in base.optimizer:
+      raise ConfigError(f'unknown config key optimizer.{key}; known: {sorted(base.optimizer)}')
+
+  def need(ok, key, value, what):
+    if not ok:
+      raise ConfigError(f'config.{key}={value!r} is invalid: {what}')
+
+  need(c.dataset in DATASETS, 'dataset', c.dataset, f'must be one of {DATASETS}')
+  need(c.model in models.REGISTRY, 'model', c.model, f'must be one of {sorted(models.REGISTRY)}')
+  o = c.optimizer
+  need(o.name in OPTIMIZERS, 'optimizer.name', o.name, f'must be one of {OPTIMIZERS}')
+  need(o.schedule in SCHEDULES, 'optimizer.schedule', o.schedule, f'must be one of {SCHEDULES}')
+  need(_num(o.lr) and o.lr > 0, 'optimizer.lr', o.lr, 'must be a number > 0')
+  need(_num(o.weight_decay) and o.weight_decay >= 0, 'optimizer.weight_decay', o.weight_decay,
+       'must be >= 0')
+  need(_num(o.momentum) and 0 <= o.momentum < 1, 'optimizer.momentum', o.momentum,
+       'must be in [0, 1)')
+  for key in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints',
+              'checkpoint_every'):
+    need(_int(c[key]) and c[key] > 0, key, c[key], 'must be an integer > 0')
+  for key in ('num_steps', 'stop_at_step', 'eval_every', 'train_limit', 'test_limit', 'seed'):
+    need(_int(c[key]) and c[key] >= 0, key, c[key], 'must be an integer >= 0')
+  need(_num(c.num_epochs) and c.num_epochs > 0, 'num_epochs', c.num_epochs, 'must be > 0')
+  need('name' in c.param, 'param', c.param.to_dict(), 'needs a "name"')
+
+
+def _num(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """``'model=resnet20,dataset=cifar10'`` -> ConfigDict over ``defaults``
+  (values converted to each default's type; unknown keys rejected)."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(','):
+    if '=' not in item:
+      raise ConfigError(f'config argument {item!r} is not key=value (known keys: '
+                        f'{sorted(defaults)})')
+    key, value = item.split('=', 1)
+    if key not in defaults:
+      raise ConfigError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
+    kind = type(defaults[key])
+    try:
+      out[key] = (value.lower() in ('1', 'true', 'yes')) if kind is bool else kind(value)
+    except ValueError:
+      raise ConfigError(f'config argument {key}={value!r} is not a {kind.__name__}') from None
+  return out
+
+
+def dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:
+  """CIFAR-style data gets augmentation."""
+  c.dataset = dataset
+  c.augment = 'cifar' in dataset or 'imagenet' in dataset

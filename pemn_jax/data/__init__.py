@@ -1,0 +1,1 @@
+"""Data: TFDS builders for local files and the input pipeline."""

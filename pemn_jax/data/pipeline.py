@@ -1,0 +1,95 @@
+"""A deterministic, resumable input pipeline over a random-access source.
+
+Batch ``step`` is a pure function of ``(seed, step)``: epoch ``e`` visits the
+examples in the order ``permutation(seed, e)``; augmentation draws for the
+*global* batch come from ``(seed, step)``, and each process keeps its slice of
+the global batch. So a resumed run (only ``step`` is saved) sees the same
+batches, and 1 or many processes/devices see the same global batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pemn_jax.data.sources import Dataset
+
+IN_MEMORY_LIMIT = 2 << 30  # bytes: smaller splits are read into memory once
+
+
+class Pipeline:
+  """Training batches (``batch(step)``) and evaluation batches (``eval_batches()``)."""
+
+  def __init__(self, ds: Dataset, global_batch: int, seed: int, augment: bool = False,
+               process_index: int = 0, process_count: int = 1, limit: int | None = None):
+    if global_batch % process_count:
+      raise ValueError(f'batch_size {global_batch} is not divisible by the {process_count} '
+                       'processes')
+    self.ds, self.global_batch, self.seed, self.augment = ds, global_batch, int(seed), augment
+    self.process_index, self.process_count = process_index, process_count
+    self.local_batch = global_batch // process_count
+    self.num_examples = ds.num_examples if limit is None else min(limit, ds.num_examples)
+    if self.num_examples < global_batch:
+      raise ValueError(f'{ds.name}: {self.num_examples} examples < one batch of {global_batch}')
+    self.steps_per_epoch = self.num_examples // global_batch
+    self._images = self._labels = None
+    nbytes = self.num_examples * int(np.prod(ds.image_shape))
+    if nbytes <= IN_MEMORY_LIMIT:
+      self._images, self._labels = self._read(np.arange(self.num_examples))
+
+  def _read(self, idx):
+    if self._images is not None:
+      return self._images[idx], self._labels[idx]
+    images = np.empty((len(idx), *self.ds.image_shape), np.uint8)
+    labels = np.empty((len(idx),), np.int32)
+    chunk = 4096
+    for s in range(0, len(idx), chunk):
+      exs = self.ds.source.__getitems__([int(i) for i in idx[s:s + chunk]])
+      for j, ex in enumerate(exs):
+        images[s + j] = ex['image']
+        labels[s + j] = ex['label']
+    return images, labels
+
+  def _normalize(self, images):
+    x = images.astype(np.float32) / 255.0
+    return (x - self.ds.mean) / self.ds.std
+
+  def order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+  def batch(self, step: int):
+    """This process's slice of global batch ``step``: (images f32 NHWC, labels i32)."""
+    epoch, i = divmod(int(step), self.steps_per_epoch)
+    idx = self.order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+    lo = self.process_index * self.local_batch
+    sl = slice(lo, lo + self.local_batch)
+    images, labels = self._read(idx[sl])
+    if self.augment:
+      images = self._augment(images, step, sl)
+    return self._normalize(images), labels
+
+  def _augment(self, images, step, sl):
+    """Random crop with 4-pixel zero padding and horizontal flip (CIFAR)."""
+    rng = np.random.default_rng([self.seed, 1 << 20, int(step)])
+    dy, dx = rng.integers(0, 9, size=(2, self.global_batch))
+    flip = rng.random(self.global_batch) < 0.5
+    dy, dx, flip = dy[sl], dx[sl], flip[sl]
+    h, w = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    out = np.empty_like(images)
+    for k in range(len(images)):
+      crop = padded[k, dy[k]:dy[k] + h, dx[k]:dx[k] + w]
+      out[k] = crop[:, ::-1] if flip[k] else crop
+    return out
+
+  def eval_batches(self):
+    """Every example once, in order, this process's slices of global batches;
+    yields (images, labels, weights) with the last batch padded (weight 0)."""
+    n, b = self.num_examples, self.global_batch
+    for start in range(0, n, b):
+      idx = np.arange(start, start + b)
+      weights = (idx < n).astype(np.float32)
+      idx = np.minimum(idx, n - 1)
+      lo = self.process_index * self.local_batch
+      sl = slice(lo, lo + self.local_batch)
+      images, labels = self._read(idx[sl])
+      yield self._normalize(images), labels, weights[sl]
