@@ -26,3 +26,64 @@ def tree_equal(a, b) -> bool:
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   return len(la) == len(lb) and all(
       x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+REPO = __import__('pathlib').Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / 'shared' / 'data' / 'mnist'
+
+
+def _write_idx(path, arr):
+  import gzip
+  import struct
+  header = struct.pack('>BBBB', 0, 0, 0x08, arr.ndim) + struct.pack('>' + 'I' * arr.ndim,
+                                                                     *arr.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope='session')
+def mnist_slice(tmp_path_factory):
+  """A small real slice of MNIST (600 train, 200 test) as IDX .gz files, and
+  a TFDS data dir to prepare it into. Falls back to synthetic digits-like data
+  only if ../shared/data/mnist is missing."""
+  from pemn_jax.data.builders import read_idx
+  src = tmp_path_factory.mktemp('mnist_src')
+  for n, (img, lab) in [(600, ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz')),
+                        (200, ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'))]:
+    if (SHARED_MNIST / img).exists():
+      images, labels = read_idx(str(SHARED_MNIST / img))[:n], read_idx(str(SHARED_MNIST / lab))[:n]
+    else:  # pragma: no cover - CI has ../shared
+      rng = np.random.default_rng(0)
+      labels = rng.integers(0, 10, n).astype(np.uint8)
+      images = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
+      for i, y in enumerate(labels):
+        images[i, 2 * y:2 * y + 8, 4:24] = 255
+    _write_idx(src / img, images)
+    _write_idx(src / lab, labels)
+  return {'source_dir': str(src), 'data_dir': str(tmp_path_factory.mktemp('tfds'))}
+
+
+def tiny_config(mnist_slice, **overrides):
+  """A few-second training config on the MNIST slice."""
+  from pemn_jax.config import base_config
+  c = base_config()
+  c.dataset = 'mnist'
+  c.source_dir = mnist_slice['source_dir']
+  c.data_dir = mnist_slice['data_dir']
+  c.model = 'mlp'
+  c.model_kwargs.hidden = (32,)
+  c.batch_size = 32
+  c.eval_batch_size = 100
+  c.num_steps = 24
+  c.log_every = 4
+  c.checkpoint_every = 8
+  c.optimizer.update(name='adamw', lr=3e-3, schedule='constant')
+  for k, v in overrides.items():
+    if k == 'param':
+      c.param = v
+    elif '.' in k:
+      a, b = k.split('.')
+      c[a][b] = v
+    else:
+      c[k] = v
+  return c
