@@ -16,6 +16,14 @@ from pemn_jax.data.sources import Dataset
 IN_MEMORY_LIMIT = 2 << 30  # bytes: smaller splits are read into memory once
 
 
+def _fetch(source, keys):
+  """Records by key: one batched read where the source supports it."""
+  try:
+    return source.__getitems__(keys)
+  except TypeError:  # sources without a working batched read (e.g. TFDS's mock)
+    return [source[k] for k in keys]
+
+
 class Pipeline:
   """Training batches (``batch(step)``) and evaluation batches (``eval_batches()``)."""
 
@@ -43,7 +51,7 @@ class Pipeline:
     labels = np.empty((len(idx),), np.int32)
     chunk = 4096
     for s in range(0, len(idx), chunk):
-      exs = self.ds.source.__getitems__([int(i) for i in idx[s:s + chunk]])
+      exs = _fetch(self.ds.source, [int(i) for i in idx[s:s + chunk]])
       for j, ex in enumerate(exs):
         images[s + j] = ex['image']
         labels[s + j] = ex['label']

@@ -72,12 +72,11 @@ def load(name: str, split: str, data_dir: str | None = None, source_dir: str | N
       builder = tfds.builder(tfds_name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - report any registry/IO failure the same way
       raise DataError(f'cannot open TFDS dataset {tfds_name!r} in {data_dir!r}: {e}') from e
-    if not builder.is_prepared():
-      raise DataError(
-          f'TFDS dataset {tfds_name!r} is not prepared in data_dir={data_dir!r} (expected '
-          f'{builder.data_dir}). Prepare it there once (tfds build {tfds_name} '
-          f'--data_dir={data_dir} --file_format=array_record, on a machine that may download), '
-          'or point config.data_dir at a directory that holds it.')
+    not_prepared = (
+        f'TFDS dataset {tfds_name!r} is not prepared in data_dir={data_dir!r} (expected '
+        f'{builder.data_dir}). Prepare it there once (tfds build {tfds_name} '
+        f'--data_dir={data_dir} --file_format=array_record, on a machine that may download), '
+        'or point config.data_dir at a directory that holds it.')
     mean, std = STANDARD[tfds_name]
   else:
     if name not in LOCAL:
@@ -92,9 +91,14 @@ def load(name: str, split: str, data_dir: str | None = None, source_dir: str | N
         builder.download_and_prepare()
       except builders.SourceMissingError as e:
         raise DataError(str(e)) from e
-  if split not in builder.info.splits:
-    raise DataError(f'{name} has no split {split!r}; splits: {sorted(builder.info.splits)}')
-  source = builder.as_data_source(split=split)
+    not_prepared = f'{name} could not be read from {data_dir!r}'
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception as e:  # noqa: BLE001 - not prepared / missing split / unreadable files
+    if split not in (builder.info.splits or {split: None}):
+      raise DataError(f'{name} has no split {split!r}; splits: '
+                      f'{sorted(builder.info.splits)}') from e
+    raise DataError(f'{not_prepared} ({type(e).__name__}: {str(e)[:300]})') from e
   shape, classes = _info_shape(builder.info)
   return Dataset(name=name, source=source, num_examples=len(source), image_shape=shape,
                  num_classes=classes, mean=np.asarray(mean, np.float32),

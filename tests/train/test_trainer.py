@@ -37,7 +37,7 @@ def read_metrics(workdir):
 
 @pytest.mark.parametrize('method', list(METHODS))
 def test_each_method_trains_end_to_end(method, mnist_slice, tmp_path):
-  lr = 3e-3 if method in ('dense', 'rpg') else 0.05
+  lr = 3e-3 if method == 'dense' else 0.05
   c = tiny_config(mnist_slice, param=METHODS[method], **{'optimizer.lr': lr})
   out = train_and_evaluate(c, str(tmp_path))
   assert out['step'] == 24 and not out['stopped']
@@ -68,11 +68,11 @@ def _main(args, env=None, **kw):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _cli_args(mnist_slice, workdir, *extra):
+def _cli_args(mnist_slice, workdir, *extra, eval_batch=100):
   return ['--config', 'configs/quickstart.py', '--workdir', str(workdir),
           f'--config.source_dir={mnist_slice["source_dir"]}', '--config.dataset=mnist',
           f'--config.data_dir={mnist_slice["data_dir"]}', '--config.batch_size=32',
-          '--config.eval_batch_size=100', *extra]
+          f'--config.eval_batch_size={eval_batch}', *extra]
 
 
 def test_sigterm_checkpoints_and_the_run_completes(mnist_slice, tmp_path):
@@ -106,7 +106,8 @@ def test_eight_devices_match_one_device(mnist_slice, tmp_path):
   losses = {}
   for n in (1, 8):
     wd = tmp_path / f'dev{n}'
-    p = _main(_cli_args(mnist_slice, wd, '--config.num_steps=12', '--config.log_every=1'),
+    p = _main(_cli_args(mnist_slice, wd, '--config.num_steps=12', '--config.log_every=1',
+                        eval_batch=40),
               env={'JAX_NUM_CPU_DEVICES': str(n), 'XLA_FLAGS': ''})
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
