@@ -49,8 +49,8 @@ def _need(path: str, what: str, hint: str) -> str:
   return path
 
 
-class _IdxBuilder(tfds.core.GeneratorBasedBuilder):
-  """Shared code of the MNIST-format builders (28x28x1 uint8, 10 classes)."""
+class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder that prepares from files in ``source_dir`` (never downloads)."""
 
   VERSION = tfds.core.Version('1.0.0')
   HINT = ''
@@ -58,6 +58,16 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, source_dir: str | None = None, **kwargs):
     self._source_dir = source_dir
     super().__init__(**kwargs)
+
+  def _source(self, filename: str) -> str:
+    """Path of a source file; a SourceMissingError naming it if absent."""
+    if not self._source_dir:
+      raise SourceMissingError(f'{self.name}: no source directory given. {self.HINT}')
+    return _need(os.path.join(self._source_dir, filename), self.name, self.HINT)
+
+
+class _IdxBuilder(_LocalFilesBuilder):
+  """Shared code of the MNIST-format builders (28x28x1 uint8, 10 classes)."""
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -71,11 +81,7 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    if not self._source_dir:
-      raise SourceMissingError(f'{self.name}: no source directory given. {self.HINT}')
-    paths = {}
-    for split, names in IDX_FILES.items():
-      paths[split] = [_need(os.path.join(self._source_dir, n), self.name, self.HINT) for n in names]
+    paths = {split: [self._source(n) for n in names] for split, names in IDX_FILES.items()}
     return {split: self._generate_examples(*p) for split, p in paths.items()}
 
   def _generate_examples(self, images_path, labels_path):
@@ -98,17 +104,12 @@ class LocalFashionMnist(_IdxBuilder):
           '(files in /usr/share/datasets/fashion-mnist/) or set config.source_dir.')
 
 
-class LocalCifar10Jpeg(tfds.core.GeneratorBasedBuilder):
+class LocalCifar10Jpeg(_LocalFilesBuilder):
   """CIFAR-10 from ``train.tar.gz`` / ``test.tar.gz`` of ``split/class/n.jpg``
   32x32 JPEGs (``../shared/data/cifar10_jpeg``); TFDS's label order."""
 
-  VERSION = tfds.core.Version('1.0.0')
   HINT = ('Put train.tar.gz and test.tar.gz (split/<class>/<n>.jpg) there (config.source_dir), '
           'e.g. ../shared/data/cifar10_jpeg.')
-
-  def __init__(self, *, source_dir: str | None = None, **kwargs):
-    self._source_dir = source_dir
-    super().__init__(**kwargs)
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -122,11 +123,7 @@ class LocalCifar10Jpeg(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    if not self._source_dir:
-      raise SourceMissingError(f'{self.name}: no source directory given. {self.HINT}')
-    return {s: self._generate_examples(
-        _need(os.path.join(self._source_dir, f'{s}.tar.gz'), self.name, self.HINT))
-        for s in ('train', 'test')}
+    return {s: self._generate_examples(self._source(f'{s}.tar.gz')) for s in ('train', 'test')}
 
   def _generate_examples(self, tar_path):
     from PIL import Image  # only needed to prepare

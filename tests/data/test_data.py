@@ -58,3 +58,36 @@ def test_standard_tfds_cifar10_through_mock_data():
     images, labels = Pipeline(ds, 32, seed=0, augment=True).batch(1)
   assert images.shape == (32, 32, 32, 3) and images.dtype == np.float32
   assert labels.shape == (32,) and labels.max() < 10
+
+
+def _jpeg_tar(path, split, per_class):
+  import io
+  import tarfile
+
+  from PIL import Image
+
+  from pemn_jax.data.builders import CIFAR10_CLASSES
+  with tarfile.open(path, 'w:gz') as tar:
+    for c, name in enumerate(CIFAR10_CLASSES):
+      for k in range(per_class):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((32, 32, 3), 20 * c + k, np.uint8)).save(buf, format='JPEG',
+                                                                          quality=100)
+        info = tarfile.TarInfo(f'{split}/{name}/{k}.jpg')
+        info.size = buf.tell()
+        buf.seek(0)
+        tar.addfile(info, buf)
+
+
+def test_cifar10_jpeg_builder_keeps_tfds_label_order(tmp_path):
+  src = tmp_path / 'src'
+  src.mkdir()
+  _jpeg_tar(src / 'train.tar.gz', 'train', 2)
+  _jpeg_tar(src / 'test.tar.gz', 'test', 1)
+  ds = sources.load('cifar10', 'test', str(tmp_path / 'tfds'), str(src))
+  assert ds.num_examples == 10 and ds.image_shape == (32, 32, 3)
+  for i in range(10):
+    ex = ds.source[i]
+    # Each class's image is a flat grey level 20 * label (JPEG-exact for flat images).
+    assert abs(int(ex['image'].mean()) - 20 * int(ex['label'])) <= 1
+  assert sources.load('cifar10', 'train', str(tmp_path / 'tfds'), str(src)).num_examples == 20
