@@ -14,7 +14,7 @@ from pemn_jax.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, dense=False, epochs=8.0, ratio=1e-3, keep=0.5)
+  a = parse_arg(arg, dense=False, epochs=30.0, ratio=1e-3, keep=0.5)
   c = base_config()
   c.dataset = 'fashion_mnist'
   c.model = 'mlp'
@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.optimizer.update(name='adamw', lr=0.05, weight_decay=5e-3, schedule='onecycle')
   c.batch_size = 128
   c.num_epochs = a.epochs
-  c.log_every = 200
-  c.eval_every = 1000
-  c.checkpoint_every = 1000
+  c.log_every = 500
+  c.eval_every = 2000
+  c.checkpoint_every = 2000
   return c
