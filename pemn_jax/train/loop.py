@@ -91,8 +91,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   load = lambda split: sources.load(config.dataset, split, config.data_dir or None,  # noqa: E731
                                     config.source_dir or None)
-  train_ds, test_ds = load('train'), load('test')
   pidx, pcount = jax.process_index(), jax.process_count()
+  if pcount > 1:  # process 0 prepares local datasets; the others wait, then read
+    from jax.experimental import multihost_utils
+    if pidx == 0:
+      load('train'), load('test')
+    multihost_utils.sync_global_devices('pemn_jax:data_ready')
+  train_ds, test_ds = load('train'), load('test')
   pipe = Pipeline(train_ds, config.batch_size, config.seed, config.augment, pidx, pcount,
                   config.train_limit or None)
   test_pipe = Pipeline(test_ds, config.eval_batch_size, config.seed, False, pidx, pcount,

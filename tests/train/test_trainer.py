@@ -192,3 +192,30 @@ def test_changed_param_shapes_on_resume_is_a_clear_error(mnist_slice, tmp_path):
   with pytest.raises(CheckpointError, match='step 8'):
     train_and_evaluate(c, str(tmp_path))
   assert _digest(tmp_path / 'checkpoints') == before
+
+
+def test_two_processes_match_one_process(mnist_slice, tmp_path):
+  """A multi-host job in miniature: 2 processes x 1 CPU device over gloo
+  (jax.distributed), each reading its half of every global batch."""
+  losses = {}
+  for n in (1, 2):
+    wd = tmp_path / f'proc{n}'
+    args = _cli_args(mnist_slice, wd, '--config.num_steps=8', '--config.log_every=1',
+                     eval_batch=40)
+    cmd = ['bash', 'launch/local.sh', str(n), *args] if n > 1 else None
+    if cmd:
+      p = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHON=sys.executable,
+                                                   JAX_NUM_CPU_DEVICES='1'),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    else:
+      p = _main(args, env={'JAX_NUM_CPU_DEVICES': '1'})
+    try:
+      out, _ = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      raise
+    assert p.returncode == 0, out
+    assert f'processes={n}' in out
+    losses[n] = [r['loss'] for r in read_metrics(wd) if 'loss' in r]
+  assert len(losses[1]) == 8
+  np.testing.assert_allclose(losses[2], losses[1], rtol=2e-4, atol=2e-5)
