@@ -49,8 +49,9 @@ def topk_mask(values, keep: float | None = None, *, kept: int | None = None):
 
 
 def straight_through(hard, soft):
-  """``hard`` in the forward pass; gradient flows to ``soft`` unchanged."""
-  return soft + jax.lax.stop_gradient(hard - soft)
+  """Exactly ``hard`` in the forward pass (``soft - soft`` is exactly 0, so a
+  0/1 mask stays exactly 0/1); the gradient flows to ``soft`` unchanged."""
+  return jax.lax.stop_gradient(hard) + (soft - jax.lax.stop_gradient(soft))
 
 
 def edge_popup_mask(scores, keep: float):

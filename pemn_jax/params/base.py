@@ -148,6 +148,18 @@ class Parameterization(abc.ABC):
   def storage_bits(self) -> dict[str, int]:
     """Bits a compact model file needs, by component (seed and config aside)."""
 
+  @abc.abstractmethod
+  def export(self, state, seed) -> dict[str, jax.Array]:
+    """What a model file stores, ``{name: array}``: float arrays, and boolean
+    arrays under names starting with ``mask/``. Nothing derivable from the
+    seed and the config is included, except random values a file keeps for
+    portability (prototypes)."""
+
+  @abc.abstractmethod
+  def from_export(self, arrays, seed) -> PyTree:
+    """Params rebuilt from ``export``'s arrays: bit-identical to
+    ``materialize(state, seed)`` (with the arrays stored as float32)."""
+
   def num_trainable(self) -> int:
     return sum(size(x.shape) for x in jax.tree.leaves(jax.eval_shape(self.init, jax.random.key(0))))
 
@@ -187,8 +199,31 @@ class Split(Parameterization):
   def generate(self, state, seed) -> dict[str, jax.Array]:
     """Values of the generated leaves, ``{path: array}``."""
 
+  @abc.abstractmethod
+  def export_generated(self, state, seed) -> dict[str, jax.Array]:
+    """The arrays ``generate_from_export`` needs."""
+
+  @abc.abstractmethod
+  def generate_from_export(self, arrays, seed) -> dict[str, jax.Array]:
+    """``generate``'s values from ``export_generated``'s arrays."""
+
+  def _assemble(self, flat):
+    return unflatten({p: flat[p].astype(self.leaves[p].dtype) for p in self.leaves})
+
   def materialize(self, state, seed, rng=None):
     del rng
     flat = self.generate(state, seed)
     flat.update(self.rest_params(state.get('rest', {}), seed))
-    return unflatten({p: flat[p].astype(self.leaves[p].dtype) for p in self.leaves})
+    return self._assemble(flat)
+
+  def export(self, state, seed):
+    out = dict(self.export_generated(state, seed))
+    if self.rest == 'train':
+      out.update({f'rest/{p}': v for p, v in flatten(state['rest']).items()})
+    return out
+
+  def from_export(self, arrays, seed):
+    flat = self.generate_from_export(arrays, seed)
+    rest = {p[5:]: v for p, v in arrays.items() if p.startswith('rest/')}
+    flat.update(self.rest_params(unflatten(rest), seed))
+    return self._assemble(flat)

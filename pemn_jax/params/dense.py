@@ -22,5 +22,11 @@ class Dense(Parameterization):
       raise ValueError(f'dense state leaves {sorted(flat)} != target leaves {sorted(self.leaves)}')
     return unflatten({p: flat[p].astype(v.dtype) for p, v in self.leaves.items()})
 
+  def export(self, state, seed=0):
+    return {f'params/{p}': v for p, v in flatten(state).items()}
+
+  def from_export(self, arrays, seed=0):
+    return self.materialize(unflatten({p[7:]: v for p, v in arrays.items()}), seed)
+
   def storage_bits(self):
     return {'floats': 32 * sum(size(v.shape) for v in self.leaves.values())}

@@ -74,12 +74,28 @@ class Masked(Parameterization):
     shapes = [self.leaves[p].shape for p in self.masked]
     return dict(zip(self.masked, self.segments.split(m, shapes), strict=True))
 
-  def materialize(self, state, seed, rng=None):
-    src_rng, mask_rng = (None, None) if rng is None else jax.random.split(rng)
-    params = flatten(self.source.materialize(state['source'], seed, src_rng))
-    for p, m in self.masks(state, mask_rng).items():
+  def _apply(self, source_params, masks):
+    params = flatten(source_params)
+    for p, m in masks.items():
       params[p] = (params[p] * m).astype(self.leaves[p].dtype)
     return unflatten(params)
+
+  def materialize(self, state, seed, rng=None):
+    src_rng, mask_rng = (None, None) if rng is None else jax.random.split(rng)
+    source_params = self.source.materialize(state['source'], seed, src_rng)
+    return self._apply(source_params, self.masks(state, mask_rng))
+
+  def export(self, state, seed):
+    out = {f'source/{k}': v for k, v in self.source.export(state['source'], seed).items()}
+    out.update({f'mask/{p}': m > 0.5 for p, m in self.masks(state).items()})
+    return out
+
+  def from_export(self, arrays, seed):
+    src = {k[7:]: v for k, v in arrays.items() if k.startswith('source/')}
+    masks = {k[5:]: jnp.asarray(v, jnp.float32) for k, v in arrays.items() if k.startswith('mask/')}
+    if set(masks) != set(self.masked):
+      raise ValueError(f'file has masks for {sorted(masks)}, the model needs {self.masked}')
+    return self._apply(self.source.from_export(src, seed), masks)
 
   def regularizer(self, state, seed):
     return self.source.regularizer(state['source'], seed)

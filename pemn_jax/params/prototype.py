@@ -75,9 +75,17 @@ class Prototype(Split):
     n = self.length if self.mode in ('mp', 'rp') else self.owner_segments.total
     return jax.random.normal(leaf_key(seed, f'prototype/{self.mode}'), (n,), jnp.float32)
 
+  def export_generated(self, state, seed):
+    return {'prototype': self.vector(seed)}
+
+  def generate_from_export(self, arrays, seed):
+    return self._generate(arrays['prototype'], seed)
+
   def generate(self, state, seed):
     del state
-    vec = self.vector(seed)
+    return self._generate(self.vector(seed), seed)
+
+  def _generate(self, vec, seed):
     if self.mode in ('dense', 'ol'):
       shapes = [self.leaves[p].shape for p in self.owners]
       own = dict(zip(self.owners, self.owner_segments.split(vec, shapes), strict=True))

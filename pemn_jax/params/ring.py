@@ -84,5 +84,11 @@ class Ring(Split):
     shapes = [self.leaves[p].shape for p in self.generated]
     return dict(zip(self.generated, self.segments.split(flat, shapes), strict=True))
 
+  def export_generated(self, state, seed):
+    return {'ring': state['ring']}
+
+  def generate_from_export(self, arrays, seed):
+    return self.generate({'ring': arrays['ring']}, seed)
+
   def storage_bits(self):
     return {'ring_floats': 32 * self.dof, **self.rest_bits()}

@@ -37,6 +37,13 @@ class Checkpointer:
           'config, move it away (or use another --workdir) to start over.') from e
     return out.state, out.meta
 
+  def restore_meta(self, step: int) -> dict:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f'cannot read the metadata of checkpoint step {step} in '
+                            f'{self.directory}: {e}') from e
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -188,7 +188,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         write(last)
         t_last = time.time()
       if step % config.checkpoint_every == 0 or step == end or stop.signum is not None:
-        ckpt.save(step, ts, {'step': step, 'config': config.to_dict()}, force=True)
+        ckpt.save(step, ts, {'step': step, 'config': config.to_dict(),
+                             'num_classes': train_ds.num_classes,
+                             'input_shape': list(train_ds.image_shape)}, force=True)
       if stop.signum is not None:
         ckpt.wait()
         print(f'received signal {stop.signum}: checkpoint saved at step {step}, exiting',

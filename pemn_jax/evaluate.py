@@ -1,0 +1,65 @@
+"""Evaluates a ``.pemn`` model file on a dataset's test split.
+
+    python -m pemn_jax.evaluate --artifact model.pemn [--dataset NAME] [--data_dir D]
+        [--source_dir S]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+_ART = flags.DEFINE_string('artifact', None, 'Model file (.pemn).', required=True)
+_DATASET = flags.DEFINE_string('dataset', None, "Dataset (default: the file's training dataset).")
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
+_SOURCE_DIR = flags.DEFINE_string('source_dir', None, 'Local files to prepare from.')
+_SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
+_BATCH = flags.DEFINE_integer('batch_size', 1000, 'Evaluation batch size.')
+
+
+def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split='test',
+                      batch_size=1000) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from pemn_jax.data import sources
+  from pemn_jax.data.pipeline import Pipeline
+  from pemn_jax.export.run import load
+
+  header, model, params, model_state = load(path)
+  ds = sources.load(dataset or header['dataset'], split, data_dir, source_dir)
+  if tuple(ds.image_shape) != tuple(header['input_shape']):
+    raise ValueError(f'dataset images are {ds.image_shape}, the model takes '
+                     f'{tuple(header["input_shape"])}')
+
+  @jax.jit
+  def step(images, labels, weights):
+    logits = model.apply({'params': params, **model_state}, images, train=False)
+    return jnp.sum((jnp.argmax(logits, -1) == labels) * weights), jnp.sum(weights)
+
+  correct = total = 0.0
+  for images, labels, weights in Pipeline(ds, min(batch_size, ds.num_examples),
+                                          0).eval_batches():
+    c, t = step(images, labels, weights)
+    correct, total = correct + float(c), total + float(t)
+  return {'accuracy': correct / total, 'examples': int(total), 'dataset': ds.name}
+
+
+def main(argv):
+  del argv
+  from pemn_jax.data.sources import DataError
+  from pemn_jax.export.artifact import ArtifactError
+
+  try:
+    out = evaluate_artifact(_ART.value, _DATASET.value, _DATA_DIR.value, _SOURCE_DIR.value,
+                            _SPLIT.value, _BATCH.value)
+  except (ArtifactError, DataError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'{_ART.value}: {out["dataset"]} {_SPLIT.value} accuracy={out["accuracy"]:.4f} '
+        f'({out["examples"]} examples)')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Model files: export a trained run to a compact ``.pemn`` file and back."""

@@ -1,0 +1,47 @@
+"""Exports a trained run to a compact model file.
+
+    python -m pemn_jax.export --workdir DIR --out model.pemn [--report]
+        [--float_codec f32|f16|bf16] [--mask_codec auto|bits|arith] [--params_dir DIR]
+
+Also writes an orbax checkpoint of the materialized dense params (and batch
+statistics) to --params_dir (default: OUT + '.params').
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
+_OUT = flags.DEFINE_string('out', None, 'Model file to write (.pemn).', required=True)
+_FLOAT = flags.DEFINE_enum('float_codec', 'f32', ['f32', 'f16', 'bf16'],
+                           'Storage of float arrays (f32 rebuilds bit-identical params).')
+_MASK = flags.DEFINE_enum('mask_codec', 'auto', ['auto', 'bits', 'arith'],
+                          'Mask coding: bit-packed, arithmetic (~H(k) bits), or the smaller.')
+_PARAMS = flags.DEFINE_string('params_dir', None, 'Orbax checkpoint of the dense params '
+                              "('' to skip; default OUT.params).")
+_REPORT = flags.DEFINE_bool('report', False, 'Print the size breakdown.')
+
+
+def main(argv):
+  del argv
+  from pemn_jax.export import artifact
+  from pemn_jax.export.run import export_run
+  from pemn_jax.train.checkpoint import CheckpointError
+
+  params_dir = _OUT.value + '.params' if _PARAMS.value is None else (_PARAMS.value or None)
+  try:
+    out = export_run(_WORKDIR.value, _OUT.value, _FLOAT.value, _MASK.value, params_dir)
+  except (CheckpointError, artifact.ArtifactError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'wrote {_OUT.value}: {out["file_bytes"]} bytes (dense float32: '
+        f'{4 * out["num_params"]} bytes)' + (f'; dense params: {params_dir}' if params_dir else ''))
+  if _REPORT.value:
+    print(artifact.report(out['header'] | {'sections': artifact.read(_OUT.value)[0]['sections']},
+                          out['file_bytes'], out['num_params']))
+
+
+if __name__ == '__main__':
+  app.run(main)

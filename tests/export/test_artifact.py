@@ -1,0 +1,101 @@
+"""Model files: bit-identical rebuild, same accuracy, clear errors, codecs."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config, tree_equal
+
+from pemn_jax.evaluate import evaluate_artifact
+from pemn_jax.export import artifact, codecs
+from pemn_jax.export.run import export_run, load, load_run
+from pemn_jax.train.loop import train_and_evaluate
+
+PEMN = {'name': 'masked', 'keep': 0.3,
+        'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 1e-2}}
+
+
+@pytest.fixture(scope='module')
+def trained(mnist_slice, tmp_path_factory):
+  wd = tmp_path_factory.mktemp('run')
+  c = tiny_config(mnist_slice, param=PEMN, **{'optimizer.lr': 0.05})
+  out = train_and_evaluate(c, str(wd))
+  return wd, out, mnist_slice
+
+
+def test_file_rebuilds_bit_identical_params_and_same_accuracy(trained, tmp_path):
+  wd, out, mnist_slice = trained
+  path = str(tmp_path / 'model.pemn')
+  res = export_run(str(wd), path, params_dir=str(tmp_path / 'params'))
+  assert res['file_bytes'] == os.path.getsize(path)
+  _, _, _, param, ts = load_run(str(wd))
+  header, _, params, model_state = load(path)
+  assert tree_equal(params, jax.jit(param.materialize)(ts.state, ts.seed))
+  assert tree_equal(model_state, ts.model_state)
+  ev = evaluate_artifact(path, 'mnist', mnist_slice['data_dir'], mnist_slice['source_dir'])
+  assert ev['accuracy'] == pytest.approx(out['test_accuracy'], abs=1e-9)
+  # The file is much smaller than the dense float32 params.
+  assert res['file_bytes'] < 4 * param.num_params / 5
+  # The orbax export holds the same dense params.
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(str(tmp_path / 'params'))
+  assert tree_equal(restored['params'], params)
+
+
+def test_float16_storage_is_close_not_identical(trained, tmp_path):
+  wd, _, _ = trained
+  f32, f16 = str(tmp_path / 'a.pemn'), str(tmp_path / 'b.pemn')
+  export_run(str(wd), f32, params_dir=None)
+  export_run(str(wd), f16, float_codec='f16', params_dir=None)
+  assert os.path.getsize(f16) < os.path.getsize(f32)
+  a, b = load(f32)[2], load(f16)[2]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-3, atol=1e-4)
+
+
+def test_truncated_corrupt_and_wrong_version_files(trained, tmp_path):
+  wd, _, _ = trained
+  path = str(tmp_path / 'm.pemn')
+  export_run(str(wd), path, params_dir=None)
+  data = open(path, 'rb').read()
+  cases = {'trunc': (data[:len(data) // 2], 'truncated or corrupted'),
+           'flip': (data[:100] + bytes([data[100] ^ 1]) + data[101:], 'truncated or corrupted'),
+           'magic': (b'NOTAPEMN' + data[8:], 'not a pemn_jax model file'),
+           'version': (data[:8] + (7).to_bytes(4, 'little') + data[12:], 'format version 7'),
+           'empty': (b'', 'not a pemn_jax model file')}
+  for name, (blob, msg) in cases.items():
+    bad = tmp_path / f'{name}.pemn'
+    bad.write_bytes(blob)
+    with pytest.raises(artifact.ArtifactError, match=msg):
+      artifact.read(str(bad))
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.evaluate', '--artifact',
+                      str(tmp_path / 'trunc.pemn')], cwd=REPO, capture_output=True, text=True)
+  assert p.returncode == 2 and 'truncated or corrupted' in p.stderr
+
+
+def test_cli_export_report(trained, tmp_path):
+  wd, _, _ = trained
+  out = tmp_path / 'cli.pemn'
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.export', f'--workdir={wd}', f'--out={out}',
+                      '--report'], cwd=REPO, capture_output=True, text=True)
+  assert p.returncode == 0, p.stderr
+  assert 'bits per weight' in p.stdout and 'H(k)' in p.stdout
+  assert os.path.isdir(str(out) + '.params')
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.export', f'--workdir={tmp_path / "none"}',
+                      f'--out={tmp_path / "x.pemn"}'], cwd=REPO, capture_output=True, text=True)
+  assert p.returncode == 2 and 'no checkpoint' in p.stderr
+
+
+@pytest.mark.parametrize('n,k', [(1, 1.0), (9, 0.5), (1000, 0.1), (50_000, 0.03), (4096, 0.97)])
+def test_mask_codecs_roundtrip_and_arith_reaches_entropy(n, k):
+  rng = np.random.default_rng(n)
+  m = np.zeros(n, bool)
+  m[rng.permutation(n)[:max(1, round(k * n))]] = True
+  for codec in codecs.MASK_CODECS:
+    blob = codecs.encode_mask(m, codec)
+    np.testing.assert_array_equal(codecs.decode_mask(blob, codec, (n,), int(m.sum())), m)
+  arith = 8 * len(codecs.encode_mask(m, 'arith'))
+  assert arith <= codecs.entropy_bits(int(m.sum()), n) * 1.01 + 40
