@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict({
       'name': 'adamw', 'lr': 1e-3, 'weight_decay': 0.0, 'momentum': 0.9, 'nesterov': False,
       'schedule': 'cosine', 'warmup_steps': 0, 'grad_clip': 0.0})
+  # Pruning baselines (with param.name == 'dense'): '' | magnitude | random | gmp.
+  c.prune = ml_collections.ConfigDict({'criterion': '', 'sparsity': 0.9, 'end_fraction': 0.75,
+                                       'every': 100})
   c.batch_size = 128            # global batch, split over all devices
   c.eval_batch_size = 1000
   c.num_epochs = 1.0            # used when num_steps == 0
@@ -75,6 +78,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(_int(c[key]) and c[key] >= 0, key, c[key], 'must be an integer >= 0')
   need(_num(c.num_epochs) and c.num_epochs > 0, 'num_epochs', c.num_epochs, 'must be > 0')
   need('name' in c.param, 'param', c.param.to_dict(), 'needs a "name"')
+  need(c.prune.criterion in ('', 'magnitude', 'random', 'gmp'), 'prune.criterion',
+       c.prune.criterion, "must be '', magnitude, random or gmp")
+  need(_num(c.prune.sparsity) and 0 <= c.prune.sparsity < 1, 'prune.sparsity', c.prune.sparsity,
+       'must be in [0, 1)')
+  need(not c.prune.criterion or c.param.name == 'dense', 'prune.criterion', c.prune.criterion,
+       "pruning baselines train dense weights: use param.name='dense'")
 
 
 def _num(x) -> bool:

@@ -35,6 +35,38 @@ def _is_mask(name: str) -> bool:
   return name.startswith('mask/') or '/mask/' in name
 
 
+def _encode_float_section(x, float_codec):
+  """Dense floats, or -- when smaller -- the nonzeros plus their positions as a
+  bitmap (bit-packed or arithmetic-coded) or as uint32 indices."""
+  dense = codecs.encode_floats(x, float_codec)
+  nz = np.asarray(x).reshape(-1) != 0
+  nnz = int(nz.sum())
+  if nnz == nz.size or x.size < 64:
+    return float_codec, dense, {}
+  values = codecs.encode_floats(np.asarray(x).reshape(-1)[nz], float_codec)
+  index = {c: codecs.encode_mask(nz, c) for c in codecs.MASK_CODECS}
+  index['u32'] = np.flatnonzero(nz).astype('<u4').tobytes()
+  kind = min(index, key=lambda c: len(index[c]))
+  if len(index[kind]) + len(values) >= len(dense):
+    return float_codec, dense, {}
+  return 'sparse', index[kind] + values, {'values_codec': float_codec, 'index': kind,
+                                          'nnz': nnz, 'index_length': len(index[kind])}
+
+
+def _decode_sparse(blob, s):
+  shape, n = tuple(s['shape']), math.prod(s['shape'])
+  idx_blob, val_blob = blob[:s['index_length']], blob[s['index_length']:]
+  if s['index'] == 'u32':
+    pos = np.frombuffer(idx_blob, '<u4').astype(np.int64)
+    if pos.size != s['nnz'] or (pos.size and pos.max() >= n):
+      raise ValueError('bad sparse index')
+  else:
+    pos = np.flatnonzero(codecs.decode_mask(idx_blob, s['index'], (n,), s['nnz']))
+  out = np.zeros(n, np.float32)
+  out[pos] = codecs.decode_floats(val_blob, s['values_codec'], (s['nnz'],))
+  return out.reshape(shape)
+
+
 def write(path: str, header: dict, arrays: dict[str, np.ndarray], float_codec: str = 'f32',
           mask_codec: str = 'auto') -> int:
   """Writes the file atomically (temp file + rename); returns its size in bytes."""
@@ -49,7 +81,7 @@ def write(path: str, header: dict, arrays: dict[str, np.ndarray], float_codec: s
       blob = enc[codec]
       extra = {'ones': int(bits.sum())}
     else:
-      codec, blob, extra = float_codec, codecs.encode_floats(x, float_codec), {}
+      codec, blob, extra = _encode_float_section(x, float_codec)
     sections.append({'name': name, 'codec': codec, 'shape': list(x.shape), 'offset': offset,
                      'length': len(blob), **extra})
     blobs.append(blob)
@@ -91,7 +123,9 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     if len(blob) != s['length']:
       raise ArtifactError(f'{path!r}: section {s["name"]!r} is truncated')
     try:
-      if s['codec'] in codecs.FLOAT_CODECS:
+      if s['codec'] == 'sparse':
+        arrays[s['name']] = _decode_sparse(blob, s)
+      elif s['codec'] in codecs.FLOAT_CODECS:
         arrays[s['name']] = codecs.decode_floats(blob, s['codec'], tuple(s['shape']))
       else:
         arrays[s['name']] = codecs.decode_mask(blob, s['codec'], tuple(s['shape']), s['ones'])

@@ -15,7 +15,7 @@ from pemn_jax import params as P
 from pemn_jax.export import artifact
 from pemn_jax.params.base import flatten, unflatten
 from pemn_jax.train.checkpoint import Checkpointer, CheckpointError
-from pemn_jax.train.optim import make_optimizer
+from pemn_jax.train.optim import make_optimizer, with_pruning
 from pemn_jax.train.step import create_train_state
 
 
@@ -39,6 +39,8 @@ def load_run(workdir: str, step: int | None = None):
   model, param = build(config.model, config.model_kwargs.to_dict(), meta['num_classes'],
                        meta['input_shape'], config.param)
   tx, _ = make_optimizer(config.optimizer, 1)
+  if 'prune' in config:
+    tx = with_pruning(tx, config.prune, 1, config.seed)
   abstract = jax.eval_shape(lambda: create_train_state(
       param, tx, jax.random.key(0),
       models.init_model_state(model, tuple(meta['input_shape'])), config.seed))

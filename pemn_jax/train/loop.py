@@ -25,7 +25,7 @@ from pemn_jax.config import ConfigError, validate
 from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
 from pemn_jax.train.checkpoint import Checkpointer
-from pemn_jax.train.optim import make_optimizer
+from pemn_jax.train.optim import make_optimizer, with_pruning
 from pemn_jax.train.step import create_train_state, loss_fn, make_train_step
 
 
@@ -112,6 +112,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f'config.param: {e}') from e
   total = config.num_steps or max(1, int(config.num_epochs * pipe.steps_per_epoch))
   tx, sched = make_optimizer(config.optimizer, total)
+  tx = with_pruning(tx, config.prune, total, config.seed)
 
   init = jax.jit(lambda k: create_train_state(
       param, tx, k, models.init_model_state(model, train_ds.image_shape), config.seed),

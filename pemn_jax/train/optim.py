@@ -46,3 +46,13 @@ def make_optimizer(cfg, total_steps: int):
   if float(cfg.get('grad_clip', 0.0)) > 0:
     tx = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip)), tx)
   return tx, sched
+
+
+def with_pruning(tx, prune_cfg, total_steps: int, seed: int):
+  """Wraps ``tx`` with a pruning baseline when ``prune_cfg.criterion`` is set."""
+  if not prune_cfg.criterion:
+    return tx
+  from pemn_jax.train.pruning import prune
+  end = int(prune_cfg.end_fraction * total_steps)
+  return prune(tx, float(prune_cfg.sparsity), prune_cfg.criterion, begin=0, end=max(1, end),
+               every=int(prune_cfg.every), seed=seed)

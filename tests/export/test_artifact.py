@@ -99,3 +99,35 @@ def test_mask_codecs_roundtrip_and_arith_reaches_entropy(n, k):
     np.testing.assert_array_equal(codecs.decode_mask(blob, codec, (n,), int(m.sum())), m)
   arith = 8 * len(codecs.encode_mask(m, 'arith'))
   assert arith <= codecs.entropy_bits(int(m.sum()), n) * 1.01 + 40
+
+
+@pytest.mark.parametrize('sparsity', [0.0, 0.5, 0.9, 0.999])
+def test_sparse_float_sections_roundtrip_and_shrink(sparsity, tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 40)).astype(np.float32)
+  x[rng.random(x.shape) < sparsity] = 0
+  path = str(tmp_path / 's.pemn')
+  size = artifact.write(path, {'k': 1}, {'w': x})
+  header, arrays = artifact.read(path)
+  np.testing.assert_array_equal(arrays['w'], x)
+  sec = header['sections'][0]
+  if sparsity >= 0.5:
+    assert sec['codec'] == 'sparse' and size < 4 * x.size * (1 - sparsity) + x.size / 8 + 400
+  else:
+    assert sec['codec'] == 'f32'
+
+
+@pytest.mark.parametrize('criterion', ['magnitude', 'gmp'])
+def test_pruned_run_trains_exports_sparse_and_evaluates_the_same(criterion, mnist_slice, tmp_path):
+  c = tiny_config(mnist_slice, **{'prune.criterion': criterion, 'prune.sparsity': 0.9,
+                                  'prune.every': 4})
+  out = train_and_evaluate(c, str(tmp_path / 'run'))
+  path = str(tmp_path / 'p.pemn')
+  res = export_run(str(tmp_path / 'run'), path, params_dir=None)
+  header, _, params, _ = load(path)
+  k = np.asarray(params['Dense_0']['kernel'])
+  assert (k != 0).mean() == pytest.approx(0.1, abs=1e-3)
+  assert any(s['codec'] == 'sparse' for s in header['sections'])
+  assert res['file_bytes'] < 4 * res['num_params'] * 0.25
+  ev = evaluate_artifact(path, 'mnist', mnist_slice['data_dir'], mnist_slice['source_dir'])
+  assert ev['accuracy'] == pytest.approx(out['test_accuracy'], abs=1e-9)
