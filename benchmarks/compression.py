@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
-import time
 
-from pemn_jax.config import base_config
-from pemn_jax.evaluate import evaluate_artifact
-from pemn_jax.export.run import export_run
-from pemn_jax.train.loop import train_and_evaluate
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import train_export_evaluate  # noqa: E402
+
+from pemn_jax.config import base_config  # noqa: E402
 
 
 def point_configs(args):
@@ -102,21 +102,8 @@ def main():
     points = {k: v for k, v in points.items() if k in args.only.split(',')}
   with tempfile.TemporaryDirectory() as tmp:
     for name, (spec, prune) in points.items():
-      t0 = time.time()
-      wd = os.path.join(tmp, name)
-      run = train_and_evaluate(make_config(args, spec, prune), wd)
-      path = os.path.join(tmp, f'{name}.pemn')
-      exp = export_run(wd, path, params_dir=None)
-      ev = evaluate_artifact(path, args.dataset, args.data_dir or None)
-      size = os.path.getsize(path)
-      rows.append({'method': name, 'compression': 4 * exp['num_params'] / size,
-                   'file_bytes': size, 'accuracy': ev['accuracy'],
-                   'run_accuracy': run['test_accuracy'], 'seconds': time.time() - t0})
-      r = rows[-1]
-      print(f'# {name}: accuracy {r["accuracy"]:.4f} (run eval {r["run_accuracy"]:.4f}) '
-            f'file {size} B compression {r["compression"]:.1f}x in {r["seconds"]:.0f}s',
-            flush=True)
-  n = exp['num_params']
+      rows += train_export_evaluate(make_config(args, spec, prune), tmp, name)
+  n = rows[-1]['num_params']
   table = [f'{args.model} on {args.dataset}, {args.epochs} epochs, N={n} '
            f'(dense float32: {4 * n} bytes)', '',
            '| method | compression | file bytes | test accuracy |', '| --- | --- | --- | --- |']

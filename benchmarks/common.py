@@ -1,0 +1,34 @@
+"""Shared by the benchmark scripts: train a config, export it, evaluate the file."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pemn_jax.evaluate import evaluate_artifact
+from pemn_jax.export.run import export_run
+from pemn_jax.train.loop import train_and_evaluate
+
+
+def train_export_evaluate(config, tmp: str, name: str, float_codecs=('f32',)) -> list[dict]:
+  """Trains ``config`` in ``tmp/name``, writes one model file per float codec
+  and evaluates each *from the file*. One row per codec."""
+  t0 = time.time()
+  wd = os.path.join(tmp, name)
+  run = train_and_evaluate(config, wd)
+  rows = []
+  for codec in float_codecs:
+    path = os.path.join(tmp, f'{name}.{codec}.pemn')
+    exp = export_run(wd, path, float_codec=codec, params_dir=None)
+    ev = evaluate_artifact(path, config.dataset, config.data_dir or None,
+                           config.source_dir or None)
+    size = os.path.getsize(path)
+    rows.append({'method': name, 'float_codec': codec, 'num_params': exp['num_params'],
+                 'compression': 4 * exp['num_params'] / size, 'file_bytes': size,
+                 'accuracy': ev['accuracy'], 'run_accuracy': run['test_accuracy'],
+                 'seconds': time.time() - t0})
+    r = rows[-1]
+    print(f'# {name} [{codec}]: accuracy {r["accuracy"]:.4f} (run eval {r["run_accuracy"]:.4f}) '
+          f'file {size} B compression {r["compression"]:.1f}x after {r["seconds"]:.0f}s',
+          flush=True)
+  return rows
