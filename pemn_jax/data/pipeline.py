@@ -57,6 +57,11 @@ class Pipeline:
         labels[s + j] = ex['label']
     return images, labels
 
+  def _local_slice(self) -> slice:
+    """This process's part of a global batch."""
+    lo = self.process_index * self.local_batch
+    return slice(lo, lo + self.local_batch)
+
   def _normalize(self, images):
     x = images.astype(np.float32) / 255.0
     return (x - self.ds.mean) / self.ds.std
@@ -68,8 +73,7 @@ class Pipeline:
     """This process's slice of global batch ``step``: (images f32 NHWC, labels i32)."""
     epoch, i = divmod(int(step), self.steps_per_epoch)
     idx = self.order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
-    lo = self.process_index * self.local_batch
-    sl = slice(lo, lo + self.local_batch)
+    sl = self._local_slice()
     images, labels = self._read(idx[sl])
     if self.augment:
       images = self._augment(images, step, sl)
@@ -97,7 +101,6 @@ class Pipeline:
       idx = np.arange(start, start + b)
       weights = (idx < n).astype(np.float32)
       idx = np.minimum(idx, n - 1)
-      lo = self.process_index * self.local_batch
-      sl = slice(lo, lo + self.local_batch)
+      sl = self._local_slice()
       images, labels = self._read(idx[sl])
       yield self._normalize(images), labels, weights[sl]

@@ -19,10 +19,11 @@ def _ordered_bits(values):
   return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def topk_mask(values, keep: float | None = None, *, kept: int | None = None):
+def topk_mask(values, keep: float | None = None, *, kept=None):
   """0/1 mask (values' dtype) with exactly ``num_kept(values.size, keep)`` (or
   ``kept``) ones at the largest entries of ``values``; among equal values the
-  later positions win (as the tail of a stable ascending argsort).
+  later positions win (as the tail of a stable ascending argsort). ``kept``
+  may be a traced integer in ``[1, size]`` (e.g. a sparsity schedule).
 
   No sort: the k-th largest value is found by a 32-step binary search on the
   order-preserving integer bits (32 vectorized count passes), which on CPU is
@@ -30,11 +31,14 @@ def topk_mask(values, keep: float | None = None, *, kept: int | None = None):
   """
   flat = values.reshape(-1)
   n = flat.shape[0]
-  m = num_kept(n, keep) if kept is None else int(kept)
-  if not 1 <= m <= n:
-    raise ValueError(f'top-k count must be in [1, {n}], got {m}')
-  if m == n:
-    return jnp.ones_like(values)
+  if isinstance(kept, jax.Array):
+    m = kept
+  else:
+    m = num_kept(n, keep) if kept is None else int(kept)
+    if not 1 <= m <= n:
+      raise ValueError(f'top-k count must be in [1, {n}], got {m}')
+    if m == n:
+      return jnp.ones_like(values)
   bits = _ordered_bits(flat)
 
   def body(i, prefix):
@@ -70,7 +74,7 @@ def segment_topk_mask(values, segments, kept):
 
 
 def segment_edge_popup_mask(scores, segments, keeps):
-  """Edge-popup masks of all segments of a flat score array, one sort."""
+  """Edge-popup masks of all segments of a flat score array."""
   a = jnp.abs(scores)
   kept = [num_kept(int(n), k) for n, k in zip(segments.sizes, keeps, strict=True)]
   return straight_through(segment_topk_mask(jax.lax.stop_gradient(a), segments, kept), a)

@@ -122,7 +122,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = ckpt.latest_step() or 0
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), ts)
-    ts, meta = ckpt.restore(start, abstract)
+    ts, _ = ckpt.restore(start, abstract)
     logging.info('resumed from %s at step %d', ckpt.directory, start)
     print(f'resumed from step {start} ({ckpt.directory})', flush=True)
 

@@ -45,14 +45,6 @@ def _kept(n: int, sparsity) -> jax.Array:
   return jnp.maximum(1, jnp.round((1.0 - sparsity) * n)).astype(jnp.int32)
 
 
-def _dyn_topk(values, kept):
-  """Top-``kept`` (traced count) mask, ties to later positions, exact."""
-  flat = values.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-  return (rank >= flat.size - kept).reshape(values.shape)
-
-
 def prune(tx: optax.GradientTransformation, sparsity: float, criterion: str,
           select: str = KERNELS, begin: int = 0, end: int = 1, every: int = 100,
           seed: int = 0) -> optax.GradientTransformation:
@@ -89,7 +81,7 @@ def prune(tx: optax.GradientTransformation, sparsity: float, criterion: str,
       due = ((state.count - begin) % every == 0) & (state.count >= begin) & (state.count <= end)
       due = due | (state.count == end)
       masks = jax.tree.map(
-          lambda m, w: jnp.where(due, _dyn_topk(jnp.abs(w), _kept(w.size, s)), m)
+          lambda m, w: jnp.where(due, topk_mask(jnp.abs(w), kept=_kept(w.size, s)) > 0, m)
           if m.ndim else m, masks, new)
     u = jax.tree.map(lambda m, d, p: jnp.where(m, d, -p), masks, u, params)
     return u, PruneState(inner, masks, state.count + 1)

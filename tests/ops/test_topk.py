@@ -66,3 +66,10 @@ def test_edge_popup_straight_through_gradient():
 def test_bad_keep():
   with pytest.raises(ValueError, match='keep'):
     num_kept(10, 0.0)
+
+
+def test_traced_count_matches_static_count():
+  v = jax.random.normal(jax.random.key(5), (37,)).at[3:9].set(0.1)
+  f = jax.jit(lambda v, k: topk_mask(v, kept=k))
+  for k in (1, 5, 20, 37):
+    np.testing.assert_array_equal(np.asarray(f(v, jnp.int32(k))), np.asarray(topk_mask(v, kept=k)))
