@@ -7,6 +7,7 @@ import ml_collections
 from pemn_jax import models
 from pemn_jax.data.sources import DATASETS
 from pemn_jax.train.optim import OPTIMIZERS, SCHEDULES
+from pemn_jax.train.pruning import ALLOCATIONS, CRITERIA
 
 
 class ConfigError(ValueError):
@@ -21,16 +22,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.source_dir = ''             # local files to prepare from ('' = the dataset's usual place)
   c.train_limit = 0             # use only the first N training examples (0 = all)
   c.test_limit = 0              # evaluate on the first N test examples (0 = all)
-  c.augment = False             # random crop (pad 4) + horizontal flip
+  c.augment = ''                # ops: crop,flip,randaugment,jitter,erase; presets cifar, pemn
+  c.augment_options = ml_collections.ConfigDict(
+      {'ra_ops': 2, 'ra_magnitude': 12, 'jitter': 0.2, 'erase': 0.2})
   c.model = 'mlp'
   c.model_kwargs = ml_collections.ConfigDict()
   c.param = ml_collections.ConfigDict({'name': 'dense'})  # pemn_jax.params.build spec
   c.optimizer = ml_collections.ConfigDict({
       'name': 'adamw', 'lr': 1e-3, 'weight_decay': 0.0, 'momentum': 0.9, 'nesterov': False,
-      'schedule': 'cosine', 'warmup_steps': 0, 'grad_clip': 0.0})
-  # Pruning baselines (with param.name == 'dense'): '' | magnitude | random | gmp.
-  c.prune = ml_collections.ConfigDict({'criterion': '', 'sparsity': 0.9, 'end_fraction': 0.75,
-                                       'every': 100})
+      'schedule': 'cosine', 'warmup_steps': 0, 'grad_clip': 0.0,
+      'decay_epochs': 0.0})        # exponential schedule: lr * 0.1 ** (epoch / decay_epochs)
+  # Pruning baselines (with param.name == 'dense'), pemn_jax/train/pruning.py:
+  # criterion '' | magnitude (train -> prune at begin -> fine-tune) | gmp (cubic
+  # ramp from begin to end) | magnitude_at_init | random; allocation uniform |
+  # global | erk; skip_first keeps the first layer dense.
+  c.prune = ml_collections.ConfigDict({
+      'criterion': '', 'sparsity': 0.9, 'allocation': 'uniform', 'skip_first': False,
+      'begin_fraction': 0.5, 'end_fraction': 0.75, 'every': 100})
   c.batch_size = 128            # global batch, split over all devices
   c.eval_batch_size = 1000
   c.num_epochs = 1.0            # used when num_steps == 0
@@ -78,8 +86,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(_int(c[key]) and c[key] >= 0, key, c[key], 'must be an integer >= 0')
   need(_num(c.num_epochs) and c.num_epochs > 0, 'num_epochs', c.num_epochs, 'must be > 0')
   need('name' in c.param, 'param', c.param.to_dict(), 'needs a "name"')
-  need(c.prune.criterion in ('', 'magnitude', 'random', 'gmp'), 'prune.criterion',
-       c.prune.criterion, "must be '', magnitude, random or gmp")
+  need(c.prune.criterion in ('', *CRITERIA), 'prune.criterion', c.prune.criterion,
+       f"must be '' or one of {CRITERIA}")
+  need(c.prune.allocation in ALLOCATIONS, 'prune.allocation', c.prune.allocation,
+       f'must be one of {ALLOCATIONS}')
+  for key in ('begin_fraction', 'end_fraction'):
+    need(_num(c.prune[key]) and 0 <= c.prune[key] <= 1, f'prune.{key}', c.prune[key],
+         'must be in [0, 1]')
   need(_num(c.prune.sparsity) and 0 <= c.prune.sparsity < 1, 'prune.sparsity', c.prune.sparsity,
        'must be in [0, 1)')
   need(not c.prune.criterion or c.param.name == 'dense', 'prune.criterion', c.prune.criterion,
@@ -116,6 +129,6 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:
-  """CIFAR-style data gets augmentation."""
+  """CIFAR-style data gets the standard crop + flip augmentation."""
   c.dataset = dataset
-  c.augment = 'cifar' in dataset or 'imagenet' in dataset
+  c.augment = 'cifar' if ('cifar' in dataset or 'imagenet' in dataset) else ''

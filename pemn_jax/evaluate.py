@@ -21,11 +21,11 @@ _BATCH = flags.DEFINE_integer('batch_size', 1000, 'Evaluation batch size.')
 def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split='test',
                       batch_size=1000) -> dict:
   import jax
-  import jax.numpy as jnp
 
   from pemn_jax.data import sources
   from pemn_jax.data.pipeline import Pipeline
   from pemn_jax.export.run import load
+  from pemn_jax.train.step import eval_batch
 
   header, model, params, model_state = load(path)
   ds = sources.load(dataset or header['dataset'], split, data_dir, source_dir)
@@ -35,13 +35,12 @@ def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split=
 
   @jax.jit
   def step(images, labels, weights):
-    logits = model.apply({'params': params, **model_state}, images, train=False)
-    return jnp.sum((jnp.argmax(logits, -1) == labels) * weights), jnp.sum(weights)
+    return eval_batch(model, lambda rng: params, model_state, images, labels, weights)
 
   correct = total = 0.0
   for images, labels, weights in Pipeline(ds, min(batch_size, ds.num_examples),
                                           0).eval_batches():
-    c, t = step(images, labels, weights)
+    c, t, _ = step(images, labels, weights)
     correct, total = correct + float(c), total + float(t)
   return {'accuracy': correct / total, 'examples': int(total), 'dataset': ds.name}
 

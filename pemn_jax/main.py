@@ -47,6 +47,7 @@ def main(argv):
     sys.exit(2)
   if jax.process_index() == 0 and 'test_accuracy' in out:
     print(f'final: step {out["step"]} test_accuracy={out["test_accuracy"]:.4f} '
+          f'best_test_accuracy={out["best_test_accuracy"]:.4f} (step {out["best_step"]}) '
           f'model_bytes={out["model_bytes"]} dense_bytes={out["dense_bytes"]} '
           f'({out["dense_bytes"] / max(1, out["model_bytes"]):.1f}x smaller)', flush=True)
 

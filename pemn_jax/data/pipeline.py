@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pemn_jax.data import augment as aug
 from pemn_jax.data.sources import Dataset
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes: smaller splits are read into memory once
@@ -27,12 +28,15 @@ def _fetch(source, keys):
 class Pipeline:
   """Training batches (``batch(step)``) and evaluation batches (``eval_batches()``)."""
 
-  def __init__(self, ds: Dataset, global_batch: int, seed: int, augment: bool = False,
-               process_index: int = 0, process_count: int = 1, limit: int | None = None):
+  def __init__(self, ds: Dataset, global_batch: int, seed: int, augment='',
+               process_index: int = 0, process_count: int = 1, limit: int | None = None,
+               augment_options=None):
     if global_batch % process_count:
       raise ValueError(f'batch_size {global_batch} is not divisible by the {process_count} '
                        'processes')
-    self.ds, self.global_batch, self.seed, self.augment = ds, global_batch, int(seed), augment
+    self.ds, self.global_batch, self.seed = ds, global_batch, int(seed)
+    self.ops = aug.parse(augment)  # ValueError naming an unknown op
+    self.augment_options = dict(augment_options or {})
     self.process_index, self.process_count = process_index, process_count
     self.local_batch = global_batch // process_count
     self.num_examples = ds.num_examples if limit is None else min(limit, ds.num_examples)
@@ -75,23 +79,15 @@ class Pipeline:
     idx = self.order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
     sl = self._local_slice()
     images, labels = self._read(idx[sl])
-    if self.augment:
-      images = self._augment(images, step, sl)
-    return self._normalize(images), labels
-
-  def _augment(self, images, step, sl):
-    """Random crop with 4-pixel zero padding and horizontal flip (CIFAR)."""
-    rng = np.random.default_rng([self.seed, 1 << 20, int(step)])
-    dy, dx = rng.integers(0, 9, size=(2, self.global_batch))
-    flip = rng.random(self.global_batch) < 0.5
-    dy, dx, flip = dy[sl], dx[sl], flip[sl]
-    h, w = images.shape[1:3]
-    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-    out = np.empty_like(images)
-    for k in range(len(images)):
-      crop = padded[k, dy[k]:dy[k] + h, dx[k]:dx[k] + w]
-      out[k] = crop[:, ::-1] if flip[k] else crop
-    return out
+    positions = range(sl.start, sl.stop)
+    if set(self.ops) - {'erase'}:
+      images = aug.augment_uint8(images, self.ops, self.seed, step, positions,
+                                 self.augment_options)
+    x = self._normalize(images)
+    if 'erase' in self.ops:
+      p = float(self.augment_options.get('erase', aug.DEFAULTS['erase']))
+      x = aug.erase(x, self.seed, step, positions, p)
+    return x, labels
 
   def eval_batches(self):
     """Every example once, in order, this process's slices of global batches;

@@ -40,7 +40,7 @@ def load_run(workdir: str, step: int | None = None):
                        meta['input_shape'], config.param)
   tx, _ = make_optimizer(config.optimizer, 1)
   if 'prune' in config:
-    tx = with_pruning(tx, config.prune, 1, config.seed)
+    tx = with_pruning(tx, config.prune, 1, config.seed, param)
   abstract = jax.eval_shape(lambda: create_train_state(
       param, tx, jax.random.key(0),
       models.init_model_state(model, tuple(meta['input_shape'])), config.seed))

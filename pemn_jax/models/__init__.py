@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from pemn_jax.models.convmixer import ConvMixer
 from pemn_jax.models.layers import DepthwiseConv
@@ -32,6 +33,16 @@ REGISTRY = {
     'vit': ViT,
 }
 
+# Registry models whose every hidden layer is followed by batch norm (so the
+# scale of their kernels does not change the function they compute).
+BATCH_NORM = frozenset({'resnet20', 'resnet32', 'resnet56', 'resnet18', 'convmixer',
+                        'convmixer_256_6', 'convmixer_256_8'})
+
+
+def uses_batch_norm(name: str) -> bool:
+  """Whether registry model ``name`` normalizes its layers with batch norm."""
+  return name in BATCH_NORM
+
 
 def get(name: str, num_classes: int = 10, **kwargs):
   if name not in REGISTRY:
@@ -47,12 +58,31 @@ def _dummy(input_shape):
 
 
 def abstract_variables(model, input_shape):
-  """All variable collections as ShapeDtypeStructs (nothing is computed)."""
-  return jax.eval_shape(model.init, jax.random.key(0), _dummy(input_shape))
+  """All variable collections as ShapeDtypeStructs (nothing is computed).
+
+  Dicts come back in the order ``model.init`` creates the variables (module
+  execution order for compact modules), not JAX's sorted pytree order: named
+  leaf selections such as ``'@stages'`` (stem and classifier left out) rely
+  on it.
+  """
+  orders = {}
+
+  def init(key, x):  # a fresh closure each call: eval_shape caches traces
+    variables = model.init(key, x)
+    for col, tree in variables.items():
+      orders[col] = list(traverse_util.flatten_dict(tree))
+    return variables
+
+  shapes = jax.eval_shape(init, jax.random.key(0), _dummy(input_shape))
+  out = {}
+  for col, tree in shapes.items():
+    flat = traverse_util.flatten_dict(tree)
+    out[col] = traverse_util.unflatten_dict({k: flat[k] for k in orders.get(col, flat)})
+  return out
 
 
 def abstract_params(model, input_shape):
-  """The params pytree of shapes (a parameterization's target)."""
+  """The params pytree of shapes (a parameterization's target), in creation order."""
   return abstract_variables(model, input_shape)['params']
 
 
@@ -78,6 +108,6 @@ def init_model_state(model, input_shape, key=None):
   return jax.jit(f)(key)
 
 
-__all__ = ['REGISTRY', 'ConvMixer', 'DepthwiseConv', 'LeNet5', 'MLP', 'ResNet', 'ViT',
+__all__ = ['BATCH_NORM', 'REGISTRY', 'ConvMixer', 'DepthwiseConv', 'LeNet5', 'MLP', 'ResNet', 'ViT',
            'abstract_params', 'abstract_variables', 'cifar_resnet', 'get', 'init_model_state',
-           'resnet18']
+           'resnet18', 'uses_batch_norm']

@@ -36,7 +36,7 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x + SelfAttention(self.num_heads)(nn.LayerNorm()(x))
-    y = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=lecun)(nn.LayerNorm()(x)))
+    y = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=lecun)(nn.LayerNorm()(x)), approximate=False)
     return x + nn.Dense(x.shape[-1], kernel_init=lecun)(y)
 
 

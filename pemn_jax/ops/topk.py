@@ -7,10 +7,16 @@ import jax.numpy as jnp
 
 
 def num_kept(n: int, keep: float) -> int:
-  """Number of elements a top-k mask keeps: ``round(keep * n)``, at least 1."""
+  """Number of elements a top-k mask keeps: ``n - int((1 - keep) * n)``.
+
+  This is the reference rule (hidden-networks' and PEMN's ``GetSubnet`` zero
+  the ``int((1 - k) * n)`` smallest scores), evaluated in Python floats as
+  there, so masks are bit-exact with the reference. At least 1 (the reference
+  would keep none only when ``(1 - keep) * n`` rounds up to n).
+  """
   if not 0.0 < keep <= 1.0:
     raise ValueError(f'mask keep fraction must be in (0, 1], got {keep}')
-  return max(1, min(n, int(round(keep * n))))
+  return max(1, n - int((1.0 - keep) * n))
 
 
 def _ordered_bits(values):

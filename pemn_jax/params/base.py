@@ -7,10 +7,15 @@ shapes (``jax.eval_shape(model.init, ...)['params']``) -- and offers
 * ``materialize(state, seed, rng=None) -> params``: pure, jittable,
   differentiable w.r.t. ``state`` and deterministic in ``seed``;
 * ``regularizer(state, seed) -> scalar``: an extra loss term (0 by default);
+* ``eval_rngs(seed)``: None, or the keys of the sampled networks an
+  expected-value evaluation averages (stochastic methods);
 * ``storage_bits() -> dict``: what a compact file of this model must hold.
 
 Leaves are addressed by their '/'-joined path (``'Conv_0/kernel'``) and chosen
-with regular expressions (``re.search``).
+with a *selection*: a regular expression (``re.search``) or one of the named
+selections in ``NAMED_SELECTIONS`` (``'@kernels'``, ``'@stages'``), which are
+resolved against the model's *creation order* of leaves (the order
+``model.init`` returns them in: execution order for compact Flax modules).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from pemn_jax.ops.hashing import as_seed, path_id
 
 PyTree = Any
 KERNELS = r'(^|/)kernel$'
+# '@kernels': every Dense/Conv kernel. '@stages': every kernel but the first and
+# the last in creation order -- a network's stem and classifier, which RPG's
+# reference code keeps as ordinary trained parameters.
+NAMED_SELECTIONS = ('@kernels', '@stages')
+FANS = ('in', 'out')
 EMBEDDINGS = ('pos_embedding', 'cls', 'embedding')
 RESTS = ('train', 'fixed')
 
@@ -52,16 +62,25 @@ def fan_in(shape) -> int:
   return max(1, size(shape[:-1])) if len(shape) >= 2 else max(1, size(shape))
 
 
-def init_std(path: str, shape, gain: float = 2.0) -> float:
+def fan_out(shape) -> int:
+  """Fan-out of a Dense (in, out) or Conv (kh, kw, in/groups, out) kernel:
+  ``out`` times the receptive field (PyTorch's ``_calculate_fan_in_and_fan_out``)."""
+  return max(1, size(shape[:-2]) * shape[-1]) if len(shape) >= 2 else max(1, size(shape))
+
+
+def init_std(path: str, shape, gain: float = 2.0, fan: str = 'in') -> float:
   """The standard deviation a freshly initialized weight leaf has here.
 
-  Kernels: ``sqrt(gain / fan_in)`` (gain 2 = Kaiming/He normal, fan-in; gain 1
-  = LeCun). Embeddings: 0.02. Everything else (scales, biases) is not random.
+  Kernels: ``sqrt(gain / fan)`` (gain 2 = Kaiming/He normal; gain 1 = LeCun;
+  ``fan`` 'in' or 'out'). Embeddings: 0.02. Everything else (scales, biases)
+  is not random.
   """
   name = path.rsplit('/', 1)[-1]
   if name in EMBEDDINGS:
     return 0.02
-  return math.sqrt(gain / fan_in(shape))
+  if fan not in FANS:
+    raise ValueError(f'fan must be one of {FANS}, got {fan!r}')
+  return math.sqrt(gain / (fan_in(shape) if fan == 'in' else fan_out(shape)))
 
 
 def _is_random(path: str, shape) -> bool:
@@ -100,23 +119,47 @@ def leaf_key(seed, path: str):
   return jax.random.fold_in(jax.random.key(as_seed(seed)), path_id(path))
 
 
-def _check_target(target) -> dict[str, jax.ShapeDtypeStruct]:
+def _check_target(target) -> tuple[dict[str, jax.ShapeDtypeStruct], list[str]]:
+  """(leaves in sorted path order, paths in the target's own (creation) order)."""
   if isinstance(target, Mapping) and set(target) == {'params'}:
     target = target['params']
   if not isinstance(target, Mapping) or not target:
     raise TypeError('a parameterization target must be a non-empty params dict '
                     f'(jax.eval_shape(model.init, ...)["params"]), got {type(target)}')
+  order = list(traverse_util.flatten_dict(target, sep='/'))
   flat = flatten(target)
   for p, leaf in flat.items():
     if not hasattr(leaf, 'shape') or not hasattr(leaf, 'dtype'):
       raise TypeError(f'target leaf {p!r} has no shape/dtype: {leaf!r}')
-  return {p: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for p, v in flat.items()}
+  return {p: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for p, v in flat.items()}, order
 
 
-def select_paths(paths, pattern: str | None) -> list[str]:
+def select_paths(paths, pattern: str | None, order=None) -> list[str]:
+  """The paths (in the sorted order of ``paths``) a selection picks.
+
+  Args:
+    paths: leaf paths (sorted).
+    pattern: a regular expression (``re.search``), a name from
+      ``NAMED_SELECTIONS``, or None (nothing).
+    order: the same paths in creation order (named selections need it;
+      default: ``paths``' own order).
+  Returns:
+    The selected paths, in ``paths``' order.
+  """
   if pattern is None:
     return []
-  rx = re.compile(pattern)
+  if pattern.startswith('@'):
+    if pattern not in NAMED_SELECTIONS:
+      raise ValueError(f'unknown named selection {pattern!r}; known: {NAMED_SELECTIONS}')
+    kernels = [p for p in (order or paths) if re.search(KERNELS, p)]
+    if pattern == '@stages':
+      kernels = kernels[1:-1]
+    chosen = set(kernels)
+    return [p for p in paths if p in chosen]
+  try:
+    rx = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'bad leaf selection regex {pattern!r}: {e}') from None
   return [p for p in paths if rx.search(p)]
 
 
@@ -124,8 +167,13 @@ class Parameterization(abc.ABC):
   """Maps (trainable state, seed) to a model's full params pytree."""
 
   def __init__(self, target):
-    self.leaves: dict[str, jax.ShapeDtypeStruct] = _check_target(target)
-    self.target = unflatten(self.leaves)
+    self.leaves: dict[str, jax.ShapeDtypeStruct]
+    self.leaves, self.order = _check_target(target)
+    self.target = unflatten({p: self.leaves[p] for p in self.order})
+
+  def select(self, pattern: str | None) -> list[str]:
+    """The leaf paths (sorted) that ``pattern`` picks; see ``select_paths``."""
+    return select_paths(list(self.leaves), pattern, self.order)
 
   @property
   def num_params(self) -> int:
@@ -143,6 +191,13 @@ class Parameterization(abc.ABC):
   def regularizer(self, state, seed) -> jax.Array:
     del state, seed
     return jnp.zeros((), jnp.float32)
+
+  def eval_rngs(self, seed) -> jax.Array | None:
+    """Keys of the sampled networks whose predictions evaluation averages
+    (a stochastic method's expected-value eval), or None: evaluate the single
+    network ``materialize(state, seed)`` (``rng=None``)."""
+    del seed
+    return None
 
   @abc.abstractmethod
   def storage_bits(self) -> dict[str, int]:
@@ -174,8 +229,8 @@ class Split(Parameterization):
     super().__init__(target)
     if rest not in RESTS:
       raise ValueError(f'rest must be one of {RESTS}, got {rest!r}')
-    self.select, self.rest, self.gain = select, rest, float(gain)
-    self.generated = select_paths(self.leaves, select)
+    self.selection, self.rest, self.gain = select, rest, float(gain)
+    self.generated = self.select(select)
     if not self.generated:
       raise ValueError(f'select={select!r} matches no leaf of the target; leaves: '
                        f'{sorted(self.leaves)}')

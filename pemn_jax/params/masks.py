@@ -4,9 +4,15 @@
 a mask computed from per-leaf trainable scores:
 
 * ``edge_popup``: keep the top ``keep`` fraction of ``|score|`` in each leaf
-  (exactly ``round(keep * n)`` ones); straight-through gradient to ``|score|``.
-* ``supermask``: ``p = sigmoid(score)``; a Bernoulli sample when ``rng`` is
-  given (training), else ``p > 0.5``; straight-through gradient to ``p``.
+  (exactly ``n - int((1 - keep) * n)`` ones, the reference's count);
+  straight-through gradient to ``|score|``.
+* ``supermask``: ``p = sigmoid(score)``; a Bernoulli sample, straight-through
+  gradient to ``p``. Training samples with the step's ``rng``. Evaluation
+  (``rng=None``) follows ``eval``: ``'sample'`` (the reference: its eval is
+  stochastic) draws one mask from a key derived from ``(seed, eval_seed)`` --
+  deterministic, and the mask a model file stores; ``'threshold'`` keeps
+  ``p > 0.5``; ``'expected'`` averages the predictions of ``eval_samples``
+  sampled networks (``eval_rngs``; a model file stores the eval key's sample).
 
 The source can be frozen random weights (``Prototype(mode='dense')``: the
 edge-popup baseline), PEMN prototypes, an RPG ring, or dense trained weights.
@@ -26,19 +32,21 @@ from pemn_jax.params.base import (
   Parameterization,
   fan_in,
   flatten,
-  select_paths,
+  leaf_key,
   size,
   unflatten,
 )
 
 KINDS = ('edge_popup', 'supermask')
+EVALS = ('sample', 'threshold', 'expected')
 
 
 class Masked(Parameterization):
   """Per-leaf learned masks composed over another parameterization."""
 
   def __init__(self, source: Parameterization, keep: float = 0.5, select: str = KERNELS,
-               kind: str = 'edge_popup'):
+               kind: str = 'edge_popup', eval: str = 'sample', eval_samples: int = 8,
+               eval_seed: int = 0):
     if not isinstance(source, Parameterization):
       raise TypeError(f'Masked needs a Parameterization as source, got {type(source)}')
     super().__init__(source.target)
@@ -46,8 +54,13 @@ class Masked(Parameterization):
       raise ValueError(f'mask kind must be one of {KINDS}, got {kind!r}')
     if kind == 'edge_popup' and not 0.0 < keep <= 1.0:
       raise ValueError(f'mask keep fraction must be in (0, 1], got {keep}')
-    self.source, self.keep, self.kind, self.select = source, float(keep), kind, select
-    self.masked = select_paths(self.leaves, select)
+    if eval not in EVALS:
+      raise ValueError(f'mask eval must be one of {EVALS}, got {eval!r}')
+    if not isinstance(eval_samples, int) or not 1 <= eval_samples <= 1024:
+      raise ValueError(f'mask eval_samples must be an integer in [1, 1024], got {eval_samples!r}')
+    self.source, self.keep, self.kind, self.selection = source, float(keep), kind, select
+    self.eval, self.eval_samples, self.eval_seed = eval, eval_samples, int(eval_seed)
+    self.masked = self.select(select)
     if not self.masked:
       raise ValueError(f'mask select={select!r} matches no leaf; leaves: {sorted(self.leaves)}')
     self.segments = Segments([size(self.leaves[p].shape) for p in self.masked])
@@ -61,15 +74,34 @@ class Masked(Parameterization):
               for p, x in zip(self.masked, self.segments.split(u, shapes), strict=True)}
     return {'source': self.source.init(k_src), 'scores': unflatten(scores)}
 
-  def masks(self, state, rng=None) -> dict[str, jax.Array]:
-    """The (straight-through) masks of the masked leaves, ``{path: mask}``."""
+  def _eval_key(self, seed):
+    return jax.random.fold_in(leaf_key(seed, 'mask/eval'), self.eval_seed)
+
+  def eval_rngs(self, seed):
+    if self.kind == 'supermask' and self.eval == 'expected':
+      return jax.random.split(self._eval_key(seed), self.eval_samples)
+    return None
+
+  def masks(self, state, rng=None, seed=0) -> dict[str, jax.Array]:
+    """The (straight-through) masks of the masked leaves, ``{path: mask}``.
+
+    Args:
+      state: this parameterization's state.
+      rng: a key (training: a supermask samples with it), or None (evaluation).
+      seed: the model seed (a supermask's evaluation key derives from it).
+    Returns:
+      ``{path: 0/1 float array}``.
+    """
     scores = flatten(state['scores'])
     flat = self.segments.concat([scores[p] for p in self.masked])
     if self.kind == 'edge_popup':
       m = segment_edge_popup_mask(flat, self.segments, [self.keep] * len(self.masked))
     else:
       prob = jax.nn.sigmoid(flat)
-      hard = jax.random.bernoulli(rng, prob) if rng is not None else prob > 0.5
+      if rng is None and self.eval == 'threshold':
+        hard = prob > 0.5
+      else:
+        hard = jax.random.bernoulli(self._eval_key(seed) if rng is None else rng, prob)
       m = straight_through(hard.astype(prob.dtype), prob)
     shapes = [self.leaves[p].shape for p in self.masked]
     return dict(zip(self.masked, self.segments.split(m, shapes), strict=True))
@@ -83,11 +115,11 @@ class Masked(Parameterization):
   def materialize(self, state, seed, rng=None):
     src_rng, mask_rng = (None, None) if rng is None else jax.random.split(rng)
     source_params = self.source.materialize(state['source'], seed, src_rng)
-    return self._apply(source_params, self.masks(state, mask_rng))
+    return self._apply(source_params, self.masks(state, mask_rng, seed))
 
   def export(self, state, seed):
     out = {f'source/{k}': v for k, v in self.source.export(state['source'], seed).items()}
-    out.update({f'mask/{p}': m > 0.5 for p, m in self.masks(state).items()})
+    out.update({f'mask/{p}': m > 0.5 for p, m in self.masks(state, None, seed).items()})
     return out
 
   def from_export(self, arrays, seed):

@@ -2,8 +2,12 @@
 
 Modes (the generated leaves are taken in sorted path order):
 
-* ``dense``: every leaf its own i.i.d. random weights (the edge-popup /
-  supermask baseline's weights).
+* ``dense``: every leaf its own i.i.d. random weights (Kaiming normal: the
+  edge-popup / supermask baselines' ``kaiming_normal`` weights).
+* ``signed_constant``: every weight ``+-sqrt(gain / fan_in)`` with a random
+  sign (hidden-networks' ``signed_constant`` init, its headline setting). The
+  signs are integer hashes of (seed, leaf, index), not ``jax.random``, so they
+  are the same in every JAX version and a model file stores none of them.
 * ``ol`` (one-layer): the first leaf of each shape is the prototype; later
   leaves of the same shape repeat it.
 * ``mp`` (max-layer padding): one random vector as long as the largest leaf,
@@ -12,10 +16,11 @@ Modes (the generated leaves are taken in sorted path order):
   ``d_v = int(N_max * ratio) + 1`` tiled to N_max (optionally randomly
   permuted); every leaf takes its first n_i values.
 
-Scale: ``rescale=True`` (the default here) multiplies each leaf by its own
-Kaiming-normal std ``sqrt(gain / fan_in)``. ``rescale=False`` is the PEMN code's
-behaviour: every leaf keeps the prototype's own scale (the std of the layer the
-prototype was drawn for; for ``mp``/``rp`` the largest layer). For ``dense`` and
+Scale: ``rescale=False`` (the default: the PEMN code's behaviour; its
+``--rescale_var`` flag is never read) -- every leaf keeps the prototype's own
+scale, the Kaiming std of the layer it was drawn for (for ``mp``/``rp`` the
+largest layer). ``rescale=True`` multiplies each leaf by its own Kaiming-normal
+std ``sqrt(gain / fan_in)`` instead. For ``dense``, ``signed_constant`` and
 ``ol`` both give the same weights.
 
 Nothing here is trained and nothing of size N is stored: the weights are drawn
@@ -27,11 +32,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pemn_jax.ops.hashing import as_seed, mix, path_id
 from pemn_jax.ops.permutation import permute_indices
 from pemn_jax.ops.segments import Segments
 from pemn_jax.params.base import KERNELS, Split, init_std, leaf_key, size
 
-MODES = ('dense', 'ol', 'mp', 'rp')
+MODES = ('dense', 'signed_constant', 'ol', 'mp', 'rp')
 
 
 def rp_length(n_max: int, ratio: float) -> int:
@@ -45,7 +51,7 @@ class Prototype(Split):
   """Frozen PEMN prototype weights (no trainable state but ``rest``)."""
 
   def __init__(self, target, mode: str = 'rp', ratio: float = 1e-3, permute: bool = False,
-               rescale: bool = True, select: str = KERNELS, rest: str = 'train',
+               rescale: bool = False, select: str = KERNELS, rest: str = 'train',
                gain: float = 2.0):
     super().__init__(target, select=select, rest=rest, gain=gain)
     if mode not in MODES:
@@ -53,15 +59,20 @@ class Prototype(Split):
     self.mode, self.ratio = mode, float(ratio)
     self.permute, self.rescale = bool(permute), bool(rescale)
     sizes = {p: size(self.leaves[p].shape) for p in self.generated}
-    self.largest = max(self.generated, key=lambda p: sizes[p])  # first of the largest
+    # As the reference, "first" is in module (creation) order: the prototype of
+    # mp/rp is the first of the largest layers, ol's the first of each shape.
+    in_order = [p for p in self.order if p in sizes]
+    self.largest = max(in_order, key=lambda p: sizes[p])
     self.n_max = sizes[self.largest]
     self.length = rp_length(self.n_max, self.ratio) if mode == 'rp' else self.n_max
-    # ol: leaf -> the first leaf of the same shape.
     first_of_shape = {}
-    self.source_of = {p: first_of_shape.setdefault(self.leaves[p].shape, p) for p in self.generated}
+    for p in in_order:
+      first_of_shape.setdefault(self.leaves[p].shape, p)
+    self.source_of = {p: first_of_shape[self.leaves[p].shape] for p in self.generated}
     # dense/ol: the leaves that own random values, drawn as one flat vector.
     self.owners = [p for p in self.generated if self.source_of[p] == p or mode == 'dense']
     self.owner_segments = Segments([size(self.leaves[p].shape) for p in self.owners])
+    self.gen_segments = Segments([sizes[p] for p in self.generated])
 
   def init(self, key):
     return {'rest': self.init_rest(key)}
@@ -76,16 +87,29 @@ class Prototype(Split):
     return jax.random.normal(leaf_key(seed, f'prototype/{self.mode}'), (n,), jnp.float32)
 
   def export_generated(self, state, seed):
+    if self.mode == 'signed_constant':  # derived from the seed by integer hashing alone
+      return {}
     return {'prototype': self.vector(seed)}
 
   def generate_from_export(self, arrays, seed):
+    if self.mode == 'signed_constant':
+      return self._generate(None, seed)
     return self._generate(arrays['prototype'], seed)
 
   def generate(self, state, seed):
     del state
-    return self._generate(self.vector(seed), seed)
+    return self._generate(None if self.mode == 'signed_constant' else self.vector(seed), seed)
 
   def _generate(self, vec, seed):
+    if self.mode == 'signed_constant':  # all leaves in one flat hash op
+      seg = self.gen_segments
+      ids = seg.ids()
+      lids = seg.per_segment([path_id(p) for p in self.generated], jnp.uint32)[ids]
+      bits = mix(as_seed(seed), lids, 0x51C0, seg.local(ids)) >> 31
+      std = seg.per_segment([self.std(p) for p in self.generated], jnp.float32)[ids]
+      flat = (1.0 - 2.0 * bits.astype(jnp.float32)) * std
+      return dict(zip(self.generated, seg.split(flat, [self.leaves[p].shape
+                                                       for p in self.generated]), strict=True))
     if self.mode in ('dense', 'ol'):
       shapes = [self.leaves[p].shape for p in self.owners]
       own = dict(zip(self.owners, self.owner_segments.split(vec, shapes), strict=True))
@@ -104,6 +128,8 @@ class Prototype(Split):
     return out
 
   def prototype_floats(self) -> int:
+    if self.mode == 'signed_constant':
+      return 0
     if self.mode == 'dense':
       return sum(size(self.leaves[p].shape) for p in self.generated)
     if self.mode == 'ol':

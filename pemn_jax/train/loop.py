@@ -13,7 +13,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
@@ -26,7 +25,7 @@ from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
 from pemn_jax.train.checkpoint import Checkpointer
 from pemn_jax.train.optim import make_optimizer, with_pruning
-from pemn_jax.train.step import create_train_state, loss_fn, make_train_step
+from pemn_jax.train.step import create_train_state, eval_batch, make_train_step
 
 
 def make_mesh():
@@ -99,8 +98,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     multihost_utils.sync_global_devices('pemn_jax:data_ready')
   train_ds, test_ds = load('train'), load('test')
   pipe = Pipeline(train_ds, config.batch_size, config.seed, config.augment, pidx, pcount,
-                  config.train_limit or None)
-  test_pipe = Pipeline(test_ds, config.eval_batch_size, config.seed, False, pidx, pcount,
+                  config.train_limit or None, config.augment_options.to_dict())
+  test_pipe = Pipeline(test_ds, config.eval_batch_size, config.seed, '', pidx, pcount,
                        config.test_limit or None)
 
   model = models.get(config.model, num_classes=train_ds.num_classes,
@@ -111,8 +110,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.param: {e}') from e
   total = config.num_steps or max(1, int(config.num_epochs * pipe.steps_per_epoch))
-  tx, sched = make_optimizer(config.optimizer, total)
-  tx = with_pruning(tx, config.prune, total, config.seed)
+  tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch)
+  tx = with_pruning(tx, config.prune, total, config.seed, param)
 
   init = jax.jit(lambda k: create_train_state(
       param, tx, k, models.init_model_state(model, train_ds.image_shape), config.seed),
@@ -120,9 +119,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ts = init(jax.random.key(config.seed))
   ckpt = Checkpointer(workdir, config.keep_checkpoints)
   start = ckpt.latest_step() or 0
+  best = {}  # best test accuracy over evaluations (the PEMN reference reports it)
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), ts)
-    ts, _ = ckpt.restore(start, abstract)
+    ts, meta = ckpt.restore(start, abstract)
+    best = dict(meta.get('best', {}))
     logging.info('resumed from %s at step %d', ckpt.directory, start)
     print(f'resumed from step {start} ({ckpt.directory})', flush=True)
 
@@ -133,12 +134,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   @jax.jit
   def eval_step(ts, images, labels, weights):
-    loss, (_, logits) = loss_fn(model, param, ts.state, ts.model_state, ts.seed, images, labels,
-                                None, False)
-    del loss
-    per_ex = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)[:, 0]
-    hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return jnp.sum(hit * weights), jnp.sum(weights), jnp.sum(per_ex * weights)
+    return eval_batch(model, lambda rng: param.materialize(ts.state, ts.seed, rng),
+                      ts.model_state, images, labels, weights, param.eval_rngs(ts.seed))
 
   def to_global(*arrays):
     return tuple(jax.make_array_from_process_local_data(data_sharding, np.asarray(a))
@@ -183,13 +180,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
         acc_metrics, t_last = [], time.time()
       if (config.eval_every and step % config.eval_every == 0) or step == total:
         last = {'step': step, **evaluate(eval_step, ts, test_pipe, to_global)}
+        if last['test_accuracy'] >= best.get('best_test_accuracy', -1.0):
+          best = {'best_test_accuracy': last['test_accuracy'], 'best_step': step}
+        last.update(best)
         if is_main:
           print(f'eval step {step}: test accuracy {last["test_accuracy"]:.4f} test loss '
-                f'{last["test_loss"]:.4f}', flush=True)
+                f'{last["test_loss"]:.4f} (best {best["best_test_accuracy"]:.4f} at step '
+                f'{best["best_step"]})', flush=True)
         write(last)
         t_last = time.time()
       if step % config.checkpoint_every == 0 or step == end or stop.signum is not None:
-        ckpt.save(step, ts, {'step': step, 'config': config.to_dict(),
+        ckpt.save(step, ts, {'step': step, 'config': config.to_dict(), 'best': best,
                              'num_classes': train_ds.num_classes,
                              'input_shape': list(train_ds.image_shape)}, force=True)
       if stop.signum is not None:
@@ -200,4 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt.close()
   if step == total and not last:  # resumed at the end: evaluate the restored state
     last = {'step': step, **evaluate(eval_step, ts, test_pipe, to_global)}
+    if last['test_accuracy'] >= best.get('best_test_accuracy', -1.0):
+      best = {'best_test_accuracy': last['test_accuracy'], 'best_step': step}
+    last.update(best)
   return {'step': step, 'stopped': step < total, **last, **report, '_state': ts}

@@ -54,6 +54,39 @@ def loss_fn(model, param: Parameterization, state, model_state, seed, images, la
   return loss + param.regularizer(state, seed), (new_model_state, logits)
 
 
+def eval_batch(model, materialize, model_state, images, labels, weights, rngs=None):
+  """Sums of (correct, weight, loss) of one evaluation batch: the one function
+  behind the trainer's evaluation and ``pemn_jax.evaluate``.
+
+  Args:
+    model: the Flax module.
+    materialize: ``rng -> params`` (a trained run: ``param.materialize(state,
+      seed, rng)``; a model file: its fixed params).
+    model_state: non-param collections (batch statistics).
+    images, labels, weights: the batch; weight 0 marks padding.
+    rngs: None (evaluate ``materialize(None)``), or keys whose networks'
+      predicted probabilities are averaged (a stochastic method's
+      ``eval_rngs``).
+  Returns:
+    ``(sum of weights of correct predictions, sum of weights, weighted sum of
+    cross-entropy)``.
+  """
+  def log_probs(rng):
+    params = materialize(rng)
+    return jax.nn.log_softmax(model.apply({'params': params, **model_state}, images, train=False))
+
+  if rngs is None:
+    logp = log_probs(None)
+  else:
+    total = jax.lax.fori_loop(1, rngs.shape[0],
+                              lambda i, acc: acc + jnp.exp(log_probs(rngs[i])),
+                              jnp.exp(log_probs(rngs[0])))
+    logp = jnp.log(total / rngs.shape[0])
+  nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
+  hit = (jnp.argmax(logp, -1) == labels).astype(jnp.float32)
+  return jnp.sum(hit * weights), jnp.sum(weights), jnp.sum(nll * weights)
+
+
 def make_train_step(model, param: Parameterization, tx: optax.GradientTransformation):
   """``step(train_state, images, labels, rng) -> (train_state, metrics)`` (not jitted)."""
 

@@ -8,16 +8,37 @@ from pemn_jax.ops.segments import Segments
 from pemn_jax.ops.topk import segment_edge_popup_mask, segment_topk_mask
 
 
-@pytest.mark.parametrize('n,keep', [(10, 0.5), (100, 0.9), (7, 0.3), (1, 0.01), (1000, 0.05),
-                                    (64, 1.0)])
-def test_topk_keeps_exactly_k_largest(n, keep):
+def get_subnet(scores, k):
+  """hidden-networks' / PEMN's GetSubnet.forward, transcribed to numpy: sort
+  the scores, zero the first ``int((1 - k) * numel)``, set the rest to 1."""
+  flat = np.asarray(scores, np.float32).reshape(-1)
+  idx = np.argsort(flat, kind='stable')
+  j = int((1 - k) * flat.size)
+  out = np.empty(flat.size, np.float32)
+  out[idx[:j]] = 0
+  out[idx[j:]] = 1
+  return out.reshape(np.shape(scores))
+
+
+@pytest.mark.parametrize('n,keep', [(10, 0.5), (100, 0.9), (7, 0.3), (1000, 0.05), (64, 1.0),
+                                    (3072, 0.1), (3, 0.5), (101, 0.7), (65536, 0.5),
+                                    (588, 0.3), (1001, 0.99), (2400, 0.9)])
+def test_topk_keeps_exactly_what_the_reference_keeps(n, keep):
   v = jax.random.normal(jax.random.key(n), (n,))
   m = np.asarray(topk_mask(v, keep))
-  k = num_kept(n, keep)
-  assert m.sum() == k == max(1, round(keep * n))
-  vv = np.asarray(v)
-  assert vv[m == 1].min() >= vv[m == 0].max(initial=-np.inf)
-  np.testing.assert_array_equal(m, reference_topk(vv, k))
+  expected = get_subnet(np.asarray(v), keep)
+  assert m.sum() == num_kept(n, keep) == expected.sum()
+  np.testing.assert_array_equal(m, expected)
+
+
+def test_kept_counts_differ_from_rounding_as_the_reference():
+  # The example of the fidelity issue: 3072 weights at k = 0.1.
+  assert num_kept(3072, 0.1) == 308 and round(0.1 * 3072) == 307
+  assert num_kept(100, 0.9) == 91  # int((1 - 0.9) * 100) = int(9.999...) = 9
+  rng = np.random.default_rng(0)
+  for n, k in zip(rng.integers(1, 200_000, 300), rng.uniform(0.01, 1.0, 300)):
+    n, k = int(n), float(k)
+    assert num_kept(n, k) == max(1, int(get_subnet(np.arange(n), k).sum()))
 
 
 def reference_topk(v, k):

@@ -70,14 +70,31 @@ def test_mp_takes_prefixes_of_the_largest_layer():
 
 def test_rescale_gives_each_leaf_kaiming_std():
   target = tiny_target({'x/kernel': (3, 3, 64, 64), 'y/kernel': (256, 128)})
-  g = gen(Prototype(target, mode='rp', ratio=0.2))
+  g = gen(Prototype(target, mode='rp', ratio=0.2, rescale=True))
   for k, shape in [('x/kernel', (3, 3, 64, 64)), ('y/kernel', (256, 128))]:
     assert g[k].std() == pytest.approx(np.sqrt(2 / fan_in(shape)), rel=0.06)
-  g0 = gen(Prototype(target, mode='rp', ratio=0.2, rescale=False))
+  # The default (the reference's): every leaf at the largest layer's scale.
+  g0 = gen(Prototype(target, mode='rp', ratio=0.2))
   assert g0['y/kernel'].std() == pytest.approx(np.sqrt(2 / (9 * 64)), rel=0.06)
+  assert g0['x/kernel'].std() == pytest.approx(np.sqrt(2 / (9 * 64)), rel=0.06)
 
 
-@pytest.mark.parametrize('mode', ['dense', 'ol', 'mp', 'rp'])
+def test_signed_constant_has_the_reference_magnitude_and_random_signs():
+  # hidden-networks' signed_constant: sign(w) * gain / sqrt(fan_in), gain = sqrt(2)
+  # for ReLU, fan_in = in_channels * kh * kw (PyTorch's fan of an (out, in, kh, kw)
+  # weight; here (kh, kw, in, out)).
+  target = tiny_target({'conv/kernel': (3, 3, 16, 32), 'fc/kernel': (200, 10), 'fc/bias': (10,)})
+  p = Prototype(target, mode='signed_constant')
+  g = gen(p, 3)
+  for k, fan in [('conv/kernel', 3 * 3 * 16), ('fc/kernel', 200)]:
+    np.testing.assert_allclose(np.abs(g[k]), np.sqrt(2.0) / np.sqrt(fan), rtol=1e-6)
+    assert abs(np.mean(np.sign(g[k]))) < 0.1
+  assert not np.array_equal(g['conv/kernel'], gen(p, 4)['conv/kernel'])
+  assert tree_equal(g, gen(p, 3))
+  assert p.prototype_floats() == 0 and p.export_generated({}, 3) == {}
+
+
+@pytest.mark.parametrize('mode', ['dense', 'signed_constant', 'ol', 'mp', 'rp'])
 def test_deterministic_in_seed(mode):
   p = Prototype(tiny_target(SHAPES), mode=mode)
   a = gen(p, 5)

@@ -37,7 +37,7 @@ def read_metrics(workdir):
 
 @pytest.mark.parametrize('method', list(METHODS))
 def test_each_method_trains_end_to_end(method, mnist_slice, tmp_path):
-  lr = 3e-3 if method == 'dense' else 0.05
+  lr = 3e-3 if method in ('dense', 'rpg') else 0.05
   c = tiny_config(mnist_slice, param=METHODS[method], **{'optimizer.lr': lr})
   out = train_and_evaluate(c, str(tmp_path))
   assert out['step'] == 24 and not out['stopped']

@@ -1,0 +1,193 @@
+"""Training-time image augmentation in numpy/PIL (no TensorFlow, no torch).
+
+``config.augment`` is a comma-separated list of ops, applied in this order:
+
+* ``crop``: random crop with 4-pixel zero padding (the CIFAR standard);
+* ``flip``: horizontal flip with probability 0.5;
+* ``randaugment``: RandAugment (Cubuk et al.) as torchvision implements it:
+  ``ra_ops`` ops drawn uniformly from its 14 (Identity, ShearX/Y, TranslateX/Y,
+  Rotate, Brightness, Color, Contrast, Sharpness, Posterize, Solarize,
+  AutoContrast, Equalize), each at magnitude bin ``ra_magnitude`` of 31 with a
+  random sign, nearest-neighbour resampling, zero fill;
+* ``jitter``: ColorJitter(brightness, contrast, saturation = ``jitter``) in a
+  random order (torchvision's);
+* ``erase``: RandomErasing(p=``erase``, scale (0.02, 0.33), ratio (0.3, 3.3),
+  value 0) on the *normalized* image, as torchvision applies it after
+  ``Normalize`` (``Pipeline`` calls ``erase`` after normalizing).
+
+Presets: ``cifar`` = crop,flip; ``pemn`` = flip,randaugment,jitter,erase (the
+PEMN reference's CIFAR pipeline: its RandomResizedCrop(scale=1, ratio=1) is the
+identity). Every random draw comes from a generator seeded by (seed, step,
+position in the global batch), so a batch is a pure function of (seed, step)
+and each process augments only its own slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+OPS = ('crop', 'flip', 'randaugment', 'jitter', 'erase')
+PRESETS = {'cifar': ('crop', 'flip'), 'pemn': ('flip', 'randaugment', 'jitter', 'erase')}
+RA_OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
+          'Color', 'Contrast', 'Sharpness', 'Posterize', 'Solarize', 'AutoContrast', 'Equalize')
+RA_BINS = 31
+DEFAULTS = {'ra_ops': 2, 'ra_magnitude': 12, 'jitter': 0.2, 'erase': 0.2}
+
+
+def parse(spec) -> tuple[str, ...]:
+  """``config.augment`` (a string, or a bool for older configs) -> op names.
+
+  Raises:
+    ValueError: naming an unknown op.
+  """
+  if isinstance(spec, bool):
+    return PRESETS['cifar'] if spec else ()
+  if not isinstance(spec, str):
+    raise ValueError(f'augment must be a string of ops {OPS} or a preset {sorted(PRESETS)}, '
+                     f'got {spec!r}')
+  ops = []
+  for item in (s.strip() for s in spec.split(',') if s.strip()):
+    if item in PRESETS:
+      ops.extend(PRESETS[item])
+    elif item in OPS:
+      ops.append(item)
+    else:
+      raise ValueError(f'unknown augment op {item!r}; ops: {OPS}, presets: {sorted(PRESETS)}')
+  return tuple(o for o in OPS if o in ops)  # canonical order, no duplicates
+
+
+def ra_magnitude(op: str, magnitude_bin: int, size: int) -> float:
+  """torchvision RandAugment's (unsigned) magnitude of ``op`` at a bin."""
+  frac = magnitude_bin / (RA_BINS - 1)
+  linear = {'ShearX': 0.3, 'ShearY': 0.3, 'TranslateX': 150.0 / 331.0 * size,
+            'TranslateY': 150.0 / 331.0 * size, 'Rotate': 30.0, 'Brightness': 0.9,
+            'Color': 0.9, 'Contrast': 0.9, 'Sharpness': 0.9}
+  if op in linear:
+    return linear[op] * frac
+  if op == 'Posterize':
+    return float(8 - int(round(magnitude_bin / ((RA_BINS - 1) / 4))))
+  if op == 'Solarize':
+    return 255.0 * (1.0 - frac)
+  return 0.0
+
+
+def _signed(op: str) -> bool:
+  return op in ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color',
+                'Contrast', 'Sharpness')
+
+
+def _apply_ra(img, op: str, m: float):
+  from PIL import Image, ImageEnhance, ImageOps
+
+  nearest = Image.Resampling.NEAREST
+  fill = 0 if img.mode == 'L' else (0, 0, 0)
+  if op == 'ShearX':  # about the top-left corner, as torchvision's center=[0, 0]
+    return img.transform(img.size, Image.Transform.AFFINE, (1, m, 0, 0, 1, 0), nearest,
+                         fillcolor=fill)
+  if op == 'ShearY':
+    return img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, m, 1, 0), nearest,
+                         fillcolor=fill)
+  if op == 'TranslateX':
+    return img.transform(img.size, Image.Transform.AFFINE, (1, 0, -int(m), 0, 1, 0), nearest,
+                         fillcolor=fill)
+  if op == 'TranslateY':
+    return img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, -int(m)), nearest,
+                         fillcolor=fill)
+  if op == 'Rotate':
+    return img.rotate(m, nearest, fillcolor=fill)
+  if op in ('Brightness', 'Color', 'Contrast', 'Sharpness'):
+    return getattr(ImageEnhance, op)(img).enhance(1.0 + m)
+  if op == 'Posterize':
+    return ImageOps.posterize(img, int(m))
+  if op == 'Solarize':
+    return ImageOps.solarize(img, m)
+  if op == 'AutoContrast':
+    return ImageOps.autocontrast(img)
+  if op == 'Equalize':
+    return ImageOps.equalize(img)
+  return img
+
+
+def _to_pil(x):
+  from PIL import Image
+  return Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x)
+
+
+def _from_pil(img, channels: int):
+  a = np.asarray(img, np.uint8)
+  return a[..., None] if channels == 1 else a
+
+
+def image_rng(seed: int, step: int, position: int) -> np.random.Generator:
+  """The generator of one image's draws: a pure function of its (seed, step,
+  position in the global batch)."""
+  return np.random.default_rng([int(seed), 1 << 20, int(step), int(position)])
+
+
+def augment_uint8(images: np.ndarray, ops, seed: int, step: int, positions,
+                  options=None) -> np.ndarray:
+  """The uint8 ops (everything but ``erase``) on a batch (N, H, W, C).
+
+  Args:
+    images: uint8 images of this process's slice.
+    ops: op names (``parse``'s output).
+    seed, step: the run's seed and the batch's step.
+    positions: each image's position in the global batch.
+    options: ``ra_ops``, ``ra_magnitude``, ``jitter`` (``DEFAULTS``).
+  Returns:
+    A new uint8 array of the same shape.
+  """
+  o = {**DEFAULTS, **(options or {})}
+  h, w, ch = images.shape[1:]
+  out = np.empty_like(images)
+  for k, (img, pos) in enumerate(zip(images, positions, strict=True)):
+    rng = image_rng(seed, step, pos)
+    if 'crop' in ops:
+      dy, dx = rng.integers(0, 9, size=2)
+      img = np.pad(img, ((4, 4), (4, 4), (0, 0)))[dy:dy + h, dx:dx + w]
+    if 'flip' in ops and rng.random() < 0.5:
+      img = img[:, ::-1]
+    if 'randaugment' in ops or 'jitter' in ops:
+      pil = _to_pil(np.ascontiguousarray(img))
+      if 'randaugment' in ops:
+        for _ in range(int(o['ra_ops'])):
+          op = RA_OPS[rng.integers(len(RA_OPS))]
+          m = ra_magnitude(op, int(o['ra_magnitude']), h)
+          if _signed(op) and rng.integers(2):
+            m = -m
+          pil = _apply_ra(pil, op, m)
+      if 'jitter' in ops and o['jitter'] > 0:
+        from PIL import ImageEnhance
+        j = float(o['jitter'])
+        for fn in rng.permutation(3):  # brightness, contrast, saturation in random order
+          factor = rng.uniform(max(0.0, 1 - j), 1 + j)
+          enhancer = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[fn]
+          if fn == 2 and ch == 1:
+            continue
+          pil = enhancer(pil).enhance(factor)
+      img = _from_pil(pil, ch)
+    out[k] = img
+  return out
+
+
+def erase(images: np.ndarray, seed: int, step: int, positions, p: float) -> np.ndarray:
+  """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3),
+  value=0) on normalized float images (N, H, W, C), in place."""
+  h, w = images.shape[1:3]
+  area = h * w
+  lo, hi = math.log(0.3), math.log(3.3)
+  for k, pos in enumerate(positions):
+    rng = np.random.default_rng([int(seed), 1 << 21, int(step), int(pos)])
+    if rng.random() >= p:
+      continue
+    for _ in range(10):
+      target = area * rng.uniform(0.02, 0.33)
+      aspect = math.exp(rng.uniform(lo, hi))
+      eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+      if eh < h and ew < w:
+        i, j = rng.integers(0, h - eh + 1), rng.integers(0, w - ew + 1)
+        images[k, i:i + eh, j:j + ew, :] = 0.0
+        break
+  return images
