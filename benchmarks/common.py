@@ -16,6 +16,8 @@ def train_export_evaluate(config, tmp: str, name: str, float_codecs=('f32',)) ->
   t0 = time.time()
   wd = os.path.join(tmp, name)
   run = train_and_evaluate(config, wd)
+  if run['stopped']:  # SIGTERM/SIGINT: the run checkpointed and stopped; so does the benchmark
+    raise SystemExit(f'{name}: stopped at step {run["step"]} by a signal')
   rows = []
   for codec in float_codecs:
     path = os.path.join(tmp, f'{name}.{codec}.pemn')
@@ -26,6 +28,7 @@ def train_export_evaluate(config, tmp: str, name: str, float_codecs=('f32',)) ->
     rows.append({'method': name, 'float_codec': codec, 'num_params': exp['num_params'],
                  'compression': 4 * exp['num_params'] / size, 'file_bytes': size,
                  'accuracy': ev['accuracy'], 'run_accuracy': run['test_accuracy'],
+                 'best_accuracy': run['best_test_accuracy'],
                  'seconds': time.time() - t0})
     r = rows[-1]
     print(f'# {name} [{codec}]: accuracy {r["accuracy"]:.4f} (run eval {r["run_accuracy"]:.4f}) '

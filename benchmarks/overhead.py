@@ -10,6 +10,7 @@ methods: materialized params are temporaries of the step.
 
     python benchmarks/overhead.py                      # ResNet-20, ConvMixer-256/8
     python benchmarks/overhead.py --models resnet20 --steps 20
+    python benchmarks/overhead.py --smoke              # one tiny step each (checks the script)
 
 Last lines, one per model and method:
     <model>/<method> step_ratio=<x> state_bytes=<n>
@@ -51,7 +52,10 @@ def main():
   ap.add_argument('--batch', type=int, default=128)
   ap.add_argument('--steps', type=int, default=10, help='timed steps per method (>= 10)')
   ap.add_argument('--warmup', type=int, default=2)
+  ap.add_argument('--smoke', action='store_true', help='LeNet-5, batch 8, one step')
   args = ap.parse_args()
+  if args.smoke:
+    args.models, args.batch, args.steps, args.warmup = 'lenet5', 8, 1, 1
   methods = args.methods.split(',')
   if 'dense' not in methods:
     methods.insert(0, 'dense')

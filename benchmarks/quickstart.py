@@ -3,6 +3,7 @@ the same budget, on Fashion-MNIST; model files in float32/float16/bfloat16,
 every accuracy evaluated from the file.
 
     .venv/bin/python benchmarks/quickstart.py              # ~5 min on 2 CPU cores
+    .venv/bin/python benchmarks/quickstart.py --smoke      # a few steps (checks the script)
 
 Last lines, one per model file:
     <method>/<codec> file_bytes=<n> size_ratio_to_dense_file=<x> accuracy=<y>
@@ -25,7 +26,10 @@ from configs.quickstart import get_config  # noqa: E402
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument('--epochs', type=float, default=30.0)
+  ap.add_argument('--smoke', action='store_true', help='0.01 epochs')
   args = ap.parse_args()
+  if args.smoke:
+    args.epochs = 0.01
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name, dense in (('pemn_rp', False), ('dense', True)):

@@ -23,8 +23,10 @@ def get_config(arg=None):
     c.param = {'name': 'dense'}
     c.optimizer.update(name='adamw', lr=2e-3, weight_decay=1e-4, schedule='onecycle')
   else:
+    # rescale: each layer at its own Kaiming std (the PEMN preset's choice for
+    # models without batch norm; see configs/pemn.py).
     c.param = {'name': 'masked', 'keep': a.keep,
-               'source': {'name': 'prototype', 'mode': 'rp', 'ratio': a.ratio}}
+               'source': {'name': 'prototype', 'mode': 'rp', 'ratio': a.ratio, 'rescale': True}}
     c.optimizer.update(name='adamw', lr=0.05, weight_decay=5e-3, schedule='onecycle')
   c.batch_size = 128
   c.num_epochs = a.epochs

@@ -32,6 +32,15 @@ REPO = __import__('pathlib').Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / 'shared' / 'data' / 'mnist'
 
 
+def load_config(name: str, arg: str | None = None):
+  """``configs/<name>.py``'s ``get_config(arg)``."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def _write_idx(path, arr):
   import gzip
   import struct

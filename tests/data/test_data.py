@@ -15,14 +15,16 @@ def test_local_mnist_prepares_and_reads_without_tensorflow(mnist_slice):
   assert 'tensorflow' not in sys.modules or not hasattr(sys.modules['tensorflow'], 'constant')
 
 
-def test_pipeline_is_deterministic_and_process_slices_make_the_global_batch(mnist_slice):
+@pytest.mark.parametrize('augment', [True, 'cifar', 'pemn'])
+def test_pipeline_is_deterministic_and_process_slices_make_the_global_batch(mnist_slice, augment):
   ds = sources.load('mnist', 'train', mnist_slice['data_dir'], mnist_slice['source_dir'])
-  a = Pipeline(ds, 64, seed=3, augment=True)
-  b = Pipeline(ds, 64, seed=3, augment=True)
+  a = Pipeline(ds, 64, seed=3, augment=augment)
+  b = Pipeline(ds, 64, seed=3, augment=augment)
   for step in (0, 5, 9, 10):  # 9 steps per epoch: 10 is in the second epoch
     np.testing.assert_array_equal(a.batch(step)[0], b.batch(step)[0])
   assert not np.array_equal(a.batch(0)[1], a.batch(9)[1])
-  parts = [Pipeline(ds, 64, seed=3, augment=True, process_index=i, process_count=2).batch(4)
+  assert not np.array_equal(a.batch(0)[0], Pipeline(ds, 64, seed=4, augment=augment).batch(0)[0])
+  parts = [Pipeline(ds, 64, seed=3, augment=augment, process_index=i, process_count=2).batch(4)
            for i in range(2)]
   glob = a.batch(4)
   np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), glob[0])

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_config
+from flax import traverse_util
 
 from pemn_jax import models
 from pemn_jax import params as P
@@ -115,3 +117,20 @@ def test_depthwise_shift_equals_xla():
 def test_unknown_model():
   with pytest.raises(ValueError, match='unknown model'):
     models.get('alexnet')
+
+
+def test_convmixer_biases_are_an_option_and_pemn_has_none():
+  with_b = models.abstract_params(models.get('convmixer', dim=16, depth=2), (32, 32, 3))
+  without = models.abstract_params(models.get('convmixer', dim=16, depth=2, use_bias=False),
+                                   (32, 32, 3))
+  assert any(p.endswith('bias') and 'BatchNorm' not in p for p in P.flatten(with_b))
+  assert [p for p in P.flatten(without) if p.endswith('bias') and 'BatchNorm' not in p] == []
+  assert load_config('pemn', 'model=convmixer_256_6').model_kwargs.use_bias is False
+
+
+def test_abstract_params_come_in_creation_order():
+  target = models.abstract_params(models.get('resnet20'), (32, 32, 3))
+  order = list(traverse_util.flatten_dict(target, sep='/'))
+  kernels = [p for p in order if p.endswith('kernel')]
+  assert kernels[0] == 'Conv_0/kernel' and kernels[-1] == 'Dense_0/kernel'
+  assert kernels[1] == 'BasicBlock_0/Conv_0/kernel'
