@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from pemn_jax import models
+from pemn_jax.data import augment as aug
 from pemn_jax.data.sources import DATASETS
 from pemn_jax.train.optim import OPTIMIZERS, SCHEDULES
 from pemn_jax.train.pruning import ALLOCATIONS, CRITERIA
@@ -48,8 +51,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0              # 0 = only at the end
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
-  c.seed = 0
+  c.verify_checkpoints = True   # read every checkpoint back and check its digest
+  c.seed = 0                    # uint32: data order, init, and every generated weight
   return c
+
+
+# Keys whose value may change when a run resumes from its checkpoints (length,
+# cadence, where data is read from, evaluation, and the learning rate / gradient
+# clipping -- to continue a diverged run from its last finite checkpoint); any
+# other difference between the stored config and the new one is refused.
+RESUMABLE_KEYS = ('num_steps', 'num_epochs', 'stop_at_step', 'log_every', 'eval_every',
+                  'checkpoint_every', 'keep_checkpoints', 'verify_checkpoints', 'eval_batch_size',
+                  'test_limit', 'data_dir', 'source_dir', 'optimizer.lr', 'optimizer.grad_clip')
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -61,9 +74,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in base.keys():
     if key not in c:
       raise ConfigError(f'config is missing key {key!r}')
-  for key in c.optimizer.keys():
-    if key not in base.optimizer:
-      raise ConfigError(f'unknown config key optimizer.{key}; known: {sorted(base.optimizer)}')
+  for group in ('optimizer', 'prune', 'augment_options'):
+    for key in c[group].keys():
+      if key not in base[group]:
+        raise ConfigError(f'unknown config key {group}.{key}; known: {sorted(base[group])}')
+  for key, value in _leaves(c.to_dict()):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f'config.{key}={value!r} is invalid: numbers must be finite')
 
   def need(ok, key, value, what):
     if not ok:
@@ -84,12 +101,38 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(_int(c[key]) and c[key] > 0, key, c[key], 'must be an integer > 0')
   for key in ('num_steps', 'stop_at_step', 'eval_every', 'train_limit', 'test_limit', 'seed'):
     need(_int(c[key]) and c[key] >= 0, key, c[key], 'must be an integer >= 0')
+  need(c.seed < 2**32, 'seed', c.seed, 'must be < 2**32 (a uint32)')
+  need(not 0 < c.train_limit < c.batch_size, 'train_limit', c.train_limit,
+       f'is smaller than one batch (batch_size={c.batch_size})')
+  need(isinstance(c.verify_checkpoints, bool), 'verify_checkpoints', c.verify_checkpoints,
+       'must be true or false')
+  need(_num(o.decay_epochs) and o.decay_epochs >= 0, 'optimizer.decay_epochs', o.decay_epochs,
+       'must be >= 0')
+  need(o.schedule != 'exponential' or o.decay_epochs > 0, 'optimizer.decay_epochs',
+       o.decay_epochs, 'must be > 0 with the exponential schedule')
+  need(_int(o.warmup_steps) and o.warmup_steps >= 0, 'optimizer.warmup_steps', o.warmup_steps,
+       'must be an integer >= 0')
+  need(_num(o.grad_clip) and o.grad_clip >= 0, 'optimizer.grad_clip', o.grad_clip, 'must be >= 0')
+  try:
+    aug.parse(c.augment)
+  except ValueError as e:
+    raise ConfigError(f'config.augment={c.augment!r} is invalid: {e}') from None
+  a = c.augment_options
+  need(_int(a.ra_ops) and 0 <= a.ra_ops <= 14, 'augment_options.ra_ops', a.ra_ops, 'in [0, 14]')
+  need(_int(a.ra_magnitude) and 0 <= a.ra_magnitude <= 30, 'augment_options.ra_magnitude',
+       a.ra_magnitude, 'must be an integer in [0, 30]')
+  for key in ('jitter', 'erase'):
+    need(_num(a[key]) and 0 <= a[key] <= 1, f'augment_options.{key}', a[key], 'in [0, 1]')
   need(_num(c.num_epochs) and c.num_epochs > 0, 'num_epochs', c.num_epochs, 'must be > 0')
   need('name' in c.param, 'param', c.param.to_dict(), 'needs a "name"')
   need(c.prune.criterion in ('', *CRITERIA), 'prune.criterion', c.prune.criterion,
        f"must be '' or one of {CRITERIA}")
   need(c.prune.allocation in ALLOCATIONS, 'prune.allocation', c.prune.allocation,
        f'must be one of {ALLOCATIONS}')
+  need(_int(c.prune.every) and c.prune.every > 0, 'prune.every', c.prune.every,
+       'must be an integer > 0')
+  need(isinstance(c.prune.skip_first, bool), 'prune.skip_first', c.prune.skip_first,
+       'must be true or false')
   for key in ('begin_fraction', 'end_fraction'):
     need(_num(c.prune[key]) and 0 <= c.prune[key] <= 1, f'prune.{key}', c.prune[key],
          'must be in [0, 1]')
@@ -97,6 +140,50 @@ def validate(c: ml_collections.ConfigDict) -> None:
        'must be in [0, 1)')
   need(not c.prune.criterion or c.param.name == 'dense', 'prune.criterion', c.prune.criterion,
        "pruning baselines train dense weights: use param.name='dense'")
+
+
+def _leaves(tree, prefix=''):
+  """(dotted key, value) of every leaf of a nested dict (list items included)."""
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _leaves(v, f'{prefix}{k}.')
+  elif isinstance(tree, (list, tuple)):
+    for i, v in enumerate(tree):
+      yield from _leaves(v, f'{prefix[:-1]}[{i}].')
+  else:
+    yield prefix[:-1], tree
+
+
+def _plain(x):
+  """JSON-comparable: tuples as lists, recursively."""
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+  """The keys (dotted) where a resumed run's config differs from the one its
+  checkpoint was written with, ``RESUMABLE_KEYS`` aside; keys an older
+  checkpoint does not have count as their defaults."""
+  def flat(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict) and v:
+        out.update(flat(v, f'{prefix}{k}.'))
+      else:
+        out[f'{prefix}{k}'] = _plain(v)
+    return out
+  base = flat(base_config().to_dict())
+  old, new = {**base, **flat(stored)}, {**base, **flat(current)}
+  diffs = []
+  for k in sorted(set(old) | set(new)):
+    if k in RESUMABLE_KEYS or k.split('.')[0] in RESUMABLE_KEYS:
+      continue
+    if old.get(k) != new.get(k):
+      diffs.append(f'{k}: checkpoint {old.get(k)!r}, this run {new.get(k)!r}')
+  return diffs
 
 
 def _num(x) -> bool:

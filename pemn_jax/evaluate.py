@@ -38,8 +38,7 @@ def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split=
     return eval_batch(model, lambda rng: params, model_state, images, labels, weights)
 
   correct = total = 0.0
-  for images, labels, weights in Pipeline(ds, min(batch_size, ds.num_examples),
-                                          0).eval_batches():
+  for images, labels, weights in Pipeline(ds, batch_size, 0, training=False).eval_batches():
     c, t, _ = step(images, labels, weights)
     correct, total = correct + float(c), total + float(t)
   return {'accuracy': correct / total, 'examples': int(total), 'dataset': ds.name}

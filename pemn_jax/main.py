@@ -1,11 +1,15 @@
 """Trains a model x parameterization per a config file.
 
     python -m pemn_jax.main --config configs/quickstart.py --workdir /tmp/run
-    python -m pemn_jax.main --config configs/pemn.py:rp,lenet5 --config.optimizer.lr=0.02 ...
+    python -m pemn_jax.main --config configs/pemn.py:mode=rp,model=lenet5 --workdir /tmp/pemn_lenet
+    python -m pemn_jax.main --config configs/pemn.py --config.optimizer.lr=0.02 --workdir /tmp/lr
 
-Resumes automatically from --workdir's checkpoints. Multi-host: pass
---coordinator HOST:PORT --num_processes N --process_id I (or none on TPU pods,
-where jax.distributed.initialize() finds them).
+Resumes automatically from --workdir's checkpoints (with the same config; see
+pemn_jax.config.RESUMABLE_KEYS for what may change). Exit status: 0 done or
+stopped cleanly (signal, stop_at_step), 2 bad config / data / checkpoint /
+workdir, 3 training diverged (the last finite checkpoint is kept).
+Multi-host: pass --coordinator HOST:PORT --num_processes N --process_id I (or
+--distributed on TPU pods, where jax.distributed.initialize() finds them).
 """
 
 from __future__ import annotations
@@ -38,18 +42,27 @@ def main(argv):
   from pemn_jax.config import ConfigError
   from pemn_jax.data.sources import DataError
   from pemn_jax.train.checkpoint import CheckpointError
-  from pemn_jax.train.loop import train_and_evaluate
+  from pemn_jax.train.loop import DivergenceError, train_and_evaluate
+  from pemn_jax.train.workdir import WorkdirError
 
   try:
     out = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError) as e:
+  except (ConfigError, DataError, CheckpointError, WorkdirError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  if jax.process_index() == 0 and 'test_accuracy' in out:
+  except DivergenceError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(3)
+  if jax.process_index() != 0:
+    return
+  if 'test_accuracy' in out:
     print(f'final: step {out["step"]} test_accuracy={out["test_accuracy"]:.4f} '
           f'best_test_accuracy={out["best_test_accuracy"]:.4f} (step {out["best_step"]}) '
           f'model_bytes={out["model_bytes"]} dense_bytes={out["dense_bytes"]} '
           f'({out["dense_bytes"] / max(1, out["model_bytes"]):.1f}x smaller)', flush=True)
+  if out['stopped']:
+    print(f'stopped at step {out["step"]} with a checkpoint; run the same command to continue',
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,12 @@
 # extra, lints with ruff and runs the test suite. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Real Fashion-MNIST for the documented-command tests (Debian's package, as the quickstart).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+    { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

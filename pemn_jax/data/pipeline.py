@@ -30,7 +30,7 @@ class Pipeline:
 
   def __init__(self, ds: Dataset, global_batch: int, seed: int, augment='',
                process_index: int = 0, process_count: int = 1, limit: int | None = None,
-               augment_options=None):
+               augment_options=None, training: bool = True):
     if global_batch % process_count:
       raise ValueError(f'batch_size {global_batch} is not divisible by the {process_count} '
                        'processes')
@@ -40,8 +40,9 @@ class Pipeline:
     self.process_index, self.process_count = process_index, process_count
     self.local_batch = global_batch // process_count
     self.num_examples = ds.num_examples if limit is None else min(limit, ds.num_examples)
-    if self.num_examples < global_batch:
-      raise ValueError(f'{ds.name}: {self.num_examples} examples < one batch of {global_batch}')
+    if training and self.num_examples < global_batch:  # (evaluation pads its last batch)
+      raise ValueError(f'{ds.name}: {self.num_examples} training examples < one batch of '
+                       f'{global_batch}')
     self.steps_per_epoch = self.num_examples // global_batch
     self._images = self._labels = None
     nbytes = self.num_examples * int(np.prod(ds.image_shape))

@@ -1,7 +1,7 @@
 """Exports a trained run to a compact model file.
 
     python -m pemn_jax.export --workdir DIR --out model.pemn [--report]
-        [--float_codec f32|f16|bf16] [--mask_codec auto|bits|arith] [--params_dir DIR]
+        [--float_codec f32|f16|bf16] [--mask_codec auto|bits|rans] [--params_dir DIR]
 
 Also writes an orbax checkpoint of the materialized dense params (and batch
 statistics) to --params_dir (default: OUT + '.params').
@@ -17,8 +17,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', requi
 _OUT = flags.DEFINE_string('out', None, 'Model file to write (.pemn).', required=True)
 _FLOAT = flags.DEFINE_enum('float_codec', 'f32', ['f32', 'f16', 'bf16'],
                            'Storage of float arrays (f32 rebuilds bit-identical params).')
-_MASK = flags.DEFINE_enum('mask_codec', 'auto', ['auto', 'bits', 'arith'],
-                          'Mask coding: bit-packed, arithmetic (~H(k) bits), or the smaller.')
+_MASK = flags.DEFINE_enum('mask_codec', 'auto', ['auto', 'bits', 'rans'],
+                          'Mask coding: bit-packed, rANS (~H(k) bits), or the smaller.')
 _PARAMS = flags.DEFINE_string('params_dir', None, 'Orbax checkpoint of the dense params '
                               "('' to skip; default OUT.params).")
 _REPORT = flags.DEFINE_bool('report', False, 'Print the size breakdown.')

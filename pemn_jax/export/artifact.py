@@ -7,7 +7,12 @@ Layout::
 
 The header holds the model and parameterization config, the seed and a table
 of sections (name, codec, shape, offset, length); sections are float arrays
-(f32/f16/bf16) or boolean masks (bit-packed or arithmetic-coded).
+(f32/f16/bf16, or sparse: nonzeros + positions) or boolean masks (bit-packed
+or rANS-coded). Reading checks, in order: magic, version, checksum, the
+header's size, JSON and schema (``schema.check_header``), and -- when the
+caller passes the sections the model needs -- every section's name, shape and
+kind before decoding it, so a crafted file can neither allocate more than the
+model needs nor place values where the model does not read them.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import struct
 
 import numpy as np
 
-from pemn_jax.export import codecs
+from pemn_jax.export import codecs, schema
 
 MAGIC = b'PEMNJAX\x00'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rANS masks (version 1's bitwise arithmetic code is not read)
 _PREFIX = struct.Struct('<8sII')
 
 
@@ -37,7 +42,7 @@ def _is_mask(name: str) -> bool:
 
 def _encode_float_section(x, float_codec):
   """Dense floats, or -- when smaller -- the nonzeros plus their positions as a
-  bitmap (bit-packed or arithmetic-coded) or as uint32 indices."""
+  bitmap (bit-packed or rANS-coded) or as uint32 indices."""
   dense = codecs.encode_floats(x, float_codec)
   nz = np.asarray(x).reshape(-1) != 0
   nnz = int(nz.sum())
@@ -57,9 +62,11 @@ def _decode_sparse(blob, s):
   shape, n = tuple(s['shape']), math.prod(s['shape'])
   idx_blob, val_blob = blob[:s['index_length']], blob[s['index_length']:]
   if s['index'] == 'u32':
+    if len(idx_blob) != 4 * s['nnz']:
+      raise ValueError(f'sparse index has {len(idx_blob)} bytes for {s["nnz"]} positions')
     pos = np.frombuffer(idx_blob, '<u4').astype(np.int64)
-    if pos.size != s['nnz'] or (pos.size and pos.max() >= n):
-      raise ValueError('bad sparse index')
+    if pos.size and (pos.max() >= n or (np.diff(pos) <= 0).any()):
+      raise ValueError('sparse index positions are out of range or not increasing')
   else:
     pos = np.flatnonzero(codecs.decode_mask(idx_blob, s['index'], (n,), s['nnz']))
   out = np.zeros(n, np.float32)
@@ -96,8 +103,9 @@ def write(path: str, header: dict, arrays: dict[str, np.ndarray], float_codec: s
   return len(data)
 
 
-def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """Returns (header, arrays); raises ArtifactError naming what is wrong."""
+def read_header(path: str) -> tuple[dict, bytes, int]:
+  """(header, body, offset of the first section in body): everything but the
+  sections checked. Raises ArtifactError naming what is wrong."""
   try:
     with open(path, 'rb') as f:
       data = f.read()
@@ -108,20 +116,56 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   _, version, head_len = _PREFIX.unpack_from(data)
   if version != FORMAT_VERSION:
     raise ArtifactError(f'{path!r} has format version {version}; this pemn_jax reads version '
-                        f'{FORMAT_VERSION}')
+                        f'{FORMAT_VERSION}' + (' (re-export it from its run)' if version == 1
+                                               else ''))
   body, digest = data[:-32], data[-32:]
   if hashlib.sha256(body).digest() != digest:
     raise ArtifactError(f'{path!r} is truncated or corrupted (checksum mismatch)')
+  if head_len > schema.MAX_HEADER_BYTES or _PREFIX.size + head_len > len(body):
+    raise ArtifactError(f'{path!r}: header length {head_len} is out of range')
   try:
     header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len])
-  except ValueError as e:
-    raise ArtifactError(f'{path!r}: unreadable header: {e}') from e
+  except (ValueError, RecursionError) as e:
+    raise ArtifactError(f'{path!r}: unreadable header: {str(e)[:200]}') from None
   base = _PREFIX.size + head_len
+  try:
+    schema.check_header(header, len(body) - base)
+  except schema.SchemaError as e:
+    raise ArtifactError(f'{path!r}: {e}') from None
+  return header, body, base
+
+
+def decode_sections(path: str, header: dict, body: bytes, base: int,
+                    expected: dict | None = None) -> dict[str, np.ndarray]:
+  """Decodes the sections of a checked header.
+
+  Args:
+    path: for messages.
+    header, body, base: ``read_header``'s output.
+    expected: ``{name: (shape, is_mask)}`` the model needs; when given, the
+      file must hold exactly these sections with these shapes and kinds, and
+      nothing is decoded before all of them are checked.
+  Returns:
+    ``{name: array}`` (float32 or bool).
+  """
+  sections = header['sections']
+  if expected is not None:
+    got = {s['name'] for s in sections}
+    if got != set(expected):
+      missing, extra = sorted(set(expected) - got), sorted(got - set(expected))
+      raise ArtifactError(f'{path!r} does not hold the sections this model needs (missing '
+                          f'{missing[:5]}, unexpected {extra[:5]})')
+    for s in sections:
+      shape, is_mask = expected[s['name']]
+      if tuple(s['shape']) != tuple(shape):
+        raise ArtifactError(f'{path!r}: section {s["name"]!r} has shape {tuple(s["shape"])}, the '
+                            f'model needs {tuple(shape)}')
+      if (s['codec'] in codecs.MASK_CODECS) != is_mask:
+        raise ArtifactError(f'{path!r}: section {s["name"]!r} is stored as {s["codec"]!r}, the '
+                            f'model needs {"a mask" if is_mask else "floats"} there')
   arrays = {}
-  for s in header['sections']:
+  for s in sections:
     blob = body[base + s['offset']: base + s['offset'] + s['length']]
-    if len(blob) != s['length']:
-      raise ArtifactError(f'{path!r}: section {s["name"]!r} is truncated')
     try:
       if s['codec'] == 'sparse':
         arrays[s['name']] = _decode_sparse(blob, s)
@@ -130,8 +174,16 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       else:
         arrays[s['name']] = codecs.decode_mask(blob, s['codec'], tuple(s['shape']), s['ones'])
     except ValueError as e:
-      raise ArtifactError(f'{path!r}: section {s["name"]!r}: {e}') from e
-  return header, arrays
+      raise ArtifactError(f'{path!r}: section {s["name"]!r}: {e}') from None
+  return arrays
+
+
+def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(header, arrays) of a model file, for inspection; loading a model for use
+  goes through ``pemn_jax.export.run.load``, which also checks every section
+  against what the model needs. Raises ArtifactError naming what is wrong."""
+  header, body, base = read_header(path)
+  return header, decode_sections(path, header, body, base)
 
 
 def report(header: dict, file_bytes: int, num_params: int) -> str:

@@ -1,5 +1,5 @@
 """Codecs for artifact sections: floats (f32/f16/bf16) and binary masks
-(bit-packed, or a static binary arithmetic code reaching ~H(k) bits/weight)."""
+(bit-packed, or an interleaved rANS entropy code reaching ~H(k) bits/weight)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 
 FLOAT_CODECS = {'f32': np.float32, 'f16': np.float16, 'bf16': ml_dtypes.bfloat16}
-MASK_CODECS = ('bits', 'arith')
+MASK_CODECS = ('bits', 'rans')
 
 
 def encode_floats(x: np.ndarray, codec: str) -> bytes:
@@ -34,98 +34,107 @@ def entropy_bits(ones: int, n: int) -> float:
   return -n * (p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-_TOP, _HALF, _QUARTER = 0xFFFFFFFF, 0x80000000, 0x40000000
+# Binary masks: interleaved rANS (Duda's asymmetric numeral systems) with a
+# static probability, 16-bit precision and 16-bit renormalization. The state
+# lives in [2^16, 2^32); decoding a symbol needs at most one 16-bit read, so S
+# independent streams (contiguous chunks of STEPS symbols) decode in lockstep
+# as numpy vector operations: an 11M-weight mask decodes in a fraction of a
+# second instead of the ~5 s of a bitwise arithmetic decoder in Python. The
+# encoder writes the words in the order the decoder reads them (step by step,
+# stream by stream), so one flat word array needs no per-stream offsets. Cost
+# over n*H(k): 4 bytes of final state per stream (<= 0.008 bits/weight) + the
+# 16-bit probability quantization.
+_PREC = 16
+_M = 1 << _PREC
+_LOW = 1 << 16          # lower bound of the state
+STEPS = 4096            # symbols per stream
 
 
-def _p0(ones: int, n: int) -> int:
-  """P(bit = 0) as a 16-bit integer in [1, 65535]."""
-  return min(65535, max(1, round((n - ones) / n * 65536)))
+def rans_streams(n: int) -> int:
+  """Number of interleaved streams of an n-symbol mask."""
+  return max(1, -(-n // STEPS))
 
 
-def arith_encode(bits: np.ndarray) -> bytes:
-  """Static binary arithmetic code of a 0/1 array (probability = its density)."""
-  bits = np.asarray(bits, np.uint8).reshape(-1)
+def _freqs(ones: int, n: int) -> tuple[int, int]:
+  f1 = min(_M - 1, max(1, round(ones / n * _M)))
+  return _M - f1, f1
+
+
+def rans_encode(bits: np.ndarray) -> bytes:
+  """rANS code of a 0/1 array (probability = its density); b'' if constant."""
+  bits = np.asarray(bits, bool).reshape(-1)
   n, ones = bits.size, int(bits.sum())
-  p0 = _p0(ones, n)
-  low, high, pending = 0, _TOP, 0
-  out = []
-  emit = out.append
-  for b in bits.tolist():
-    split = low + (((high - low + 1) * p0) >> 16) - 1
-    if b:
-      low = split + 1
-    else:
-      high = split
-    while True:
-      if high < _HALF:
-        emit(0)
-        out.extend([1] * pending)
-        pending = 0
-      elif low >= _HALF:
-        emit(1)
-        out.extend([0] * pending)
-        pending = 0
-        low -= _HALF
-        high -= _HALF
-      elif low >= _QUARTER and high < _HALF + _QUARTER:
-        pending += 1
-        low -= _QUARTER
-        high -= _QUARTER
-      else:
-        break
-      low, high = 2 * low, 2 * high + 1
-  pending += 1
-  if low < _QUARTER:
-    emit(0)
-    out.extend([1] * pending)
-  else:
-    emit(1)
-    out.extend([0] * pending)
-  return np.packbits(np.asarray(out, np.uint8)).tobytes()
+  if ones in (0, n):
+    return b''
+  streams = rans_streams(n)
+  steps = -(-n // streams)
+  f0, f1 = _freqs(ones, n)
+  sym = np.full(streams * steps, f1 > f0, bool)  # pad with the likelier symbol
+  sym[:n] = bits
+  sym = sym.reshape(streams, steps)
+  freq = np.array([f0, f1], np.uint64)
+  cum = np.array([0, f0], np.uint64)
+  x = np.full(streams, _LOW, np.uint64)
+  words = np.zeros((steps, streams), np.uint16)
+  emitted = np.zeros((steps, streams), bool)
+  for t in range(steps - 1, -1, -1):   # rANS encodes backwards
+    s = sym[:, t].astype(np.intp)
+    f = freq[s]
+    e = x >= (f << np.uint64(16))      # renormalize: at most one word per symbol
+    words[t] = (x & np.uint64(0xFFFF)).astype(np.uint16)
+    emitted[t] = e
+    x = np.where(e, x >> np.uint64(16), x)
+    x = (x // f) * np.uint64(_M) + (x % f) + cum[s]
+  return x.astype('<u4').tobytes() + words[emitted].astype('<u2').tobytes()
 
 
-def arith_decode(data: bytes, n: int, ones: int) -> np.ndarray:
-  p0 = _p0(ones, n)
-  stream = np.unpackbits(np.frombuffer(data, np.uint8)).tolist()
-  stream.extend([0] * 32)
-  pos = 32
-  value = int(''.join(map(str, stream[:32])), 2)
-  low, high = 0, _TOP
-  out = np.empty(n, np.uint8)
-  for i in range(n):
-    split = low + (((high - low + 1) * p0) >> 16) - 1
-    if value > split:
-      out[i] = 1
-      low = split + 1
-    else:
-      out[i] = 0
-      high = split
-    while True:
-      if high < _HALF:
-        pass
-      elif low >= _HALF:
-        low -= _HALF
-        high -= _HALF
-        value -= _HALF
-      elif low >= _QUARTER and high < _HALF + _QUARTER:
-        low -= _QUARTER
-        high -= _QUARTER
-        value -= _QUARTER
-      else:
-        break
-      low, high = 2 * low, 2 * high + 1
-      value = 2 * value + (stream[pos] if pos < len(stream) else 0)
-      pos += 1
-  if int(out.sum()) != ones:
-    raise ValueError('arithmetic-coded mask decodes to the wrong number of ones (corrupt data)')
-  return out
+def rans_decode(data: bytes, n: int, ones: int) -> np.ndarray:
+  """Inverse of ``rans_encode``; ValueError on data that is not a valid code
+  of n symbols with that many ones (bounded time whatever the bytes)."""
+  if not 0 <= ones <= n:
+    raise ValueError(f'mask with {ones} ones of {n}')
+  if ones in (0, n):
+    if data:
+      raise ValueError('a constant mask has no coded bytes')
+    return np.full(n, ones == n, np.uint8)
+  streams = rans_streams(n)
+  steps = -(-n // streams)
+  if len(data) < 4 * streams or (len(data) - 4 * streams) % 2:
+    raise ValueError(f'rANS mask of {len(data)} bytes does not fit {streams} streams')
+  if len(data) - 4 * streams > 2 * streams * steps:
+    raise ValueError('rANS mask has more words than it can read')
+  x = np.frombuffer(data, '<u4', streams).astype(np.uint64)
+  words = np.frombuffer(data, '<u2', offset=4 * streams).astype(np.uint64)
+  f0, f1 = _freqs(ones, n)
+  freq = np.array([f0, f1], np.uint64)
+  cum = np.array([0, f0], np.uint64)
+  out = np.empty((steps, streams), np.uint8)
+  mask, ptr = np.uint64(_M - 1), 0
+  for t in range(steps):
+    slot = x & mask
+    s = (slot >= np.uint64(f0)).astype(np.intp)
+    out[t] = s
+    x = freq[s] * (x >> np.uint64(_PREC)) + slot - cum[s]
+    need = x < np.uint64(_LOW)
+    k = int(np.count_nonzero(need))
+    if k:
+      if ptr + k > words.size:
+        raise ValueError('rANS mask is truncated')
+      x[need] = (x[need] << np.uint64(16)) | words[ptr:ptr + k]
+      ptr += k
+  if ptr != words.size or (x != np.uint64(_LOW)).any():
+    raise ValueError('rANS mask is corrupt (the decoder did not end in its start state)')
+  bits = out.T.reshape(-1)[:n]
+  if int(bits.sum()) != ones:
+    raise ValueError('rANS mask decodes to the wrong number of ones (corrupt data)')
+  return bits
 
 
 def encode_mask(mask: np.ndarray, codec: str) -> bytes:
   if codec == 'bits':
     return np.packbits(np.asarray(mask, np.uint8).reshape(-1)).tobytes()
-  if codec == 'arith':
-    return arith_encode(mask)
+  if codec == 'rans':
+    return rans_encode(mask)
   raise ValueError(f'unknown mask codec {codec!r}; known: {MASK_CODECS}')
 
 
@@ -135,8 +144,8 @@ def decode_mask(data: bytes, codec: str, shape, ones: int) -> np.ndarray:
     if len(data) != (n + 7) // 8:
       raise ValueError(f'bit-packed mask has {len(data)} bytes, expected {(n + 7) // 8}')
     out = np.unpackbits(np.frombuffer(data, np.uint8))[:n]
-  elif codec == 'arith':
-    out = arith_decode(data, n, ones)
+  elif codec == 'rans':
+    out = rans_decode(data, n, ones)
   else:
     raise ValueError(f'unknown mask codec {codec!r}; known: {MASK_CODECS}')
   return out.reshape(shape).astype(bool)

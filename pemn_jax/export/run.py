@@ -18,8 +18,13 @@ from pemn_jax.train.checkpoint import Checkpointer, CheckpointError
 from pemn_jax.train.optim import make_optimizer, with_pruning
 from pemn_jax.train.step import create_train_state
 
+# A model file rebuilds a model of at most this many parameters unless the
+# caller allows more (a crafted header could otherwise ask for terabytes).
+MAX_PARAMS = 1 << 29
+
 
 def build(model_name, model_kwargs, num_classes, input_shape, param_spec):
+  """(model, parameterization) of a registry model name and a param spec."""
   model = models.get(model_name, num_classes=num_classes, **model_kwargs)
   param = P.build(param_spec, models.abstract_params(model, tuple(input_shape)))
   return model, param
@@ -49,19 +54,31 @@ def load_run(workdir: str, step: int | None = None):
   return config, meta, model, param, ts
 
 
+def _finite(tree) -> bool:
+  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+
+
 def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str = 'auto',
                params_dir: str | None = None) -> dict:
   """Writes ``out`` (.pemn) and, if ``params_dir``, an orbax checkpoint of the
-  materialized dense params + model state. Returns sizes."""
+  materialized dense params + model state. Returns sizes.
+
+  Raises:
+    CheckpointError: no checkpoint, or one whose state is not finite.
+  """
   config, meta, model, param, ts = load_run(workdir)
+  if not _finite((ts.state, ts.model_state)):
+    raise CheckpointError(f'the checkpoint of step {meta["step"]} in {workdir} holds non-finite '
+                          'values (a diverged run): not exporting it')
   arrays = {k: np.asarray(v) for k, v in jax.jit(param.export)(ts.state, ts.seed).items()}
   arrays.update({f'model_state/{k}': np.asarray(v) for k, v in flatten(ts.model_state).items()})
   header = {'format': 'pemn_jax model', 'pemn_jax_version': __version__,
             'jax_version': jax.__version__, 'model': config.model,
             'model_kwargs': config.model_kwargs.to_dict(), 'num_classes': meta['num_classes'],
-            'input_shape': meta['input_shape'], 'param': config.param.to_dict(),
+            'input_shape': list(meta['input_shape']), 'param': P.resolved_spec(param),
             'seed': int(ts.seed), 'dataset': config.dataset, 'step': int(meta['step'])}
-  size = artifact.write(out, header, arrays, float_codec, mask_codec)
+  size = artifact.write(out, _jsonable(header), arrays, float_codec, mask_codec)
   result = {'file_bytes': size, 'num_params': param.num_params, 'header': header}
   if params_dir:
     params = jax.jit(param.materialize)(ts.state, ts.seed)
@@ -72,18 +89,78 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
   return result
 
 
-def load(path: str):
-  """(header, model, params, model_state) from a ``.pemn`` file."""
-  header, arrays = artifact.read(path)
+def _jsonable(x):
+  """Tuples (ConfigDict values) as lists, recursively."""
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  return x
+
+
+def expected_sections(model, param, input_shape) -> dict[str, tuple[tuple, bool]]:
+  """``{section name: (shape, is_mask)}`` a file of this model must hold,
+  derived from the parameterization's ``export`` and the model's collections
+  (nothing is allocated)."""
+  state = jax.eval_shape(param.init, jax.random.key(0))
+  out = jax.eval_shape(param.export, state, jnp.uint32(0))
+  sections = {k: (tuple(v.shape), v.dtype == jnp.bool_) for k, v in out.items()}
+  variables = models.abstract_variables(model, tuple(input_shape))
+  for k, v in flatten({c: t for c, t in variables.items() if c != 'params'}).items():
+    sections[f'model_state/{k}'] = (tuple(v.shape), False)
+  return sections
+
+
+def load(path: str, max_params: int = MAX_PARAMS):
+  """(header, model, params, model_state) from a ``.pemn`` file.
+
+  The file names a registry model (no code is imported from it); its header
+  is checked against a schema, every section against what the rebuilt model
+  needs, and the model's size against ``max_params``, before anything is
+  decoded or allocated.
+
+  Args:
+    path: the model file.
+    max_params: refuse models with more parameters than this.
+  Returns:
+    ``(header, model, params, model_state)``.
+  Raises:
+    ArtifactError: naming what is wrong with the file.
+  """
+  header, body, base = artifact.read_header(path)
+  name = header['model']
+  if name not in models.REGISTRY:
+    raise artifact.ArtifactError(f'{path!r} names model {name!r}, which is not a registry model '
+                                 f'(known: {sorted(models.REGISTRY)})')
   try:
-    model, param = build(header['model'], header['model_kwargs'], header['num_classes'],
-                         header['input_shape'], header['param'])
-    state_arrays = {k: v for k, v in arrays.items() if not k.startswith('model_state/')}
-    seed = jnp.uint32(header['seed'])
-    params = jax.jit(param.from_export)({k: jnp.asarray(v) for k, v in state_arrays.items()},
-                                        seed)
-  except (KeyError, ValueError, TypeError) as e:
-    raise artifact.ArtifactError(f'{path!r}: cannot rebuild the model: {e}') from e
+    model = models.get(name, num_classes=header['num_classes'], **header['model_kwargs'])
+    target = models.abstract_params(model, tuple(header['input_shape']))  # shapes only
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(target))
+    if n > max_params:
+      raise artifact.ArtifactError(f'{path!r}: the model has {n} parameters, more than '
+                                   f'max_params={max_params}')
+    param = P.build(header['param'], target)
+  except artifact.ArtifactError:
+    raise
+  except Exception as e:  # noqa: BLE001 - any failure to rebuild from header values
+    raise artifact.ArtifactError(f'{path!r}: cannot rebuild the model from its header: '
+                                 f'{type(e).__name__}: {str(e)[:300]}') from None
+  try:
+    expected = expected_sections(model, param, header['input_shape'])
+  except Exception as e:  # noqa: BLE001
+    raise artifact.ArtifactError(f'{path!r}: cannot derive the sections of its model: '
+                                 f'{type(e).__name__}: {str(e)[:300]}') from None
+  arrays = artifact.decode_sections(path, header, body, base, expected)
+  for k, v in arrays.items():
+    if v.dtype != bool and not np.isfinite(v).all():
+      raise artifact.ArtifactError(f'{path!r}: section {k!r} holds non-finite values')
+  state_arrays = {k: jnp.asarray(v) for k, v in arrays.items()
+                  if not k.startswith('model_state/')}
+  try:
+    params = jax.jit(param.from_export)(state_arrays, jnp.uint32(header['seed']))
+  except Exception as e:  # noqa: BLE001
+    raise artifact.ArtifactError(f'{path!r}: cannot rebuild the params: {type(e).__name__}: '
+                                 f'{str(e)[:300]}') from None
   model_state = unflatten({k[12:]: jnp.asarray(v) for k, v in arrays.items()
                            if k.startswith('model_state/')})
   return header, model, params, model_state

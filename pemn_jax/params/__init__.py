@@ -20,8 +20,17 @@ REGISTRY = {'dense': Dense, 'ring': Ring, 'prototype': Prototype, 'masked': Mask
 
 
 def build(spec: Mapping, target) -> Parameterization:
-  """Builds a (possibly composed) parameterization from a spec mapping."""
+  """Builds a (possibly composed) parameterization from a spec mapping.
+
+  Args:
+    spec: ``{'name': ..., options..., 'source': {...}}`` (dict or ConfigDict).
+    target: the model's params pytree of shapes.
+  Returns:
+    The parameterization; its ``spec`` attribute is the spec it was built from
+    (defaults made explicit for ``source``).
+  """
   spec = dict(spec.to_dict() if hasattr(spec, 'to_dict') else spec)
+  full = dict(spec)
   name = spec.pop('name', None)
   if name not in REGISTRY:
     raise ValueError(f'unknown parameterization {name!r}; known: {sorted(REGISTRY)}')
@@ -29,13 +38,30 @@ def build(spec: Mapping, target) -> Parameterization:
   if name == 'masked':
     source = spec.pop('source', {'name': 'prototype', 'mode': 'dense'})
     args = (build(source, target),)
+    full['source'] = args[0].spec
   else:
     args = (target,)
   try:
-    return cls(*args, **spec)
+    param = cls(*args, **spec)
   except TypeError as e:
     raise ValueError(f'bad options for parameterization {name!r}: {e}') from None
+  param.spec = full
+  return param
+
+
+def resolved_spec(param: Parameterization) -> dict:
+  """``param``'s spec with every leaf selection replaced by the list of leaf
+  paths it picked: what a model file stores (no pattern is ever compiled from
+  a file)."""
+  if param.spec is None:
+    raise ValueError(f'{type(param).__name__} was not made by params.build: it has no spec')
+  spec = dict(param.spec)
+  if param.selected is not None:
+    spec['select'] = list(param.selected)
+  if isinstance(getattr(param, 'source', None), Parameterization):
+    spec['source'] = resolved_spec(param.source)
+  return spec
 
 
 __all__ = ['KERNELS', 'REGISTRY', 'Dense', 'Masked', 'Parameterization', 'Prototype', 'Ring',
-           'Split', 'build', 'flatten', 'rp_length', 'unflatten']
+           'Split', 'build', 'flatten', 'resolved_spec', 'rp_length', 'unflatten']

@@ -140,7 +140,8 @@ def select_paths(paths, pattern: str | None, order=None) -> list[str]:
   Args:
     paths: leaf paths (sorted).
     pattern: a regular expression (``re.search``), a name from
-      ``NAMED_SELECTIONS``, or None (nothing).
+      ``NAMED_SELECTIONS``, a list of leaf paths (what model files store), or
+      None (nothing).
     order: the same paths in creation order (named selections need it;
       default: ``paths``' own order).
   Returns:
@@ -148,6 +149,15 @@ def select_paths(paths, pattern: str | None, order=None) -> list[str]:
   """
   if pattern is None:
     return []
+  if isinstance(pattern, (list, tuple)):
+    unknown = sorted(set(pattern) - set(paths))
+    if unknown:
+      raise ValueError(f'selection names leaves the model does not have: {unknown[:5]}')
+    chosen = set(pattern)
+    return [p for p in paths if p in chosen]
+  if not isinstance(pattern, str):
+    raise ValueError(f'a leaf selection is a regex, a named selection or a list of paths, got '
+                     f'{pattern!r}')
   if pattern.startswith('@'):
     if pattern not in NAMED_SELECTIONS:
       raise ValueError(f'unknown named selection {pattern!r}; known: {NAMED_SELECTIONS}')
@@ -166,14 +176,22 @@ def select_paths(paths, pattern: str | None, order=None) -> list[str]:
 class Parameterization(abc.ABC):
   """Maps (trainable state, seed) to a model's full params pytree."""
 
+  spec: dict | None = None  # the spec ``params.build`` made it from
+
   def __init__(self, target):
     self.leaves: dict[str, jax.ShapeDtypeStruct]
     self.leaves, self.order = _check_target(target)
     self.target = unflatten({p: self.leaves[p] for p in self.order})
 
-  def select(self, pattern: str | None) -> list[str]:
+  def select(self, pattern) -> list[str]:
     """The leaf paths (sorted) that ``pattern`` picks; see ``select_paths``."""
     return select_paths(list(self.leaves), pattern, self.order)
+
+  @property
+  def selected(self) -> list[str] | None:
+    """The leaves this parameterization's ``select`` option picked (None if it
+    has no such option); model files store this list instead of the pattern."""
+    return None
 
   @property
   def num_params(self) -> int:
@@ -235,6 +253,12 @@ class Split(Parameterization):
       raise ValueError(f'select={select!r} matches no leaf of the target; leaves: '
                        f'{sorted(self.leaves)}')
     self.others = [p for p in self.leaves if p not in set(self.generated)]
+    if not (math.isfinite(self.gain) and self.gain > 0):
+      raise ValueError(f'gain must be a finite number > 0, got {gain!r}')
+
+  @property
+  def selected(self):
+    return list(self.generated)
 
   def init_rest(self, key) -> dict:
     if self.rest == 'fixed':

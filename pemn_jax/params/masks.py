@@ -74,6 +74,10 @@ class Masked(Parameterization):
               for p, x in zip(self.masked, self.segments.split(u, shapes), strict=True)}
     return {'source': self.source.init(k_src), 'scores': unflatten(scores)}
 
+  @property
+  def selected(self):
+    return list(self.masked)
+
   def _eval_key(self, seed):
     return jax.random.fold_in(leaf_key(seed, 'mask/eval'), self.eval_seed)
 

@@ -1,41 +1,195 @@
-"""Orbax checkpointing of the train state (+ JSON metadata: step, config)."""
+"""Orbax checkpointing of the train state, verified.
+
+Orbax restores whatever bytes are on disk: it keeps no checksum of array data,
+so one flipped byte restores silently into another state. Here every saved
+state carries a digest computed on device from the in-memory state (one
+uint32 per leaf: a sum of position-keyed hashes of the values' bits), stored
+in the step's JSON metadata, and
+
+* each save is read back and checked once it is complete (at the next save or
+  at close): a step that checks out is *verified*;
+* old steps are deleted by this class, not by orbax: it keeps the newest
+  ``keep`` steps and never deletes the newest verified one;
+* ``restore_latest`` tries steps from newest to oldest, checks each digest,
+  moves steps that fail aside to ``checkpoints/rejected/`` (nothing is
+  deleted) and says so; if none restores, it raises and touches nothing.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from pemn_jax.ops.hashing import lowbias32
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored; it is left untouched on disk."""
 
 
+def _as_u32(x):
+  """The bits of ``x`` as a flat uint32 array."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  x = x.reshape(-1)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    small = jnp.uint8 if size == 1 else jnp.uint16
+    return jax.lax.bitcast_convert_type(x, small).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 8 bytes -> 2 words
+
+
+@jax.jit
+def state_digest(tree) -> jax.Array:
+  """One uint32 per leaf: the sum over elements of a hash of (bits, index);
+  any changed value changes it (but for a 2^-32 chance)."""
+  out = []
+  for x in jax.tree.leaves(tree):
+    bits = _as_u32(jnp.asarray(x))
+    idx = jnp.arange(bits.size, dtype=jnp.uint32)
+    out.append(jnp.sum(lowbias32(bits ^ lowbias32(idx * jnp.uint32(0x9E3779B1) + 1)),
+                       dtype=jnp.uint32))
+  return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+
+
+def all_finite(tree) -> bool:
+  """Whether every float leaf of ``tree`` is finite (one scalar to the host)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  if not leaves:
+    return True
+  return bool(_all_finite(leaves))
+
+
+@jax.jit
+def _all_finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int):
+  """Saves, verifies, rotates and restores train states in ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str, keep: int, verify: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.keep, self.verify = int(keep), bool(verify)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=('state', 'meta'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+    self._unverified = None        # (step, abstract state) of the last save
+    self._closed = False
+    self.last_verified = None      # newest step known to restore to its digest
+    self.messages: list[str] = []  # what happened, for the user
+
+  def all_steps(self) -> list[int]:
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, step: int, train_state, meta: dict, force: bool = False):
+    """Saves asynchronously; the previous save is verified first."""
+    self._verify_pending()
+    digest = [int(x) for x in jax.device_get(state_digest(train_state))]
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)), force=force)
+        state=ocp.args.StandardSave(train_state),
+        meta=ocp.args.JsonSave({**meta, 'digest': digest})), force=force)
+    self._unverified = (step, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+        train_state))
+
+  def _verify_pending(self):
+    if self._unverified is None:
+      return
+    step, abstract = self._unverified
+    self._unverified = None
+    self.manager.wait_until_finished()
+    if self.verify:
+      try:
+        self.restore(step, abstract)
+      except CheckpointError as e:
+        self.messages.append(f'checkpoint step {step} did not read back as saved ({e}); '
+                             'older steps are kept')
+        return
+    self.last_verified = step
+    self._rotate()
+
+  def _rotate(self):
+    steps = self.all_steps()
+    keep = set(steps[-self.keep:])
+    if self.last_verified is not None:
+      keep.add(self.last_verified)
+    for s in steps:
+      if s not in keep:
+        self.manager.delete(s)
 
   def restore(self, step: int, abstract_state):
-    """Restores ``step`` into the structure/shardings of ``abstract_state``."""
+    """Restores ``step`` into the structure/shardings of ``abstract_state`` and
+    checks its digest; CheckpointError if it cannot or does not match."""
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - orbax raises many types; all mean the same here
+      first_line = str(e).strip().split('\n')[0][:200]
       raise CheckpointError(
           f'cannot restore checkpoint step {step} from {self.directory}: {type(e).__name__}: '
-          f'{str(e)[:500]}. The checkpoint was left untouched. If it is corrupt or from another '
-          'config, move it away (or use another --workdir) to start over.') from e
-    return out.state, out.meta
+          f'{first_line}') from e
+    meta = dict(out.meta)
+    if meta.get('step', step) != step:
+      raise CheckpointError(f'checkpoint directory {step} in {self.directory} holds step '
+                            f'{meta.get("step")}: renamed or mixed up')
+    want = meta.get('digest')
+    if want is not None:
+      got = [int(x) for x in jax.device_get(state_digest(out.state))]
+      if got != list(want):
+        bad = sum(a != b for a, b in zip(got, want, strict=True)) if len(got) == len(want) \
+            else len(got)
+        raise CheckpointError(f'checkpoint step {step} in {self.directory} is corrupt: {bad} '
+                              'array(s) differ from the digest recorded when it was saved')
+    return out.state, meta
+
+  def restore_latest(self, abstract_state):
+    """(step, state, meta) of the newest step that restores and verifies, or
+    (0, None, None) when there is none. Steps that fail are moved to
+    ``rejected/`` once an older one has restored (so nothing is lost and the
+    run can save those step numbers again); if none restores, CheckpointError
+    and the directory is left as it was."""
+    steps = self.all_steps()
+    failures = []
+    for step in reversed(steps):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except CheckpointError as e:
+        failures.append((step, e))
+        continue
+      for bad, e in failures:
+        dest = self._reject(bad)
+        self.messages.append(f'checkpoint step {bad} was rejected ({e}); moved to {dest}; '
+                             f'resuming from step {step}')
+      self.last_verified = step
+      return step, state, meta
+    if failures:
+      detail = '; '.join(str(e) for _, e in failures[:3])
+      raise CheckpointError(f'no checkpoint in {self.directory} restores ({detail}). The '
+                            'checkpoints were left untouched. If they are from another config or '
+                            'corrupt, move them away (or use another --workdir) to start over.')
+    return 0, None, None
+
+  def _reject(self, step: int) -> str:
+    dest = os.path.join(self.directory, 'rejected', f'{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    self.manager.reload()
+    return dest
 
   def restore_meta(self, step: int) -> dict:
     try:
@@ -48,5 +202,9 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
+    if self._closed:
+      return
+    self._closed = True
+    self._verify_pending()
     self.manager.wait_until_finished()
     self.manager.close()

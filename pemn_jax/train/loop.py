@@ -2,6 +2,12 @@
 
 The loop is method-agnostic: the config's ``param`` spec becomes a
 parameterization and the step differentiates w.r.t. its state only.
+
+Safety: the workdir is locked by one run; a resumed run must have the same
+config as its checkpoints (``config.RESUMABLE_KEYS`` aside); checkpoints are
+verified against a digest and a corrupt one falls back to the newest good
+one; a run whose loss or state turns non-finite stops with DivergenceError
+and never checkpoints the non-finite state.
 """
 
 from __future__ import annotations
@@ -14,18 +20,22 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from pemn_jax import models
 from pemn_jax import params as P
-from pemn_jax.config import ConfigError, validate
+from pemn_jax.config import RESUMABLE_KEYS, ConfigError, config_differences, validate
 from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
-from pemn_jax.train.checkpoint import Checkpointer
+from pemn_jax.train.checkpoint import Checkpointer, all_finite
 from pemn_jax.train.optim import make_optimizer, with_pruning
 from pemn_jax.train.step import create_train_state, eval_batch, make_train_step
+from pemn_jax.train.workdir import WorkdirLock, prepare
+
+
+class DivergenceError(RuntimeError):
+  """Training produced non-finite values; the last finite checkpoint is kept."""
 
 
 def make_mesh():
@@ -73,20 +83,65 @@ def evaluate(eval_step, ts, pipe: Pipeline, to_global):
   return {'test_accuracy': correct / total, 'test_loss': loss / total}
 
 
+class _Metrics:
+  """metrics.jsonl, written by process 0; on resume the records after the
+  checkpoint's step (written before a crash) are dropped, so no step appears
+  twice."""
+
+  def __init__(self, workdir: str, is_main: bool):
+    self.path, self.is_main = os.path.join(workdir, 'metrics.jsonl'), is_main
+
+  def truncate_after(self, step: int):
+    if not self.is_main or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+      try:
+        if json.loads(ln).get('step', 0) <= step:
+          keep.append(ln)
+      except ValueError:  # a line cut by a crash
+        continue
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
+  def write(self, record: dict):
+    if self.is_main:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per ``config`` in ``workdir`` (resuming from its checkpoints);
-  returns the final metrics."""
+  """Trains per ``config`` in ``workdir``, resuming from its checkpoints.
+
+  Args:
+    config: a training config (``pemn_jax.config.base_config()`` schema).
+    workdir: the run's directory (checkpoints, metrics.jsonl, lock).
+  Returns:
+    Plain metrics: ``step``, ``stopped`` (stopped before the end), the last
+    evaluation's ``test_accuracy``/``test_loss``, ``best_test_accuracy`` and
+    ``best_step``, and the storage report. The trained state is in the
+    workdir's checkpoints (``pemn_jax.export.run.load_run``).
+  Raises:
+    ConfigError, DataError, CheckpointError, WorkdirError, DivergenceError.
+  """
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = prepare(workdir)
+  with WorkdirLock(workdir):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
   mesh = make_mesh()
   repl = NamedSharding(mesh, PS())
   data_sharding = NamedSharding(mesh, PS('data'))
-  if config.batch_size % jax.device_count():
-    raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
-                      f'{jax.device_count()} devices')
-  if config.eval_batch_size % jax.device_count():
-    raise ConfigError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '
-                      f'{jax.device_count()} devices')
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % jax.device_count():
+      raise ConfigError(f'config.{key}={config[key]} is not divisible by the '
+                        f'{jax.device_count()} devices')
 
   load = lambda split: sources.load(config.dataset, split, config.data_dir or None,  # noqa: E731
                                     config.source_dir or None)
@@ -97,13 +152,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       load('train'), load('test')
     multihost_utils.sync_global_devices('pemn_jax:data_ready')
   train_ds, test_ds = load('train'), load('test')
-  pipe = Pipeline(train_ds, config.batch_size, config.seed, config.augment, pidx, pcount,
-                  config.train_limit or None, config.augment_options.to_dict())
+  try:
+    pipe = Pipeline(train_ds, config.batch_size, config.seed, config.augment, pidx, pcount,
+                    config.train_limit or None, config.augment_options.to_dict())
+  except ValueError as e:
+    raise ConfigError(f'config.batch_size={config.batch_size}: {e}') from None
   test_pipe = Pipeline(test_ds, config.eval_batch_size, config.seed, '', pidx, pcount,
-                       config.test_limit or None)
+                       config.test_limit or None, training=False)
 
-  model = models.get(config.model, num_classes=train_ds.num_classes,
-                     **config.model_kwargs.to_dict())
+  try:
+    model = models.get(config.model, num_classes=train_ds.num_classes,
+                       **config.model_kwargs.to_dict())
+  except ValueError as e:
+    raise ConfigError(f'config.model_kwargs: {e}') from None
   target = models.abstract_params(model, train_ds.image_shape)
   try:
     param = P.build(config.param, target)
@@ -117,15 +178,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
       param, tx, k, models.init_model_state(model, train_ds.image_shape), config.seed),
       out_shardings=repl)
   ts = init(jax.random.key(config.seed))
-  ckpt = Checkpointer(workdir, config.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  best = {}  # best test accuracy over evaluations (the PEMN reference reports it)
-  if start:
+  is_main = pidx == 0
+  say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+  metrics = _Metrics(workdir, is_main)
+  ckpt = Checkpointer(workdir, config.keep_checkpoints, config.verify_checkpoints)
+  start, best = 0, {}  # best test accuracy over evaluations (the PEMN reference reports it)
+  steps = ckpt.all_steps()
+  if steps:
+    stored = ckpt.restore_meta(steps[-1]).get('config', {})
+    diffs = config_differences(stored, config.to_dict())
+    if diffs:
+      raise ConfigError(f'{workdir} holds checkpoints of another config; differing keys: '
+                        + '; '.join(diffs[:10]) + '. Only these keys may change on resume: '
+                        + ', '.join(RESUMABLE_KEYS) + '. Use another --workdir for a new '
+                        'config.')
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), ts)
-    ts, meta = ckpt.restore(start, abstract)
-    best = dict(meta.get('best', {}))
-    logging.info('resumed from %s at step %d', ckpt.directory, start)
-    print(f'resumed from step {start} ({ckpt.directory})', flush=True)
+    start, restored, meta = ckpt.restore_latest(abstract)
+    for msg in ckpt.messages:
+      say(f'warning: {msg}')
+    ckpt.messages.clear()
+    ts, best = restored, dict(meta.get('best', {}))
+    if start > total:
+      raise ConfigError(f'the checkpoint in {workdir} is at step {start}, beyond this run\'s '
+                        f'{total} steps (config.num_steps/num_epochs): raise them to continue, '
+                        'or use another --workdir')
+    metrics.truncate_after(start)
+    say(f'resumed from step {start} ({ckpt.directory})')
 
   train_step = jax.jit(
       make_train_step(model, param, tx),
@@ -141,67 +219,79 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return tuple(jax.make_array_from_process_local_data(data_sharding, np.asarray(a))
                  for a in arrays)
 
+  def diverged(at_step, value):
+    return DivergenceError(f'training diverged: the loss is {value} at step {at_step}')
+
   report = storage_report(param)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  is_main = pidx == 0
-
-  def write(record):
-    if is_main:
-      with open(metrics_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-  if is_main and not start:
-    print(f'{config.model} x {config.param.name}: N={report["num_params"]} trainable='
-          f'{report["trainable"]} model_bytes={report["model_bytes"]} dense_bytes='
-          f'{report["dense_bytes"]} steps={total} devices={jax.device_count()} '
-          f'processes={pcount}', flush=True)
+  if not start:
+    say(f'{config.model} x {config.param.name}: N={report["num_params"]} trainable='
+        f'{report["trainable"]} model_bytes={report["model_bytes"]} dense_bytes='
+        f'{report["dense_bytes"]} steps={total} devices={jax.device_count()} processes={pcount}')
   end = min(total, config.stop_at_step) if config.stop_at_step else total
   acc_metrics, t_last, step = [], time.time(), start
   last = {}
   base_key = jax.random.key(config.seed)
-  with _Stop() as stop:
-    while step < end:
-      images, labels = pipe.batch(step)
-      ts, m = train_step(ts, *to_global(images, labels), jax.random.fold_in(base_key, step))
-      step += 1
-      acc_metrics.append(m)
-      if step % config.log_every == 0 or step == end:
-        ms = jax.device_get(acc_metrics)
-        dt = time.time() - t_last
-        rec = {'step': step, 'loss': float(np.mean([x['loss'] for x in ms])),
-               'accuracy': float(np.mean([x['accuracy'] for x in ms])),
-               'lr': float(sched(step - 1)), 'images_per_s': len(ms) * config.batch_size / dt,
-               'trainable': report['trainable'], 'model_bytes': report['model_bytes']}
-        eta = (total - step) * dt / len(ms)
-        if is_main:
-          print(f'step {step}/{total} loss {rec["loss"]:.4f} acc {rec["accuracy"]:.4f} '
-                f'lr {rec["lr"]:.3g} {rec["images_per_s"]:.0f} img/s eta {eta:.0f}s', flush=True)
-        write(rec)
-        acc_metrics, t_last = [], time.time()
-      if (config.eval_every and step % config.eval_every == 0) or step == total:
-        last = {'step': step, **evaluate(eval_step, ts, test_pipe, to_global)}
-        if last['test_accuracy'] >= best.get('best_test_accuracy', -1.0):
-          best = {'best_test_accuracy': last['test_accuracy'], 'best_step': step}
-        last.update(best)
-        if is_main:
-          print(f'eval step {step}: test accuracy {last["test_accuracy"]:.4f} test loss '
-                f'{last["test_loss"]:.4f} (best {best["best_test_accuracy"]:.4f} at step '
-                f'{best["best_step"]})', flush=True)
-        write(last)
-        t_last = time.time()
-      if step % config.checkpoint_every == 0 or step == end or stop.signum is not None:
-        ckpt.save(step, ts, {'step': step, 'config': config.to_dict(), 'best': best,
-                             'num_classes': train_ds.num_classes,
-                             'input_shape': list(train_ds.image_shape)}, force=True)
-      if stop.signum is not None:
-        ckpt.wait()
-        print(f'received signal {stop.signum}: checkpoint saved at step {step}, exiting',
-              flush=True)
-        break
-  ckpt.close()
+  try:
+    with _Stop() as stop:
+      while step < end:
+        images, labels = pipe.batch(step)
+        ts, m = train_step(ts, *to_global(images, labels), jax.random.fold_in(base_key, step))
+        step += 1
+        acc_metrics.append(m)
+        if step % config.log_every == 0 or step == end:
+          ms = jax.device_get(acc_metrics)
+          losses = [float(x['loss']) for x in ms]
+          for i, v in enumerate(losses):
+            if not math.isfinite(v):
+              raise diverged(step - len(ms) + i + 1, v)
+          dt = time.time() - t_last
+          rec = {'step': step, 'loss': float(np.mean(losses)),
+                 'accuracy': float(np.mean([x['accuracy'] for x in ms])),
+                 'lr': float(sched(step - 1)), 'images_per_s': len(ms) * config.batch_size / dt,
+                 'trainable': report['trainable'], 'model_bytes': report['model_bytes']}
+          eta = (total - step) * dt / len(ms)
+          say(f'step {step}/{total} loss {rec["loss"]:.4f} acc {rec["accuracy"]:.4f} '
+              f'lr {rec["lr"]:.3g} {rec["images_per_s"]:.0f} img/s eta {eta:.0f}s')
+          metrics.write(rec)
+          acc_metrics, t_last = [], time.time()
+        if (config.eval_every and step % config.eval_every == 0) or step == total:
+          last = {'step': step, **evaluate(eval_step, ts, test_pipe, to_global)}
+          if not math.isfinite(last['test_loss']):
+            raise diverged(step, f'{last["test_loss"]} (test)')
+          if last['test_accuracy'] >= best.get('best_test_accuracy', -1.0):
+            best = {'best_test_accuracy': last['test_accuracy'], 'best_step': step}
+          last.update(best)
+          say(f'eval step {step}: test accuracy {last["test_accuracy"]:.4f} test loss '
+              f'{last["test_loss"]:.4f} (best {best["best_test_accuracy"]:.4f} at step '
+              f'{best["best_step"]})')
+          metrics.write(last)
+          t_last = time.time()
+        if step % config.checkpoint_every == 0 or step == end or stop.signum is not None:
+          if not all_finite((ts.state, ts.opt_state, ts.model_state)):
+            raise diverged(step, 'finite, but the state is not')
+          ckpt.save(step, ts, {'step': step, 'config': config.to_dict(), 'best': best,
+                               'num_classes': train_ds.num_classes,
+                               'input_shape': list(train_ds.image_shape)}, force=True)
+        if stop.signum is not None:
+          ckpt.wait()
+          say(f'received signal {stop.signum}: checkpoint saved at step {step}, exiting')
+          break
+  except DivergenceError as e:
+    ckpt.close()  # finishes and verifies the last (finite) save
+    last = (ckpt.all_steps() or [None])[-1]
+    kept = (f'the last checkpoint, step {last}, holds finite values and was kept' if last
+            else 'no checkpoint was written')
+    raise DivergenceError(
+        f'{e}; {kept} ({ckpt.directory}). Lower config.optimizer.lr (now '
+        f'{config.optimizer.lr}) or set config.optimizer.grad_clip and run again: it resumes '
+        'from that checkpoint.') from None
+  finally:
+    ckpt.close()
+    for msg in ckpt.messages:
+      say(f'warning: {msg}')
   if step == total and not last:  # resumed at the end: evaluate the restored state
     last = {'step': step, **evaluate(eval_step, ts, test_pipe, to_global)}
     if last['test_accuracy'] >= best.get('best_test_accuracy', -1.0):
       best = {'best_test_accuracy': last['test_accuracy'], 'best_step': step}
     last.update(best)
-  return {'step': step, 'stopped': step < total, **last, **report, '_state': ts}
+  return {**last, 'step': step, 'stopped': step < total, **report}

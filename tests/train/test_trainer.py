@@ -14,6 +14,7 @@ from conftest import REPO, tiny_config, tree_equal
 
 from pemn_jax.config import ConfigError, base_config, validate
 from pemn_jax.data.sources import DataError
+from pemn_jax.export.run import load_run
 from pemn_jax.train.checkpoint import CheckpointError
 from pemn_jax.train.loop import train_and_evaluate
 
@@ -51,15 +52,36 @@ def test_each_method_trains_end_to_end(method, mnist_slice, tmp_path):
 
 def test_resume_gives_identical_params(mnist_slice, tmp_path):
   c = tiny_config(mnist_slice, param=METHODS['pemn_rp'], **{'optimizer.lr': 0.05})
-  straight = train_and_evaluate(c, str(tmp_path / 'a'))['_state']
+  train_and_evaluate(c, str(tmp_path / 'a'))
+  straight = load_run(str(tmp_path / 'a'))[-1]
   c.stop_at_step = 12
   first = train_and_evaluate(c, str(tmp_path / 'b'))
   assert first['stopped'] and first['step'] == 12
   c.stop_at_step = 0
-  resumed = train_and_evaluate(c, str(tmp_path / 'b'))['_state']
+  train_and_evaluate(c, str(tmp_path / 'b'))
+  resumed = load_run(str(tmp_path / 'b'))[-1]
   assert tree_equal(straight.state, resumed.state)
   assert tree_equal(straight.opt_state, resumed.opt_state)
   assert int(resumed.step) == 24
+
+
+def test_best_and_final_accuracy_are_reported_and_survive_resume(mnist_slice, tmp_path):
+  sm = {'name': 'masked', 'kind': 'supermask', 'eval': 'expected', 'eval_samples': 3,
+        'source': {'name': 'prototype', 'mode': 'signed_constant', 'rest': 'fixed'}}
+  c = tiny_config(mnist_slice, param=sm, eval_every=4, stop_at_step=12,
+                  **{'optimizer.name': 'sgd', 'optimizer.lr': 50.0})
+  first = train_and_evaluate(c, str(tmp_path))
+  evals = [r for r in read_metrics(tmp_path) if 'test_accuracy' in r]
+  assert [r['step'] for r in evals] == [4, 8, 12]
+  best = max(evals, key=lambda r: (r['test_accuracy'], r['step']))
+  assert first['best_test_accuracy'] == best['test_accuracy']
+  c.stop_at_step = 0
+  out = train_and_evaluate(c, str(tmp_path))
+  evals = [r for r in read_metrics(tmp_path) if 'test_accuracy' in r]
+  assert [r['step'] for r in evals] == [4, 8, 12, 16, 20, 24]
+  best = max(evals, key=lambda r: (r['test_accuracy'], r['step']))
+  assert (out['best_test_accuracy'], out['best_step']) == (best['test_accuracy'], best['step'])
+  assert out['test_accuracy'] == evals[-1]['test_accuracy'] and out['test_accuracy'] > 0.2
 
 
 def _main(args, env=None, **kw):
@@ -189,7 +211,7 @@ def test_changed_param_shapes_on_resume_is_a_clear_error(mnist_slice, tmp_path):
   before = _digest(tmp_path / 'checkpoints')
   c.num_steps = 16
   c.param = {'name': 'ring', 'dof': 200}
-  with pytest.raises(CheckpointError, match='step 8'):
+  with pytest.raises(ConfigError, match=r'param\.dof: checkpoint 100, this run 200'):
     train_and_evaluate(c, str(tmp_path))
   assert _digest(tmp_path / 'checkpoints') == before
 

@@ -1,0 +1,81 @@
+"""A run's directory: created and checked writable, locked by one run at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+
+import jax
+
+
+class WorkdirError(RuntimeError):
+  """A workdir that cannot be used (not writable, or in use by another run)."""
+
+
+def prepare(workdir: str) -> str:
+  """Creates ``workdir`` if needed; WorkdirError if it cannot be written."""
+  if not isinstance(workdir, str) or not workdir.strip():
+    raise WorkdirError(f'--workdir must be a directory path, got {workdir!r}')
+  path = os.path.abspath(workdir)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f'cannot create workdir {path!r}: {e.strerror or e}') from None
+  if not os.path.isdir(path):
+    raise WorkdirError(f'workdir {path!r} exists and is not a directory')
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise WorkdirError(f'workdir {path!r} is not writable')
+  return path
+
+
+class WorkdirLock:
+  """An exclusive lock on ``workdir/lock`` held by process 0 while a run lives.
+
+  ``flock`` locks die with their process, so the lock of a run that was killed
+  (even with SIGKILL) is free again: its stale lock file is taken over and
+  reported. A second run in the same workdir gets WorkdirError naming the
+  holder; in a multi-process job every process gets it.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'lock')
+    self.file = None
+    self.previous = ''
+
+  def __enter__(self):
+    ok, message = True, ''
+    if jax.process_index() == 0:
+      f = open(self.path, 'a+')  # noqa: SIM115 - held for the run's lifetime
+      try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        ok, message = False, (f'workdir {os.path.dirname(self.path)!r} is in use by another run '
+                              f'({holder}); wait for it to finish or use another --workdir')
+      else:
+        f.seek(0)
+        self.previous = f.read().strip()  # a dead run's (stale) lock, if any
+        f.seek(0)
+        f.truncate()
+        f.write(f'pid {os.getpid()} on {socket.gethostname()} since '
+                f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+        f.flush()
+        self.file = f
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      ok = bool(multihost_utils.broadcast_one_to_all(jax.numpy.asarray(ok)))
+    if not ok:
+      raise WorkdirError(message or 'the workdir is in use by another run (see process 0)')
+    return self
+
+  def __exit__(self, *exc):
+    if self.file is not None:
+      self.file.seek(0)
+      self.file.truncate()
+      fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+      self.file.close()
+      self.file = None

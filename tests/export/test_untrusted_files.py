@@ -1,0 +1,228 @@
+"""Model files from untrusted sources: crafted headers and sections (each with
+a *valid* checksum) load correctly or fail with the library's ArtifactError,
+quickly and without allocating more than the model needs; plus a fuzz test."""
+
+import hashlib
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pemn_jax.export import artifact
+from pemn_jax.export.run import export_run, load
+from pemn_jax.train.loop import train_and_evaluate
+
+PREFIX = struct.Struct('<8sII')
+SPEC = {'name': 'masked', 'keep': 0.2,
+        'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 0.05}}
+
+
+@pytest.fixture(scope='module')
+def good_file(mnist_slice, tmp_path_factory):
+  wd = tmp_path_factory.mktemp('run')
+  c = tiny_config(mnist_slice, param=SPEC, num_steps=4, **{'optimizer.lr': 0.05})
+  train_and_evaluate(c, str(wd))
+  path = str(wd / 'good.pemn')
+  export_run(str(wd), path, params_dir=None)
+  return path
+
+
+def split(data: bytes):
+  _, version, head_len = PREFIX.unpack_from(data)
+  header = json.loads(data[PREFIX.size:PREFIX.size + head_len])
+  return version, header, data[PREFIX.size + head_len:-32]
+
+
+def join(header, sections: bytes, version=artifact.FORMAT_VERSION, raw_header=None) -> bytes:
+  head = raw_header if raw_header is not None else json.dumps(header).encode()
+  body = PREFIX.pack(artifact.MAGIC, version, len(head)) + head + sections
+  return body + hashlib.sha256(body).digest()  # a valid checksum: only content checks can refuse
+
+
+def craft(good_file, tmp_path, edit=None, sections_edit=None, raw_header=None, name='x'):
+  _, header, sections = split(open(good_file, 'rb').read())
+  if edit:
+    edit(header)
+  if sections_edit:
+    sections = sections_edit(header, sections)
+  path = tmp_path / f'{name}.pemn'
+  path.write_bytes(join(header, sections, raw_header=raw_header))
+  return str(path)
+
+
+def section(header, prefix):
+  return next(s for s in header['sections'] if s['name'].startswith(prefix))
+
+
+def set_key(path, value):
+  def edit(h):
+    node = h
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = value
+  return edit
+
+
+def test_the_good_file_loads(good_file):
+  header, _, params, _ = load(good_file)
+  assert any(s['codec'] == 'rans' for s in header['sections'])  # keep=0.2 masks: entropy-coded
+  assert isinstance(header['param']['select'], list)  # selections stored as leaf paths
+
+
+CRAFTED = {
+    # name: (edit of the header, expected message)
+    'huge_mask': (lambda h: section(h, 'mask/').update(shape=[1_000_000_000], ones=1),
+                  'model needs'),
+    'regex_select': (set_key(['param', 'select'], '(a+)+$'), 'regular expressions are not read'),
+    'regex_in_source': (set_key(['param', 'source', 'select'], '.*kernel'), 'not read'),
+    'huge_kwargs': (set_key(['model_kwargs', 'hidden'], [65536, 65536, 65536]), 'max_params'),
+    'too_big_int': (set_key(['model_kwargs', 'hidden'], [10**9]), 'model_kwargs.hidden'),
+    'short_prototype': (lambda h: section(h, 'source/prototype').update(
+        shape=[section(h, 'source/prototype')['shape'][0] - 5]), 'model needs'),
+    'mask_of_one': (lambda h: section(h, 'mask/').update(shape=[1], ones=1), 'model needs'),
+    'negative_offset': (lambda h: section(h, 'mask/').update(offset=-40), 'offset'),
+    'offset_past_end': (lambda h: section(h, 'mask/').update(offset=10**9), 'offset'),
+    'override_params': (lambda h: h['sections'].append(dict(
+        section(h, 'source/prototype'), name='model_state/params/Dense_0/kernel')),
+        'unexpected'),
+    'unknown_model': (set_key(['model'], 'os.system'), 'not a registry model'),
+    'unknown_param': (set_key(['param', 'name'], 'evil'), 'unknown parameterization'),
+    'bad_option': (set_key(['param', 'keep'], 'all'), 'rebuild the model'),
+    'nan_keep': (set_key(['param', 'keep'], float('nan')), 'finite'),
+    'seed_too_big': (set_key(['seed'], 2**40), 'seed'),
+    'bool_step': (set_key(['step'], True), 'step'),
+    'extra_field': (set_key(['exec'], 'rm -rf /'), 'only the fields'),
+    'missing_field': (lambda h: h.pop('param'), 'param'),
+    'float_as_mask': (lambda h: section(h, 'source/prototype').update(codec='bits', ones=1),
+                      'model needs'),
+    'bad_codec': (lambda h: section(h, 'mask/').update(codec='zip'), 'codec'),
+    'ones_out_of_range': (lambda h: section(h, 'mask/').update(ones=-1), 'ones'),
+    'duplicate_section': (lambda h: h['sections'].append(dict(h['sections'][0])), 'unique'),
+    'input_shape': (set_key(['input_shape'], [28, 28, 1, 1, 1]), 'input_shape'),
+    'num_classes': (set_key(['num_classes'], 0), 'num_classes'),
+    'wrong_input_shape': (set_key(['input_shape'], [27, 28, 1]), 'model needs'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CRAFTED))
+def test_crafted_headers_are_refused_with_the_library_error(case, good_file, tmp_path):
+  edit, msg = CRAFTED[case]
+  path = craft(good_file, tmp_path, edit=edit, name=case)
+  t0 = time.time()
+  with pytest.raises(artifact.ArtifactError, match=msg):
+    load(path)
+  assert time.time() - t0 < 10
+
+
+def test_crafted_raw_headers_and_section_bytes(good_file, tmp_path):
+  cases = {
+      'deep': (b'[' * 100_000 + b']' * 100_000, 'header'),
+      'not_json': (b'{"format": "pemn_jax model", ', 'unreadable header'),
+      'not_utf8': (b'\xff\xfe\x00', 'unreadable header'),
+      'array': (b'[1, 2, 3]', 'JSON object'),
+  }
+  for name, (raw, msg) in cases.items():
+    path = craft(good_file, tmp_path, raw_header=raw, name=name)
+    with pytest.raises(artifact.ArtifactError, match=msg):
+      load(path)
+
+  def nan_prototype(header, sections):
+    s = section(header, 'source/prototype')
+    assert s['codec'] == 'f32'
+    nan = np.full(s['length'] // 4, np.nan, '<f4').tobytes()
+    return sections[:s['offset']] + nan + sections[s['offset'] + s['length']:]
+  with pytest.raises(artifact.ArtifactError, match='non-finite'):
+    load(craft(good_file, tmp_path, sections_edit=nan_prototype, name='nan'))
+
+  def flip_mask(header, sections):
+    s = section(header, 'mask/')
+    i = s['offset'] + s['length'] // 2
+    return sections[:i] + bytes([sections[i] ^ 0x10]) + sections[i + 1:]
+  with pytest.raises(artifact.ArtifactError, match='mask'):
+    load(craft(good_file, tmp_path, sections_edit=flip_mask, name='flip'))
+
+
+def test_the_cli_exits_2_on_a_crafted_file(good_file, tmp_path):
+  path = craft(good_file, tmp_path, edit=CRAFTED['regex_select'][0], name='cli')
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.evaluate', '--artifact', path], cwd=REPO,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2 and 'regular expressions' in p.stderr and 'Traceback' not in p.stderr
+
+
+# --- Fuzzing: random header values and section bytes, valid checksums ---
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+    | st.text(max_size=20) | st.sampled_from(['(a+)+$', '@stages', 'mlp', 'rans', 'bits', 'f32']),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids,
+                                                              max_size=4),
+    max_leaves=8)
+
+
+def _paths(x, prefix=()):
+  yield prefix
+  if isinstance(x, dict):
+    for k, v in x.items():
+      yield from _paths(v, prefix + (k,))
+  elif isinstance(x, list):
+    for i, v in enumerate(x):
+      yield from _paths(v, prefix + (i,))
+
+
+EXAMPLES = int(os.environ.get('PEMN_FUZZ_EXAMPLES', '60'))
+FUZZ_COUNTS = {'tried': 0, 'refused': 0, 'loaded': 0}  # printed with PEMN_FUZZ_REPORT=1 -s
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_model_files(good_file, tmp_path_factory, data):
+  version, header, sections = split(open(good_file, 'rb').read())
+  kind = data.draw(st.sampled_from(['value', 'delete', 'bytes']))
+  if kind == 'bytes':
+    n = data.draw(st.integers(1, 8))
+    body = bytearray(sections)
+    for _ in range(n):
+      i = data.draw(st.integers(0, len(body) - 1))
+      body[i] = data.draw(st.integers(0, 255))
+    sections = bytes(body)
+  else:
+    paths = [p for p in _paths(header) if p]
+    path = data.draw(st.sampled_from(paths))
+    node = header
+    for k in path[:-1]:
+      node = node[k]
+    if kind == 'delete':
+      del node[path[-1]]
+    else:
+      node[path[-1]] = data.draw(json_values)
+  tmp = tmp_path_factory.mktemp('fuzz')
+  file = tmp / 'f.pemn'
+  file.write_bytes(join(header, sections, version))
+  FUZZ_COUNTS['tried'] += 1
+  t0 = time.time()
+  try:
+    _, _, params, model_state = load(str(file))
+  except artifact.ArtifactError:
+    FUZZ_COUNTS['refused'] += 1
+  else:  # a correct load: the model's shapes, finite values
+    FUZZ_COUNTS['loaded'] += 1
+    good = load(good_file)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good[2]), strict=True):
+      assert a.shape == b.shape and bool(np.isfinite(np.asarray(a)).all())
+  assert time.time() - t0 < 30
+  # No load allocates more than a small model needs (the worker's peak RSS).
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 6 * 2**20  # KiB: 6 GiB
+  if os.environ.get('PEMN_FUZZ_REPORT'):
+    print(f'fuzz counts: {FUZZ_COUNTS}', flush=True)
+

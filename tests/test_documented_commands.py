@@ -1,0 +1,136 @@
+"""Every command the docs show runs, at a tiny size, from the repo root.
+
+Commands are collected from README.md, docs/, launch/README.md, examples/ and
+the docstrings of configs/, pemn_jax/ and benchmarks/. Training commands get
+a few steps on small slices, benchmarks ``--smoke``; paths become temporary
+ones. Synopses with placeholders (``<...>``, ``...``, ``DIR``, ``[--flag]``) are
+skipped; ``bash scripts/test.sh`` is this suite itself.
+"""
+
+import fcntl
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+SOURCES = (['README.md', 'launch/README.md'] + sorted(str(p.relative_to(REPO)) for p in
+           [*REPO.glob('docs/*.md'), *REPO.glob('configs/*.py'), *REPO.glob('pemn_jax/**/*.py'),
+            *REPO.glob('benchmarks/*.py'), *REPO.glob('examples/*.py')]))
+COMMAND = re.compile(r'((?:[A-Z_]+=\S+\s+)*(?:\.venv/bin/)?(?:python -m pemn_jax\.[\w.]+|'
+                     r'python (?:benchmarks|examples)/[\w.]+\.py|bash (?:scripts|launch)/[\w.]+)'
+                     r'[^`\n#]*)')
+PLACEHOLDERS = ('<', '...', ' DIR', 'HOST', 'NAME', '[--', ' X.py', 'ARGS')
+TINY = ['--config.num_steps=2', '--config.train_limit=256', '--config.test_limit=100',
+        '--config.batch_size=16', '--config.eval_batch_size=50', '--config.log_every=1',
+        '--config.eval_every=0', '--config.checkpoint_every=1000']
+
+
+def documented_commands():
+  found = {}
+  for rel in SOURCES:
+    for line in (REPO / rel).read_text().splitlines():
+      for m in COMMAND.finditer(line):
+        cmd = m.group(1).strip()
+        if any(p in cmd for p in PLACEHOLDERS) or 'scripts/test.sh' in cmd:
+          continue
+        if re.search(r'(benchmarks|examples)/', cmd):  # all of them run with --smoke
+          cmd = re.sub(r'\s+--smoke\b', '', cmd)
+        cmd = re.sub(r'^\.venv/bin/python ', 'python ', cmd)  # the same command
+        found.setdefault(cmd, rel)
+  return found
+
+
+COMMANDS = documented_commands()
+
+
+@pytest.fixture(scope='session')
+def prepared_data():
+  """The real datasets the docs use, prepared once (under a lock: xdist
+  workers share the TFDS data dir)."""
+  from pemn_jax.data import sources
+  if not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'):
+    pytest.fail('Fashion-MNIST is missing: apt-get install dataset-fashion-mnist '
+                '(scripts/test.sh and scripts/quickstart.sh do)')
+  data_dir = sources.default_data_dir()
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, '.pemn_jax_prepare.lock'), 'w') as lock:
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    for name in ('mnist', 'fashion_mnist', 'cifar10'):
+      for split in ('train', 'test'):
+        sources.load(name, split)
+  return data_dir
+
+
+def _run(argv, env, timeout=900):
+  p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  assert p.returncode == 0, f'{shlex.join(argv)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
+  return p
+
+
+def _map_path(value: str, tmp: Path) -> str:
+  return str(tmp / value.strip('/').replace('/', '_'))
+
+
+def _ensure_trained(workdir: str, env):
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    _run([sys.executable, '-m', 'pemn_jax.main', '--config', 'configs/quickstart.py',
+          f'--workdir={workdir}', *TINY], env)
+
+
+def tiny(cmd: str, tmp: Path):
+  """(argv, env) of a documented command, made small and pointed at tmp."""
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  words = shlex.split(cmd)
+  while words and re.fullmatch(r'[A-Z_]+=\S+', words[0]):
+    k, v = words.pop(0).split('=', 1)
+    env[k] = v
+  if words[0] in ('python', '.venv/bin/python'):
+    words[0] = sys.executable
+  out = []
+  it = iter(words)
+  for w in it:  # paths given to --workdir / --out / --artifact / --params_dir go to tmp
+    flag, eq, value = w.partition('=')
+    if flag in ('--workdir', '--out', '--artifact', '--params_dir'):
+      value = value if eq else next(it)
+      out.append(f'{flag}={_map_path(value, tmp)}')
+    else:
+      out.append(w)
+  joined = ' '.join(out)
+  if 'pemn_jax.main' in joined or 'launch/local.sh' in joined:
+    out += TINY
+  elif 'scripts/quickstart.sh' in joined:
+    env['WORKDIR'] = str(tmp / 'quickstart')
+    env['PYTHON'] = sys.executable
+    out += TINY
+  elif re.search(r'(benchmarks|examples)/', joined):
+    out.append('--smoke')
+  if 'launch/local.sh' in joined:
+    env['PYTHON'] = sys.executable
+  for w in out:  # export / evaluate need a trained run / a model file
+    if w.startswith('--workdir=') and 'pemn_jax.export' in joined:
+      _ensure_trained(w.split('=', 1)[1], env)
+    if w.startswith('--artifact='):
+      path = w.split('=', 1)[1]
+      if not os.path.exists(path):
+        wd = str(tmp / 'for_artifact')
+        _ensure_trained(wd, env)
+        _run([sys.executable, '-m', 'pemn_jax.export', f'--workdir={wd}', f'--out={path}'], env)
+  return out, env
+
+
+def test_commands_are_found():
+  assert any('scripts/quickstart.sh' in c for c in COMMANDS)
+  assert any('pemn_jax.export' in c for c in COMMANDS)
+  assert any('benchmarks/' in c for c in COMMANDS)
+  assert len(COMMANDS) >= 20, sorted(COMMANDS)
+
+
+@pytest.mark.parametrize('cmd', sorted(COMMANDS), ids=lambda c: c[:70])
+def test_documented_command_runs(cmd, tmp_path, prepared_data):
+  argv, env = tiny(cmd, tmp_path)
+  _run(argv, env)

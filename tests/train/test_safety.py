@@ -1,0 +1,262 @@
+"""Nothing lost, nothing silently wrong: corrupt checkpoints, divergence,
+another config's checkpoints, a shared workdir, bad configs and workdirs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config, tree_equal
+
+from pemn_jax.config import ConfigError, base_config, validate
+from pemn_jax.export.run import export_run, load_run
+from pemn_jax.train import checkpoint as ck
+from pemn_jax.train.checkpoint import CheckpointError
+from pemn_jax.train.loop import DivergenceError, train_and_evaluate
+from pemn_jax.train.workdir import WorkdirError
+
+PEMN = {'name': 'masked', 'keep': 0.5, 'source': {'name': 'prototype', 'mode': 'rp',
+                                                  'ratio': 1e-2}}
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def largest_file(root):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_a_flipped_byte_is_detected_and_the_run_falls_back_to_the_newest_good_step(
+    mnist_slice, tmp_path, capsys):
+  c = tiny_config(mnist_slice, param=PEMN, num_steps=24, checkpoint_every=8,
+                  **{'optimizer.lr': 0.05})
+  train_and_evaluate(c, str(tmp_path / 'straight'))
+  c.stop_at_step = 16
+  train_and_evaluate(c, str(tmp_path / 'run'))
+  ckdir = tmp_path / 'run' / 'checkpoints'
+  assert sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) == [8, 16]
+  target = largest_file(ckdir / '16' / 'state')
+  data = bytearray(open(target, 'rb').read())
+  data[len(data) // 2] ^= 0x01  # one bit of the largest array file
+  open(target, 'wb').write(bytes(data))
+  corrupt = bytes(data)
+  c.stop_at_step = 0
+  c.keep_checkpoints = 1
+  capsys.readouterr()
+  out = train_and_evaluate(c, str(tmp_path / 'run'))
+  assert out['step'] == 24
+  # Orbax restores that byte silently; the digest recorded at save time catches it.
+  assert 'differ from the digest' in capsys.readouterr().out
+  # The corrupt step was set aside byte for byte, not deleted, and not resumed from.
+  rejected = os.listdir(ckdir / 'rejected')
+  assert len(rejected) == 1 and rejected[0].startswith('16-')
+  moved = os.path.join(ckdir, 'rejected', rejected[0], os.path.relpath(target, ckdir / '16'))
+  assert open(moved, 'rb').read() == corrupt
+  # Resumed from step 8 and retrained 9..24: the same state as the straight run.
+  assert tree_equal(load_run(str(tmp_path / 'run'))[-1].state,
+                    load_run(str(tmp_path / 'straight'))[-1].state)
+
+
+def test_a_corrupt_checkpoint_without_a_good_one_is_refused_and_left_untouched(
+    mnist_slice, tmp_path):
+  c = tiny_config(mnist_slice, num_steps=8)
+  train_and_evaluate(c, str(tmp_path))
+  target = largest_file(tmp_path / 'checkpoints' / '8' / 'state')
+  data = bytearray(open(target, 'rb').read())
+  data[len(data) // 2] ^= 0x40
+  open(target, 'wb').write(bytes(data))
+  before = {p: open(p, 'rb').read() for p in
+            (os.path.join(d, f) for d, _, fs in os.walk(tmp_path / 'checkpoints') for f in fs)}
+  c.num_steps = 16
+  with pytest.raises(CheckpointError, match='(?s)step 8.*left untouched'):
+    train_and_evaluate(c, str(tmp_path))
+  after = {p: open(p, 'rb').read() for p in
+           (os.path.join(d, f) for d, _, fs in os.walk(tmp_path / 'checkpoints') for f in fs)}
+  assert after == before
+
+
+def test_rotation_never_deletes_the_newest_verified_step(mnist_slice, tmp_path, monkeypatch):
+  real = ck.Checkpointer.restore
+
+  def failing(self, step, abstract):  # step 16 does not read back as saved
+    if step == 16:
+      raise CheckpointError('simulated: does not match its digest')
+    return real(self, step, abstract)
+  monkeypatch.setattr(ck.Checkpointer, 'restore', failing)
+  c = tiny_config(mnist_slice, num_steps=16, checkpoint_every=8, keep_checkpoints=1)
+  train_and_evaluate(c, str(tmp_path))
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert steps == [8, 16]  # keep=1, but 16 never verified: 8 stays
+
+
+def test_digest_sees_any_changed_value():
+  tree = {'a': np.arange(1000, dtype=np.float32), 'b': np.ones((3, 4), np.int32),
+          'c': np.zeros(5, bool)}
+  d0 = np.asarray(ck.state_digest(tree))
+  for leaf, i, value in [('a', 500, 500.0001), ('b', (2, 3), 2), ('c', 4, True)]:
+    t = {k: v.copy() for k, v in tree.items()}
+    t[leaf][i] = value
+    d = np.asarray(ck.state_digest(t))
+    assert (d != d0).sum() == 1
+  swapped = {**tree, 'a': tree['a'][::-1].copy()}  # same values, other places
+  assert not np.array_equal(np.asarray(ck.state_digest(swapped)), d0)
+
+
+def test_divergence_stops_keeps_the_last_finite_checkpoint_and_exits_3(mnist_slice, tmp_path):
+  # SGD whose warm-up drives the lr to 100 * step: the loss overflows at step ~31.
+  over = {'optimizer.name': 'sgd', 'optimizer.lr': 1e6, 'optimizer.warmup_steps': 10_000,
+          'optimizer.schedule': 'constant'}
+  c = tiny_config(mnist_slice, num_steps=60, log_every=1, checkpoint_every=4, **over)
+  with pytest.raises(DivergenceError, match=r'diverged.*step (\d+).*last checkpoint, step (\d+)'):
+    train_and_evaluate(c, str(tmp_path))
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert steps and steps[-1] < 60
+  ts = load_run(str(tmp_path))[-1]
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ts.state))
+  export_run(str(tmp_path), str(tmp_path / 'ok.pemn'), params_dir=None)  # finite: exports
+  # The CLI: a clear message and exit status 3; lr=inf is refused up front.
+  args = ['--config', 'configs/quickstart.py', '--config.dataset=mnist',
+          f'--config.source_dir={mnist_slice["source_dir"]}',
+          f'--config.data_dir={mnist_slice["data_dir"]}', '--config.batch_size=32',
+          '--config.eval_batch_size=100', '--config.num_steps=40', '--config.log_every=1']
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args, '--config.optimizer.lr=1e9',
+                      '--config.optimizer.name=sgd', f'--workdir={tmp_path / "cli"}'],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 3 and 'training diverged' in p.stderr, p.stderr[-2000:]
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args, '--config.optimizer.lr=inf',
+                      f'--workdir={tmp_path / "cli2"}'], cwd=REPO, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 2 and 'optimizer.lr' in p.stderr and 'finite' in p.stderr
+
+
+def test_another_configs_checkpoints_are_refused_naming_the_keys(mnist_slice, tmp_path):
+  c = tiny_config(mnist_slice, param=PEMN, num_steps=8, **{'optimizer.lr': 0.05})
+  train_and_evaluate(c, str(tmp_path))
+  stored = load_run(str(tmp_path))[0].to_dict()
+  for key, value, named in [('param', dict(PEMN, keep=0.3), 'param.keep'),
+                            ('dataset', 'fashion_mnist', 'dataset'),
+                            ('seed', 7, 'seed'), ('augment', 'flip', 'augment')]:
+    d = tiny_config(mnist_slice, param=PEMN, num_steps=16, **{'optimizer.lr': 0.05})
+    d[key] = value
+    with pytest.raises(ConfigError, match=named.replace('.', r'\.') + ': checkpoint'):
+      train_and_evaluate(d, str(tmp_path))
+  # The stored config was not overwritten; allowed keys (length, cadence, lr) may change.
+  assert load_run(str(tmp_path))[0].to_dict() == stored
+  d = tiny_config(mnist_slice, param=PEMN, num_steps=12, log_every=2, eval_every=6,
+                  **{'optimizer.lr': 0.01})
+  assert train_and_evaluate(d, str(tmp_path))['step'] == 12
+
+
+def test_resume_below_the_checkpoint_and_renamed_steps_are_errors(mnist_slice, tmp_path):
+  c = tiny_config(mnist_slice, num_steps=8)
+  train_and_evaluate(c, str(tmp_path))
+  c.num_steps = 4
+  with pytest.raises(ConfigError, match='at step 8, beyond this run.s 4 steps'):
+    train_and_evaluate(c, str(tmp_path))
+  os.rename(tmp_path / 'checkpoints' / '8', tmp_path / 'checkpoints' / '12')
+  c.num_steps = 16
+  with pytest.raises(CheckpointError, match='directory 12 .* holds step 8'):
+    train_and_evaluate(c, str(tmp_path))
+
+
+def test_metrics_have_one_record_per_step_after_a_crash_and_resume(mnist_slice, tmp_path):
+  c = tiny_config(mnist_slice, num_steps=12, checkpoint_every=8, log_every=2, eval_every=4)
+  train_and_evaluate(c, str(tmp_path))
+  # A crash after step 12's records but before its checkpoint: remove that checkpoint.
+  import shutil
+  shutil.rmtree(tmp_path / 'checkpoints' / '12')
+  c.num_steps = 16
+  train_and_evaluate(c, str(tmp_path))
+  recs = metrics(tmp_path)
+  for kind in ('loss', 'test_accuracy'):
+    steps = [r['step'] for r in recs if kind in r]
+    assert len(steps) == len(set(steps)) and steps == sorted(steps), (kind, steps)
+  assert [r['step'] for r in recs if 'loss' in r] == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def _start(args, workdir):
+  return subprocess.Popen([sys.executable, '-m', 'pemn_jax.main', *args, f'--workdir={workdir}'],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+def test_a_second_run_in_a_locked_workdir_is_refused_and_a_dead_runs_lock_is_taken_over(
+    mnist_slice, tmp_path):
+  args = ['--config', 'configs/quickstart.py', '--config.dataset=mnist',
+          f'--config.source_dir={mnist_slice["source_dir"]}',
+          f'--config.data_dir={mnist_slice["data_dir"]}', '--config.batch_size=32',
+          '--config.eval_batch_size=100', '--config.log_every=1']
+  first = _start([*args, '--config.num_steps=100000', '--config.checkpoint_every=100000'],
+                 tmp_path)
+  for line in first.stdout:
+    if line.startswith('step 2/'):
+      break
+  t0 = time.time()
+  second = subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args,
+                           '--config.num_steps=100000', '--config.checkpoint_every=100000',
+                           f'--workdir={tmp_path}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert second.returncode == 2 and 'in use by another run' in second.stderr
+  assert f'pid {first.pid}' in second.stderr and time.time() - t0 < 120
+  first.send_signal(signal.SIGKILL)  # dies holding the lock: no clean-up at all
+  first.wait()
+  third = subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args, '--config.num_steps=3',
+                          f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert 'final: step 3' in third.stdout
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('seed', 2**40, 'seed'), ('seed', -1, 'seed'), ('optimizer.lr', float('inf'), 'finite'),
+    ('optimizer.weight_decay', float('nan'), 'finite'), ('train_limit', 10, 'one batch'),
+    ('augment', 'mixup', 'augment'), ('optimizer.decay_epochs', -1.0, 'decay_epochs'),
+    ('prune.every', 0, 'prune.every'),
+    ('augment_options.erase', 2.0, 'erase'),
+])
+def test_bad_config_values_are_named(key, value, match):
+  c = base_config()
+  a, _, b = key.partition('.')
+  if b:
+    c[a][b] = value
+  else:
+    c[a] = value
+  with pytest.raises(ConfigError, match=match):
+    validate(c)
+
+
+def test_ring_dof_beyond_the_generated_weights_is_a_config_error(mnist_slice, tmp_path):
+  c = tiny_config(mnist_slice, param={'name': 'ring', 'dof': 10**7})
+  with pytest.raises(ConfigError, match='dof=10000000 exceeds'):
+    train_and_evaluate(c, str(tmp_path))
+
+
+def test_unusable_workdirs_are_clear_errors(mnist_slice, tmp_path):
+  afile = tmp_path / 'file'
+  afile.write_text('x')
+  for wd, match in [(str(afile), 'not a directory|cannot create'),
+                    (str(afile / 'sub'), 'cannot create'), ('', 'directory path')]:
+    with pytest.raises(WorkdirError, match=match):
+      train_and_evaluate(tiny_config(mnist_slice), wd)
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.main', '--config', 'configs/quickstart.py',
+                      f'--workdir={afile}/sub'], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 2 and 'cannot create workdir' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_stop_at_step_reports_where_it_stopped(mnist_slice, tmp_path):
+  args = ['--config', 'configs/quickstart.py', '--config.dataset=mnist',
+          f'--config.source_dir={mnist_slice["source_dir"]}',
+          f'--config.data_dir={mnist_slice["data_dir"]}', '--config.batch_size=32',
+          '--config.eval_batch_size=100', '--config.num_steps=20', '--config.stop_at_step=6']
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args, f'--workdir={tmp_path}'],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0 and 'stopped at step 6' in p.stdout, p.stdout + p.stderr
