@@ -76,10 +76,19 @@ def _map_path(value: str, tmp: Path) -> str:
   return str(tmp / value.strip('/').replace('/', '_'))
 
 
-def _ensure_trained(workdir: str, env):
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    _run([sys.executable, '-m', 'pemn_jax.main', '--config', 'configs/quickstart.py',
-          f'--workdir={workdir}', *TINY], env)
+def _ensure_trained(workdir: str, env, documented: str | None = None):
+  """A tiny run in ``workdir``: the documented training command that uses the
+  same workdir (as a reader would run them, in order), or the quickstart."""
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return
+  for cmd in COMMANDS:
+    if 'pemn_jax.main' in cmd and documented and re.search(
+        rf'--workdir[= ]{re.escape(documented)}(\s|$)', cmd):
+      argv, env2 = tiny(cmd, Path(os.path.dirname(workdir)))
+      _run(argv, env2)
+      return
+  _run([sys.executable, '-m', 'pemn_jax.main', '--config', 'configs/quickstart.py',
+        f'--workdir={workdir}', *TINY], env)
 
 
 def tiny(cmd: str, tmp: Path):
@@ -91,12 +100,13 @@ def tiny(cmd: str, tmp: Path):
     env[k] = v
   if words[0] in ('python', '.venv/bin/python'):
     words[0] = sys.executable
-  out = []
+  out, documented = [], {}
   it = iter(words)
   for w in it:  # paths given to --workdir / --out / --artifact / --params_dir go to tmp
     flag, eq, value = w.partition('=')
     if flag in ('--workdir', '--out', '--artifact', '--params_dir'):
       value = value if eq else next(it)
+      documented[flag] = value
       out.append(f'{flag}={_map_path(value, tmp)}')
     else:
       out.append(w)
@@ -113,7 +123,7 @@ def tiny(cmd: str, tmp: Path):
     env['PYTHON'] = sys.executable
   for w in out:  # export / evaluate need a trained run / a model file
     if w.startswith('--workdir=') and 'pemn_jax.export' in joined:
-      _ensure_trained(w.split('=', 1)[1], env)
+      _ensure_trained(w.split('=', 1)[1], env, documented.get('--workdir'))
     if w.startswith('--artifact='):
       path = w.split('=', 1)[1]
       if not os.path.exists(path):

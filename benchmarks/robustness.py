@@ -1,0 +1,290 @@
+"""Robustness campaign: how runs and model files behave under damage.
+
+Counts, per class of damage, the cases that were handled correctly and the
+failures (anything else: a wrong result, another exception type, a hang):
+
+* ``model_files``: mutated ``.pemn`` files with *valid* checksums (random header
+  values, deleted fields, flipped section bytes, truncated sections) -- correct
+  = the library's ArtifactError, or a load whose params have the model's shapes
+  and finite values, within 30 s;
+* ``checkpoint_flips``: one random byte of the latest checkpoint flipped, then
+  the run resumed to its end -- correct = it ends with the state of an
+  undamaged run (resumed from a good step), or refuses with CheckpointError and
+  leaves the files as they were;
+* ``kills``: ``kill -9`` at a random moment of a run (training or checkpoint
+  writing), then the same command again -- correct = it ends with the state of
+  an undisturbed run;
+* ``bad_configs``: invalid values -- correct = ConfigError naming the key.
+
+    .venv/bin/python benchmarks/robustness.py                    # ~15 min
+    .venv/bin/python benchmarks/robustness.py --smoke            # a few cases each
+
+Last lines: ``<class> tried=<n> correct=<c> failures=<f>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(_HERE)
+sys.path[:0] = [REPO]
+
+PEMN = {'name': 'masked', 'keep': 0.2, 'source': {'name': 'prototype', 'mode': 'rp',
+                                                  'ratio': 0.05}}
+
+
+def config(steps: int, **over):
+  from pemn_jax.config import base_config
+  c = base_config()
+  c.dataset, c.model = 'mnist', 'mlp'
+  c.model_kwargs.hidden = (32,)
+  c.param = PEMN
+  c.train_limit, c.test_limit = 1024, 200
+  c.batch_size, c.eval_batch_size = 32, 100
+  c.num_steps, c.log_every, c.checkpoint_every = steps, 4, 4
+  c.optimizer.update(name='adamw', lr=0.05, schedule='constant')
+  for k, v in over.items():
+    c[k] = v
+  return c
+
+
+def final_state(workdir):
+  import jax
+  import numpy as np
+
+  from pemn_jax.export.run import load_run
+  ts = load_run(workdir)[-1]
+  return [np.asarray(x) for x in jax.tree.leaves(ts.state)]
+
+
+def same(a, b) -> bool:
+  import numpy as np
+  return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def model_files(n, tmp, rng):
+  import jax
+  import numpy as np
+
+  from pemn_jax.export import artifact
+  from pemn_jax.export.run import export_run, load
+  from pemn_jax.train.loop import train_and_evaluate
+  wd = os.path.join(tmp, 'mf')
+  train_and_evaluate(config(8), wd)
+  good = os.path.join(tmp, 'good.pemn')
+  export_run(wd, good, params_dir=None)
+  data = open(good, 'rb').read()
+  pre = struct.Struct('<8sII')
+  _, version, hl = pre.unpack_from(data)
+  header = json.loads(data[pre.size:pre.size + hl])
+  sections = data[pre.size + hl:-32]
+  ref = [x.shape for x in jax.tree.leaves(load(good)[2])]
+  values = [None, True, -1, 0, 2**40, 1e308, float('nan'), float('inf'), '', '(a+)+$', '@stages',
+            [], [1] * 10, {}, {'name': 'dense'}, 'mlp', 'rans', 7, 0.5, [2**31, 2]]
+
+  def paths(x, prefix=()):
+    yield prefix
+    if isinstance(x, dict):
+      for k, v in x.items():
+        yield from paths(v, prefix + (k,))
+    elif isinstance(x, list):
+      for i, v in enumerate(x):
+        yield from paths(v, prefix + (i,))
+  all_paths = [p for p in paths(header) if p]
+  ok = bad = 0
+  for i in range(n):
+    h, body = json.loads(json.dumps(header)), bytearray(sections)
+    kind = rng.choice(['value', 'value', 'delete', 'bytes', 'truncate'])
+    if kind in ('value', 'delete'):
+      p = rng.choice(all_paths)
+      node = h
+      try:
+        for k in p[:-1]:
+          node = node[k]
+        if kind == 'delete':
+          del node[p[-1]]
+        else:
+          node[p[-1]] = rng.choice(values)
+      except (KeyError, IndexError, TypeError):
+        pass
+    elif kind == 'bytes':
+      for _ in range(rng.randint(1, 8)):
+        body[rng.randrange(len(body))] = rng.randrange(256)
+    else:
+      body = body[:rng.randrange(len(body))]
+    head = json.dumps(h).encode()
+    blob = pre.pack(artifact.MAGIC, version, len(head)) + head + bytes(body)
+    path = os.path.join(tmp, f'm{i}.pemn')
+    with open(path, 'wb') as f:
+      f.write(blob + hashlib.sha256(blob).digest())
+    t0 = time.time()
+    try:
+      _, _, params, _ = load(path)
+      good_load = [x.shape for x in jax.tree.leaves(params)] == ref and all(
+          bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(params))
+    except artifact.ArtifactError:
+      good_load = True
+    except Exception as e:  # noqa: BLE001 - counted as a failure
+      print(f'# model_files case {i} ({kind}): {type(e).__name__}: {e}', flush=True)
+      good_load = False
+    good_load &= time.time() - t0 < 30
+    ok, bad = ok + good_load, bad + (not good_load)
+  return n, ok, bad
+
+
+def checkpoint_flips(n, tmp, rng):
+  from pemn_jax.train.checkpoint import CheckpointError
+  from pemn_jax.train.loop import train_and_evaluate
+  straight = os.path.join(tmp, 'straight')
+  train_and_evaluate(config(16), straight)
+  want = final_state(straight)
+  base = os.path.join(tmp, 'base')
+  train_and_evaluate(config(16, stop_at_step=12), base)
+  ok = bad = 0
+  for i in range(n):
+    wd = os.path.join(tmp, f'flip{i}')
+    shutil.copytree(base, wd)
+    step_dir = os.path.join(wd, 'checkpoints', '12')
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+    target = rng.choice(files)
+    data = bytearray(open(target, 'rb').read())
+    if data:
+      data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+      open(target, 'wb').write(bytes(data))
+    snapshot = {p: open(p, 'rb').read() for p in
+                (os.path.join(d, f) for d, _, fs in os.walk(os.path.join(wd, 'checkpoints'))
+                 for f in fs)}
+    try:
+      train_and_evaluate(config(16), wd)
+      good = same(final_state(wd), want)
+    except CheckpointError:  # refused: must have left the files as they were
+      now = {p: open(p, 'rb').read() for p in
+             (os.path.join(d, f) for d, _, fs in os.walk(os.path.join(wd, 'checkpoints'))
+              for f in fs)}
+      good = now == snapshot
+    except Exception as e:  # noqa: BLE001 - counted as a failure
+      print(f'# checkpoint_flips case {i} ({target}): {type(e).__name__}: {e}', flush=True)
+      good = False
+    if not good:
+      print(f'# checkpoint_flips case {i}: wrong result ({os.path.relpath(target, wd)})',
+            flush=True)
+    ok, bad = ok + good, bad + (not good)
+  return n, ok, bad
+
+
+def kills(n, tmp, rng):
+  steps = 40
+  args = ['--config', 'configs/quickstart.py', '--config.dataset=mnist',
+          '--config.model_kwargs.hidden=(32,)', '--config.train_limit=1024',
+          '--config.test_limit=200', '--config.batch_size=32', '--config.eval_batch_size=100',
+          f'--config.num_steps={steps}', '--config.log_every=4', '--config.checkpoint_every=4',
+          '--config.optimizer.lr=0.05', '--config.optimizer.schedule=constant',
+          '--config.optimizer.weight_decay=0.0', '--config.param.keep=0.2',
+          '--config.param.source.ratio=0.05', '--config.param.source.rescale=false']
+  straight = os.path.join(tmp, 'kstraight')
+  subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args, f'--workdir={straight}'],
+                 cwd=REPO, check=True, capture_output=True, timeout=600)
+  want = final_state(straight)
+  ok = bad = 0
+  for i in range(n):
+    wd = os.path.join(tmp, f'kill{i}')
+    p = subprocess.Popen([sys.executable, '-m', 'pemn_jax.main', *args, f'--workdir={wd}'],
+                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(3.0, 12.0))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args, f'--workdir={wd}'],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    good = r.returncode == 0 and same(final_state(wd), want)
+    if not good:
+      print(f'# kills case {i}: rc={r.returncode} {r.stderr[-300:]}', flush=True)
+    ok, bad = ok + good, bad + (not good)
+  return n, ok, bad
+
+
+BAD = [('seed', 2**40), ('seed', -3), ('optimizer.lr', float('inf')), ('optimizer.lr', -1.0),
+       ('optimizer.lr', float('nan')), ('optimizer.weight_decay', float('nan')),
+       ('optimizer.momentum', 1.0), ('optimizer.name', 'rmsprop'), ('optimizer.schedule', 'step'),
+       ('optimizer.decay_epochs', -1.0), ('optimizer.warmup_steps', -5),
+       ('optimizer.grad_clip', float('inf')), ('batch_size', 0), ('batch_size', -32),
+       ('eval_batch_size', 0), ('num_steps', -1), ('num_epochs', 0.0),
+       ('num_epochs', float('inf')), ('train_limit', 5), ('test_limit', -1), ('log_every', 0),
+       ('checkpoint_every', 0), ('keep_checkpoints', 0), ('dataset', 'svhn'),
+       ('model', 'alexnet'), ('augment', 'cutmix'), ('augment_options.erase', 1.5),
+       ('augment_options.ra_ops', 99), ('augment_options.jitter', float('nan')),
+       ('prune.criterion', 'lottery'), ('prune.sparsity', 1.0), ('prune.allocation', 'x'),
+       ('prune.every', 0), ('prune.begin_fraction', 2.0),
+       ('param', {'name': 'ring', 'dof': 10**9}), ('param', {'name': 'ring', 'dof': 0.0}),
+       ('param', {'name': 'masked', 'keep': 1.5}), ('param', {'name': 'masked', 'keep': 0.0}),
+       ('param', {'name': 'nope'}), ('param', {'name': 'ring', 'dof': 10, 'select': '(unclosed'}),
+       ('param', {'name': 'prototype', 'mode': 'rp', 'ratio': 0.0}),
+       ('param', {'name': 'masked', 'kind': 'supermask', 'eval': 'mean'}),
+       ('model_kwargs', {'hidden': (32,), 'depth': 3})]
+
+
+def bad_configs(tmp):
+  from pemn_jax.config import ConfigError
+  from pemn_jax.train.loop import train_and_evaluate
+  ok = bad = 0
+  for i, (key, value) in enumerate(BAD):
+    c = config(2)
+    a, _, b = key.partition('.')
+    try:
+      if b:
+        c[a][b] = value
+      else:
+        c[a] = value
+    except (TypeError, ValueError):  # ConfigDict's own type check refuses it
+      ok += 1
+      continue
+    try:
+      train_and_evaluate(c, os.path.join(tmp, f'bad{i}'))
+      good = False
+    except ConfigError as e:
+      good = a in str(e)
+    except Exception as e:  # noqa: BLE001 - counted as a failure
+      print(f'# bad_configs {key}={value!r}: {type(e).__name__}: {e}', flush=True)
+      good = False
+    if not good:
+      print(f'# bad_configs {key}={value!r}: not refused by name', flush=True)
+    ok, bad = ok + good, bad + (not good)
+  return len(BAD), ok, bad
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument('--model_files', type=int, default=2000)
+  ap.add_argument('--checkpoint_flips', type=int, default=40)
+  ap.add_argument('--kills', type=int, default=20)
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--smoke', action='store_true', help='3 cases of each')
+  args = ap.parse_args()
+  if args.smoke:
+    args.model_files, args.checkpoint_flips, args.kills = 3, 1, 1
+  rng = random.Random(args.seed)
+  from pemn_jax.data import sources
+  sources.load('mnist', 'train'), sources.load('mnist', 'test')  # prepared once, up front
+  results = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    results['model_files'] = model_files(args.model_files, tmp, rng)
+    results['checkpoint_flips'] = checkpoint_flips(args.checkpoint_flips, tmp, rng)
+    results['kills'] = kills(args.kills, tmp, rng)
+    results['bad_configs'] = bad_configs(tmp)
+  for name, (n, ok, bad) in results.items():
+    print(f'{name} tried={n} correct={ok} failures={bad}')
+
+
+if __name__ == '__main__':
+  main()
