@@ -1,7 +1,7 @@
 """Exports a trained run to a compact model file.
 
     python -m pemn_jax.export --workdir DIR --out model.pemn [--report]
-        [--float_codec f32|f16|bf16] [--mask_codec auto|bits|rans] [--params_dir DIR]
+        [--float_codec f32|f16|bf16] [--mask_codec auto|bits|rans] [--params_dir DIR] [--slice]
 
 Also writes an orbax checkpoint of the materialized dense params (and batch
 statistics) to --params_dir (default: OUT + '.params').
@@ -22,18 +22,22 @@ _MASK = flags.DEFINE_enum('mask_codec', 'auto', ['auto', 'bits', 'rans'],
 _PARAMS = flags.DEFINE_string('params_dir', None, 'Orbax checkpoint of the dense params '
                               "('' to skip; default OUT.params).")
 _REPORT = flags.DEFINE_bool('report', False, 'Print the size breakdown.')
+_SLICE = flags.DEFINE_bool('slice', False, 'A gated (polarization) run: freeze the gates and '
+                           'write the physically smaller ordinary model.')
 
 
 def main(argv):
   del argv
   from pemn_jax.export import artifact
   from pemn_jax.export.run import export_run
+  from pemn_jax.surgery import SliceError
   from pemn_jax.train.checkpoint import CheckpointError
 
   params_dir = _OUT.value + '.params' if _PARAMS.value is None else (_PARAMS.value or None)
   try:
-    out = export_run(_WORKDIR.value, _OUT.value, _FLOAT.value, _MASK.value, params_dir)
-  except (CheckpointError, artifact.ArtifactError, ValueError) as e:
+    out = export_run(_WORKDIR.value, _OUT.value, _FLOAT.value, _MASK.value, params_dir,
+                     _SLICE.value)
+  except (CheckpointError, artifact.ArtifactError, SliceError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'wrote {_OUT.value}: {out["file_bytes"]} bytes (dense float32: '

@@ -26,7 +26,7 @@ MAX_PARAMS = 1 << 29
 def build(model_name, model_kwargs, num_classes, input_shape, param_spec):
   """(model, parameterization) of a registry model name and a param spec."""
   model = models.get(model_name, num_classes=num_classes, **model_kwargs)
-  param = P.build(param_spec, models.abstract_params(model, tuple(input_shape)))
+  param = P.build(param_spec, models.abstract_params(model, tuple(input_shape)), model=model)
   return model, param
 
 
@@ -60,30 +60,51 @@ def _finite(tree) -> bool:
 
 
 def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str = 'auto',
-               params_dir: str | None = None) -> dict:
+               params_dir: str | None = None, slice_gates: bool = False) -> dict:
   """Writes ``out`` (.pemn) and, if ``params_dir``, an orbax checkpoint of the
   materialized dense params + model state. Returns sizes.
 
+  Args:
+    workdir: the run.
+    out: the model file to write.
+    float_codec, mask_codec: see ``artifact.write``.
+    params_dir: also an orbax checkpoint of the dense params there.
+    slice_gates: a gated run (polarization): freeze its gates and write the
+      physically smaller ordinary model (dense params) instead.
+  Returns:
+    ``file_bytes``, ``num_params`` (of the written model), ``header``.
   Raises:
     CheckpointError: no checkpoint, or one whose state is not finite.
+    SliceError: ``slice_gates`` on a run whose gates cannot be sliced.
   """
   config, meta, model, param, ts = load_run(workdir)
   if not _finite((ts.state, ts.model_state)):
     raise CheckpointError(f'the checkpoint of step {meta["step"]} in {workdir} holds non-finite '
                           'values (a diverged run): not exporting it')
-  arrays = {k: np.asarray(v) for k, v in jax.jit(param.export)(ts.state, ts.seed).items()}
-  arrays.update({f'model_state/{k}': np.asarray(v) for k, v in flatten(ts.model_state).items()})
+  model_name, model_kwargs = config.model, config.model_kwargs.to_dict()
+  params = jax.jit(param.materialize)(ts.state, ts.seed)
+  model_state = ts.model_state
+  if slice_gates:
+    from pemn_jax import surgery
+    _, model_kwargs, params, model_state = surgery.slice_params(
+        model_name, model_kwargs, meta['num_classes'], meta['input_shape'], params, model_state)
+    param = P.build({'name': 'dense'}, params)
+    arrays = {k: np.asarray(v) for k, v in param.export(params, 0).items()}
+    seed = 0
+  else:
+    arrays = {k: np.asarray(v) for k, v in jax.jit(param.export)(ts.state, ts.seed).items()}
+    seed = int(ts.seed)
+  arrays.update({f'model_state/{k}': np.asarray(v) for k, v in flatten(model_state).items()})
   header = {'format': 'pemn_jax model', 'pemn_jax_version': __version__,
-            'jax_version': jax.__version__, 'model': config.model,
-            'model_kwargs': config.model_kwargs.to_dict(), 'num_classes': meta['num_classes'],
+            'jax_version': jax.__version__, 'model': model_name,
+            'model_kwargs': model_kwargs, 'num_classes': meta['num_classes'],
             'input_shape': list(meta['input_shape']), 'param': P.resolved_spec(param),
-            'seed': int(ts.seed), 'dataset': config.dataset, 'step': int(meta['step'])}
+            'seed': seed, 'dataset': config.dataset, 'step': int(meta['step'])}
   size = artifact.write(out, _jsonable(header), arrays, float_codec, mask_codec)
   result = {'file_bytes': size, 'num_params': param.num_params, 'header': header}
   if params_dir:
-    params = jax.jit(param.materialize)(ts.state, ts.seed)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.abspath(params_dir), {'params': params, **ts.model_state}, force=True)
+    ckptr.save(os.path.abspath(params_dir), {'params': params, **model_state}, force=True)
     ckptr.wait_until_finished()
     result['params_dir'] = params_dir
   return result
@@ -139,7 +160,7 @@ def load(path: str, max_params: int = MAX_PARAMS):
     if n > max_params:
       raise artifact.ArtifactError(f'{path!r}: the model has {n} parameters, more than '
                                    f'max_params={max_params}')
-    param = P.build(header['param'], target)
+    param = P.build(header['param'], target, model=model)
   except artifact.ArtifactError:
     raise
   except Exception as e:  # noqa: BLE001 - any failure to rebuild from header values

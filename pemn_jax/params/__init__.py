@@ -8,23 +8,32 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 from pemn_jax.params.base import KERNELS, Parameterization, Split, flatten, unflatten
 from pemn_jax.params.dense import Dense
+from pemn_jax.params.gates import Gated
 from pemn_jax.params.masks import Masked
 from pemn_jax.params.prototype import Prototype, rp_length
 from pemn_jax.params.ring import Ring
 
-REGISTRY = {'dense': Dense, 'ring': Ring, 'prototype': Prototype, 'masked': Masked}
+REGISTRY = {'dense': Dense, 'ring': Ring, 'prototype': Prototype, 'masked': Masked,
+            'gated': Gated}
+CONTEXT = ('model', 'total_steps')  # what a build may hand to the classes that ask
 
 
-def build(spec: Mapping, target) -> Parameterization:
+def build(spec: Mapping, target, **context) -> Parameterization:
   """Builds a (possibly composed) parameterization from a spec mapping.
 
   Args:
     spec: ``{'name': ..., options..., 'source': {...}}`` (dict or ConfigDict).
+      A class with ``takes_source`` is built over ``source`` (its
+      ``default_source`` if absent), itself built recursively on
+      ``cls.source_target(target)``.
     target: the model's params pytree of shapes.
+    **context: ``model`` (the Flax module), ``total_steps``: given to the
+      classes whose constructor takes them.
   Returns:
     The parameterization; its ``spec`` attribute is the spec it was built from
     (defaults made explicit for ``source``).
@@ -35,10 +44,18 @@ def build(spec: Mapping, target) -> Parameterization:
   if name not in REGISTRY:
     raise ValueError(f'unknown parameterization {name!r}; known: {sorted(REGISTRY)}')
   cls = REGISTRY[name]
-  if name == 'masked':
-    source = spec.pop('source', {'name': 'prototype', 'mode': 'dense'})
-    args = (build(source, target),)
-    full['source'] = args[0].spec
+  accepts = inspect.signature(cls.__init__).parameters
+  for key in CONTEXT:
+    if key in spec:
+      raise ValueError(f'{key!r} is not an option of parameterization {name!r}')
+    if key in accepts and key in context:
+      spec[key] = context[key]
+  if cls.takes_source:
+    source = build(spec.pop('source', cls.default_source), cls.source_target(target), **context)
+    full['source'] = source.spec
+    args = (source,)
+    if 'target' in accepts:
+      spec['target'] = target
   else:
     args = (target,)
   try:
@@ -63,5 +80,6 @@ def resolved_spec(param: Parameterization) -> dict:
   return spec
 
 
-__all__ = ['KERNELS', 'REGISTRY', 'Dense', 'Masked', 'Parameterization', 'Prototype', 'Ring',
+__all__ = ['KERNELS', 'REGISTRY', 'Dense', 'Gated', 'Masked', 'Parameterization', 'Prototype',
+           'Ring',
            'Split', 'build', 'flatten', 'resolved_spec', 'rp_length', 'unflatten']

@@ -6,7 +6,9 @@ shapes (``jax.eval_shape(model.init, ...)['params']``) -- and offers
 * ``init(key) -> state``: only what is trained (a pytree of float arrays);
 * ``materialize(state, seed, rng=None) -> params``: pure, jittable,
   differentiable w.r.t. ``state`` and deterministic in ``seed``;
-* ``regularizer(state, seed) -> scalar``: an extra loss term (0 by default);
+* ``regularizer(state, seed, step) -> scalar``: an extra loss term (0 by
+  default); ``metrics(state, seed, step) -> {name: scalar}`` to log;
+* ``project(state)``: applied after every optimizer update (constraints);
 * ``eval_rngs(seed)``: None, or the keys of the sampled networks an
   expected-value evaluation averages (stochastic methods);
 * ``storage_bits() -> dict``: what a compact file of this model must hold.
@@ -177,6 +179,15 @@ class Parameterization(abc.ABC):
   """Maps (trainable state, seed) to a model's full params pytree."""
 
   spec: dict | None = None  # the spec ``params.build`` made it from
+  # Composition: a class built over another parameterization (its ``source``
+  # spec, default ``default_source``) on ``source_target(target)``.
+  takes_source: bool = False
+  default_source: dict | None = None
+
+  @classmethod
+  def source_target(cls, target):
+    """The params target its source is built on (default: the same)."""
+    return target
 
   def __init__(self, target):
     self.leaves: dict[str, jax.ShapeDtypeStruct]
@@ -206,9 +217,20 @@ class Parameterization(abc.ABC):
   def materialize(self, state, seed, rng=None) -> PyTree:
     """The model's params pytree (nested dict, shapes and dtypes of target)."""
 
-  def regularizer(self, state, seed) -> jax.Array:
-    del state, seed
+  def regularizer(self, state, seed, step=0) -> jax.Array:
+    """An extra loss term; ``step`` (the train step, traced) lets it ramp."""
+    del state, seed, step
     return jnp.zeros((), jnp.float32)
+
+  def metrics(self, state, seed, step=0) -> dict[str, jax.Array]:
+    """Scalars the trainer logs (averaged over the log interval)."""
+    del state, seed, step
+    return {}
+
+  def project(self, state):
+    """The state after an optimizer update, projected onto its constraint set
+    (identity by default; e.g. gates kept in [0, 1])."""
+    return state
 
   def eval_rngs(self, seed) -> jax.Array | None:
     """Keys of the sampled networks whose predictions evaluation averages

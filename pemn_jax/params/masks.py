@@ -44,6 +44,9 @@ EVALS = ('sample', 'threshold', 'expected')
 class Masked(Parameterization):
   """Per-leaf learned masks composed over another parameterization."""
 
+  takes_source = True
+  default_source = {'name': 'prototype', 'mode': 'dense'}
+
   def __init__(self, source: Parameterization, keep: float = 0.5, select: str = KERNELS,
                kind: str = 'edge_popup', eval: str = 'sample', eval_samples: int = 8,
                eval_seed: int = 0):
@@ -133,8 +136,14 @@ class Masked(Parameterization):
       raise ValueError(f'file has masks for {sorted(masks)}, the model needs {self.masked}')
     return self._apply(self.source.from_export(src, seed), masks)
 
-  def regularizer(self, state, seed):
-    return self.source.regularizer(state['source'], seed)
+  def regularizer(self, state, seed, step=0):
+    return self.source.regularizer(state['source'], seed, step)
+
+  def metrics(self, state, seed, step=0):
+    return self.source.metrics(state['source'], seed, step)
+
+  def project(self, state):
+    return {**state, 'source': self.source.project(state['source'])}
 
   def storage_bits(self):
     bits = dict(self.source.storage_bits())

@@ -166,11 +166,11 @@ def _train(config, workdir: str) -> dict:
   except ValueError as e:
     raise ConfigError(f'config.model_kwargs: {e}') from None
   target = models.abstract_params(model, train_ds.image_shape)
+  total = config.num_steps or max(1, int(config.num_epochs * pipe.steps_per_epoch))
   try:
-    param = P.build(config.param, target)
+    param = P.build(config.param, target, model=model, total_steps=total)
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.param: {e}') from e
-  total = config.num_steps or max(1, int(config.num_epochs * pipe.steps_per_epoch))
   tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch)
   tx = with_pruning(tx, config.prune, total, config.seed, param)
 
@@ -247,11 +247,14 @@ def _train(config, workdir: str) -> dict:
           dt = time.time() - t_last
           rec = {'step': step, 'loss': float(np.mean(losses)),
                  'accuracy': float(np.mean([x['accuracy'] for x in ms])),
+                 **{k: float(np.mean([x[k] for x in ms])) for k in ms[0]
+                    if k not in ('loss', 'accuracy')},
                  'lr': float(sched(step - 1)), 'images_per_s': len(ms) * config.batch_size / dt,
                  'trainable': report['trainable'], 'model_bytes': report['model_bytes']}
           eta = (total - step) * dt / len(ms)
+          extra = ''.join(f' {k} {rec[k]:.4g}' for k in ms[0] if k not in ('loss', 'accuracy'))
           say(f'step {step}/{total} loss {rec["loss"]:.4f} acc {rec["accuracy"]:.4f} '
-              f'lr {rec["lr"]:.3g} {rec["images_per_s"]:.0f} img/s eta {eta:.0f}s')
+              f'lr {rec["lr"]:.3g}{extra} {rec["images_per_s"]:.0f} img/s eta {eta:.0f}s')
           metrics.write(rec)
           acc_metrics, t_last = [], time.time()
         if (config.eval_every and step % config.eval_every == 0) or step == total:

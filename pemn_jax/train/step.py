@@ -40,8 +40,8 @@ def create_train_state(param: Parameterization, tx: optax.GradientTransformation
 
 
 def loss_fn(model, param: Parameterization, state, model_state, seed, images, labels,
-            rng=None, train: bool = True):
-  """Cross-entropy (+ the parameterization's regularizer); returns
+            rng=None, train: bool = True, step=0):
+  """Cross-entropy (+ the parameterization's regularizer at ``step``); returns
   ``(loss, (new_model_state, logits))``."""
   params = param.materialize(state, seed, rng)
   variables = {'params': params, **model_state}
@@ -51,7 +51,7 @@ def loss_fn(model, param: Parameterization, state, model_state, seed, images, la
   else:
     logits, new_model_state = model.apply(variables, images, train=train), model_state
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  return loss + param.regularizer(state, seed), (new_model_state, logits)
+  return loss + param.regularizer(state, seed, step), (new_model_state, logits)
 
 
 def eval_batch(model, materialize, model_state, images, labels, weights, rngs=None):
@@ -93,11 +93,12 @@ def make_train_step(model, param: Parameterization, tx: optax.GradientTransforma
   def step(ts: TrainState, images, labels, rng=None):
     grad_fn = jax.value_and_grad(loss_fn, argnums=2, has_aux=True)
     (loss, (model_state, logits)), grads = grad_fn(
-        model, param, ts.state, ts.model_state, ts.seed, images, labels, rng, True)
+        model, param, ts.state, ts.model_state, ts.seed, images, labels, rng, True, ts.step)
     updates, opt_state = tx.update(grads, ts.opt_state, ts.state)
-    state = optax.apply_updates(ts.state, updates)
+    state = param.project(optax.apply_updates(ts.state, updates))
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    extra = param.metrics(state, ts.seed, ts.step + 1)
     ts = ts.replace(step=ts.step + 1, state=state, opt_state=opt_state, model_state=model_state)
-    return ts, {'loss': loss, 'accuracy': acc}
+    return ts, {'loss': loss, 'accuracy': acc, **extra}
 
   return step
