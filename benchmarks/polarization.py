@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import tempfile
@@ -75,14 +74,17 @@ def run_one(dataset, model_name, args, tmp):
     pol_s = time.time() - t0
     if out['stopped']:
       raise SystemExit('stopped by a signal')
-    with open(os.path.join(wd, 'metrics.jsonl')) as f:
-      achieved = [json.loads(x) for x in f if 'gate_sparsity' in x][-1]['gate_sparsity']
     path = os.path.join(tmp, f'{dataset}_{model_name}_{target}.pemn')
     export_run(wd, path, params_dir=None, slice_gates=True)
     ev = evaluate_artifact(path, dataset, args.data_dir or None)
     _, smodel, sparams, sstate = load(path)
     import jax
+
+    from pemn_jax.params.base import flatten
     n_sliced = sum(x.size for x in jax.tree.leaves(sparams))
+    kernels = lambda tree: sum(v.size for k, v in flatten(tree).items()  # noqa: E731
+                               if k.endswith('kernel'))
+    achieved = 1 - kernels(sparams) / kernels(dparams)  # from the sliced file itself
     rows.append({
         'model': f'{dataset}/{model_name}', 'target': target, 'achieved': achieved,
         'dense_acc': dense['test_accuracy'], 'pruned_acc': ev['accuracy'],

@@ -32,6 +32,13 @@ REPO = __import__('pathlib').Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / 'shared' / 'data' / 'mnist'
 
 
+def minimal_header():
+  """A model-file header that passes the schema (for codec-level tests)."""
+  return {'format': 'pemn_jax model', 'pemn_jax_version': '0', 'jax_version': '0', 'model': 'mlp',
+          'model_kwargs': {}, 'num_classes': 10, 'input_shape': [28, 28, 1],
+          'param': {'name': 'dense'}, 'seed': 0, 'dataset': 'mnist', 'step': 0}
+
+
 def load_config(name: str, arg: str | None = None):
   """``configs/<name>.py``'s ``get_config(arg)``."""
   import importlib.util

@@ -35,9 +35,11 @@ def documented_commands():
   for rel in SOURCES:
     for line in (REPO / rel).read_text().splitlines():
       for m in COMMAND.finditer(line):
-        cmd = m.group(1).strip()
+        cmd = m.group(1).strip().rstrip(').,;:')
         if any(p in cmd for p in PLACEHOLDERS) or 'scripts/test.sh' in cmd:
           continue
+        if re.fullmatch(r'(\.venv/bin/)?python -m pemn_jax\.[\w.]+', cmd):
+          continue  # a mention of a module (they all take flags), not a command
         if re.search(r'(benchmarks|examples)/', cmd):  # all of them run with --smoke
           cmd = re.sub(r'\s+--smoke\b', '', cmd)
         cmd = re.sub(r'^\.venv/bin/python ', 'python ', cmd)  # the same command
@@ -113,6 +115,8 @@ def tiny(cmd: str, tmp: Path):
   joined = ' '.join(out)
   if 'pemn_jax.main' in joined or 'launch/local.sh' in joined:
     out += TINY
+  elif 'pemn_jax.evolve' in joined:
+    out += ['--population=4', '--calibration=64', '--finetune_steps=2']
   elif 'scripts/quickstart.sh' in joined:
     env['WORKDIR'] = str(tmp / 'quickstart')
     env['PYTHON'] = sys.executable
@@ -122,7 +126,7 @@ def tiny(cmd: str, tmp: Path):
   if 'launch/local.sh' in joined:
     env['PYTHON'] = sys.executable
   for w in out:  # export / evaluate need a trained run / a model file
-    if w.startswith('--workdir=') and 'pemn_jax.export' in joined:
+    if w.startswith('--workdir=') and ('pemn_jax.export' in joined or 'pemn_jax.evolve' in joined):
       _ensure_trained(w.split('=', 1)[1], env, documented.get('--workdir'))
     if w.startswith('--artifact='):
       path = w.split('=', 1)[1]

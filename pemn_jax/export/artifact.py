@@ -49,36 +49,95 @@ def _encode_float_section(x, float_codec):
   if nnz == nz.size or x.size < 64:
     return float_codec, dense, {}
   values = codecs.encode_floats(np.asarray(x).reshape(-1)[nz], float_codec)
+  kind, index = _encode_positions(nz)
+  if len(index) + len(values) >= len(dense):
+    return float_codec, dense, {}
+  return 'sparse', index + values, {'values_codec': float_codec, 'index': kind, 'nnz': nnz,
+                                    'index_length': len(index)}
+
+
+def _encode_positions(nz: np.ndarray) -> tuple[str, bytes]:
+  """The smallest code of a flat 0/1 position array: bitmap, rANS bitmap, u32."""
   index = {c: codecs.encode_mask(nz, c) for c in codecs.MASK_CODECS}
   index['u32'] = np.flatnonzero(nz).astype('<u4').tobytes()
   kind = min(index, key=lambda c: len(index[c]))
-  if len(index[kind]) + len(values) >= len(dense):
-    return float_codec, dense, {}
-  return 'sparse', index[kind] + values, {'values_codec': float_codec, 'index': kind,
-                                          'nnz': nnz, 'index_length': len(index[kind])}
+  return kind, index[kind]
+
+
+def _decode_positions(blob, kind: str, n: int, nnz: int) -> np.ndarray:
+  if kind == 'u32':
+    if len(blob) != 4 * nnz:
+      raise ValueError(f'position index has {len(blob)} bytes for {nnz} positions')
+    pos = np.frombuffer(blob, '<u4').astype(np.int64)
+    if pos.size and (pos.max() >= n or (np.diff(pos) <= 0).any()):
+      raise ValueError('positions are out of range or not increasing')
+    return pos
+  return np.flatnonzero(codecs.decode_mask(blob, kind, (n,), nnz))
+
+
+def _encode_quantized(q: codecs.Quantized):
+  """A ``quant`` section: positions, float32 codebook, symbol counts (u32),
+  rANS-coded symbols."""
+  kind, index = _encode_positions(np.asarray(q.mask).reshape(-1))
+  levels = len(q.codebook)
+  counts = np.bincount(np.asarray(q.symbols, np.int64), minlength=levels)
+  symbols = codecs.rans_encode_symbols(q.symbols, counts) if q.nnz else b''
+  blob = (index + np.asarray(q.codebook, '<f4').tobytes() + counts.astype('<u4').tobytes()
+          + symbols)
+  return blob, {'index': kind, 'index_length': len(index), 'nnz': q.nnz, 'levels': levels,
+                'bits': int(q.bits), 'method': q.method, 'symbols_length': len(symbols)}
+
+
+def _decode_quantized(blob, s):
+  shape, n = tuple(s['shape']), math.prod(s['shape'])
+  levels, il = s['levels'], s['index_length']
+  pos = _decode_positions(blob[:il], s['index'], n, s['nnz'])
+  codebook = np.frombuffer(blob, '<f4', levels, il).astype(np.float32)
+  counts = np.frombuffer(blob, '<u4', levels, il + 4 * levels).astype(np.int64)
+  if int(counts.sum()) != s['nnz']:
+    raise ValueError(f'symbol counts sum to {int(counts.sum())}, not nnz={s["nnz"]}')
+  if not np.isfinite(codebook).all():
+    raise ValueError('the codebook holds non-finite values')
+  sym_blob = blob[il + 8 * levels:]
+  sym = (codecs.rans_decode_symbols(sym_blob, s['nnz'], counts) if s['nnz']
+         else np.zeros(0, np.int64))
+  out = np.zeros(n, np.float32)
+  out[pos] = codebook[sym]
+  return out.reshape(shape)
 
 
 def _decode_sparse(blob, s):
   shape, n = tuple(s['shape']), math.prod(s['shape'])
   idx_blob, val_blob = blob[:s['index_length']], blob[s['index_length']:]
-  if s['index'] == 'u32':
-    if len(idx_blob) != 4 * s['nnz']:
-      raise ValueError(f'sparse index has {len(idx_blob)} bytes for {s["nnz"]} positions')
-    pos = np.frombuffer(idx_blob, '<u4').astype(np.int64)
-    if pos.size and (pos.max() >= n or (np.diff(pos) <= 0).any()):
-      raise ValueError('sparse index positions are out of range or not increasing')
-  else:
-    pos = np.flatnonzero(codecs.decode_mask(idx_blob, s['index'], (n,), s['nnz']))
+  pos = _decode_positions(idx_blob, s['index'], n, s['nnz'])
   out = np.zeros(n, np.float32)
   out[pos] = codecs.decode_floats(val_blob, s['values_codec'], (s['nnz'],))
   return out.reshape(shape)
 
 
-def write(path: str, header: dict, arrays: dict[str, np.ndarray], float_codec: str = 'f32',
+def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
           mask_codec: str = 'auto') -> int:
-  """Writes the file atomically (temp file + rename); returns its size in bytes."""
+  """Writes the file atomically (temp file + rename); returns its size in bytes.
+
+  Args:
+    path: the file.
+    header: the JSON header (model, param spec, ...).
+    arrays: ``{name: array}``; names starting with ``mask/`` hold booleans;
+      a ``codecs.Quantized`` value becomes a ``quant`` section.
+    float_codec, mask_codec: storage of float arrays / masks.
+  Returns:
+    The file's size in bytes.
+  """
   sections, blobs, offset = [], [], 0
   for name in sorted(arrays):
+    if isinstance(arrays[name], codecs.Quantized):
+      q = arrays[name]
+      blob, extra = _encode_quantized(q)
+      sections.append({'name': name, 'codec': 'quant', 'shape': list(q.mask.shape),
+                       'offset': offset, 'length': len(blob), **extra})
+      blobs.append(blob)
+      offset += len(blob)
+      continue
     x = np.asarray(arrays[name])
     if _is_mask(name):
       bits = x.astype(bool)
@@ -169,6 +228,8 @@ def decode_sections(path: str, header: dict, body: bytes, base: int,
     try:
       if s['codec'] == 'sparse':
         arrays[s['name']] = _decode_sparse(blob, s)
+      elif s['codec'] == 'quant':
+        arrays[s['name']] = _decode_quantized(blob, s)
       elif s['codec'] in codecs.FLOAT_CODECS:
         arrays[s['name']] = codecs.decode_floats(blob, s['codec'], tuple(s['shape']))
       else:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import ml_dtypes
@@ -10,6 +11,27 @@ import numpy as np
 
 FLOAT_CODECS = {'f32': np.float32, 'f16': np.float16, 'bf16': ml_dtypes.bfloat16}
 MASK_CODECS = ('bits', 'rans')
+QUANT_METHODS = ('uniform', 'kmeans', 'log')
+
+
+@dataclasses.dataclass
+class Quantized:
+  """A layer's survivors as ``codebook[symbols]`` at the positions of ``mask``
+  (a ``quant`` section of a model file)."""
+  mask: np.ndarray       # bool, the layer's shape
+  symbols: np.ndarray    # int, one per survivor (row-major order)
+  codebook: np.ndarray   # float32, 2^bits levels
+  method: str
+  bits: int
+
+  def dense(self) -> np.ndarray:
+    out = np.zeros(self.mask.shape, np.float32)
+    out[self.mask] = self.codebook[self.symbols]
+    return out
+
+  @property
+  def nnz(self) -> int:
+    return int(self.mask.sum())
 
 
 def encode_floats(x: np.ndarray, codec: str) -> bytes:
@@ -55,30 +77,49 @@ def rans_streams(n: int) -> int:
   return max(1, -(-n // STEPS))
 
 
-def _freqs(ones: int, n: int) -> tuple[int, int]:
-  f1 = min(_M - 1, max(1, round(ones / n * _M)))
-  return _M - f1, f1
+def quantize_counts(counts) -> np.ndarray:
+  """Symbol counts -> frequencies summing to 2^16, every present symbol >= 1:
+  floors of the exact shares, the remainder to the most frequent symbol (or
+  taken from the largest frequencies when the floor of 1 overshoots).
+  Deterministic, so the encoder and the decoder agree."""
+  counts = np.asarray(counts, np.int64)
+  total = int(counts.sum())
+  if total <= 0 or (counts < 0).any():
+    raise ValueError('symbol counts must be >= 0 with a positive total')
+  present = counts > 0
+  if int(present.sum()) > _M:
+    raise ValueError('too many distinct symbols for 16-bit frequencies')
+  f = np.where(present, np.maximum(1, (counts * _M) // total), 0).astype(np.int64)
+  diff = _M - int(f.sum())
+  if diff > 0:
+    f[int(np.argmax(counts))] += diff
+  while diff < 0:
+    j = int(np.argmax(f))
+    take = min(-diff, int(f[j]) - 1)
+    f[j] -= take
+    diff += take
+  return f
 
 
-def rans_encode(bits: np.ndarray) -> bytes:
-  """rANS code of a 0/1 array (probability = its density); b'' if constant."""
-  bits = np.asarray(bits, bool).reshape(-1)
-  n, ones = bits.size, int(bits.sum())
-  if ones in (0, n):
+def rans_encode_symbols(symbols: np.ndarray, counts) -> bytes:
+  """rANS code of symbols in [0, len(counts)) with static frequencies from
+  ``counts`` (which the decoder is given too)."""
+  sym = np.asarray(symbols).reshape(-1).astype(np.intp)
+  n = sym.size
+  freq = quantize_counts(counts).astype(np.uint64)
+  if n == 0 or (freq == np.uint64(_M)).any():  # nothing, or one symbol: nothing to code
     return b''
+  cum = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint64)
   streams = rans_streams(n)
   steps = -(-n // streams)
-  f0, f1 = _freqs(ones, n)
-  sym = np.full(streams * steps, f1 > f0, bool)  # pad with the likelier symbol
-  sym[:n] = bits
-  sym = sym.reshape(streams, steps)
-  freq = np.array([f0, f1], np.uint64)
-  cum = np.array([0, f0], np.uint64)
+  pad = np.full(streams * steps, int(np.argmax(freq)), np.intp)  # the likeliest symbol
+  pad[:n] = sym
+  pad = pad.reshape(streams, steps)
   x = np.full(streams, _LOW, np.uint64)
   words = np.zeros((steps, streams), np.uint16)
   emitted = np.zeros((steps, streams), bool)
   for t in range(steps - 1, -1, -1):   # rANS encodes backwards
-    s = sym[:, t].astype(np.intp)
+    s = pad[:, t]
     f = freq[s]
     e = x >= (f << np.uint64(16))      # renormalize: at most one word per symbol
     words[t] = (x & np.uint64(0xFFFF)).astype(np.uint16)
@@ -88,46 +129,69 @@ def rans_encode(bits: np.ndarray) -> bytes:
   return x.astype('<u4').tobytes() + words[emitted].astype('<u2').tobytes()
 
 
-def rans_decode(data: bytes, n: int, ones: int) -> np.ndarray:
-  """Inverse of ``rans_encode``; ValueError on data that is not a valid code
-  of n symbols with that many ones (bounded time whatever the bytes)."""
-  if not 0 <= ones <= n:
-    raise ValueError(f'mask with {ones} ones of {n}')
-  if ones in (0, n):
+def rans_decode_symbols(data: bytes, n: int, counts) -> np.ndarray:
+  """Inverse of ``rans_encode_symbols``; ValueError on data that is not a valid
+  code of n symbols with these counts (bounded time whatever the bytes)."""
+  counts = np.asarray(counts, np.int64)
+  freq = quantize_counts(counts).astype(np.uint64)
+  if n == 0 or (freq == np.uint64(_M)).any():
     if data:
-      raise ValueError('a constant mask has no coded bytes')
-    return np.full(n, ones == n, np.uint8)
+      raise ValueError('a constant symbol stream has no coded bytes')
+    return np.full(n, int(np.argmax(freq)), np.int64)
+  cum = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint64)
+  table = np.repeat(np.arange(freq.size), freq.astype(np.int64))  # slot -> symbol
   streams = rans_streams(n)
   steps = -(-n // streams)
   if len(data) < 4 * streams or (len(data) - 4 * streams) % 2:
-    raise ValueError(f'rANS mask of {len(data)} bytes does not fit {streams} streams')
+    raise ValueError(f'rANS stream of {len(data)} bytes does not fit {streams} streams')
   if len(data) - 4 * streams > 2 * streams * steps:
-    raise ValueError('rANS mask has more words than it can read')
+    raise ValueError('rANS stream has more words than it can read')
   x = np.frombuffer(data, '<u4', streams).astype(np.uint64)
   words = np.frombuffer(data, '<u2', offset=4 * streams).astype(np.uint64)
-  f0, f1 = _freqs(ones, n)
-  freq = np.array([f0, f1], np.uint64)
-  cum = np.array([0, f0], np.uint64)
-  out = np.empty((steps, streams), np.uint8)
+  out = np.empty((steps, streams), np.int64)
   mask, ptr = np.uint64(_M - 1), 0
   for t in range(steps):
     slot = x & mask
-    s = (slot >= np.uint64(f0)).astype(np.intp)
+    s = table[slot.astype(np.intp)]
     out[t] = s
     x = freq[s] * (x >> np.uint64(_PREC)) + slot - cum[s]
     need = x < np.uint64(_LOW)
     k = int(np.count_nonzero(need))
     if k:
       if ptr + k > words.size:
-        raise ValueError('rANS mask is truncated')
+        raise ValueError('rANS stream is truncated')
       x[need] = (x[need] << np.uint64(16)) | words[ptr:ptr + k]
       ptr += k
   if ptr != words.size or (x != np.uint64(_LOW)).any():
-    raise ValueError('rANS mask is corrupt (the decoder did not end in its start state)')
-  bits = out.T.reshape(-1)[:n]
-  if int(bits.sum()) != ones:
-    raise ValueError('rANS mask decodes to the wrong number of ones (corrupt data)')
-  return bits
+    raise ValueError('rANS stream is corrupt (the decoder did not end in its start state)')
+  sym = out.T.reshape(-1)[:n]
+  if not np.array_equal(np.bincount(sym, minlength=counts.size), counts):
+    raise ValueError('rANS stream decodes to other symbol counts (corrupt data)')
+  return sym
+
+
+def rans_encode(bits: np.ndarray) -> bytes:
+  """rANS code of a 0/1 array (probability = its density); b'' if constant."""
+  bits = np.asarray(bits, bool).reshape(-1)
+  ones = int(bits.sum())
+  if ones in (0, bits.size):
+    return b''
+  return rans_encode_symbols(bits.astype(np.intp), [bits.size - ones, ones])
+
+
+def rans_decode(data: bytes, n: int, ones: int) -> np.ndarray:
+  """Inverse of ``rans_encode``."""
+  if not 0 <= ones <= n:
+    raise ValueError(f'mask with {ones} ones of {n}')
+  if ones in (0, n):
+    if data:
+      raise ValueError('a constant mask has no coded bytes')
+    return np.full(n, ones == n, np.uint8)
+  try:
+    return rans_decode_symbols(data, n, [n - ones, ones]).astype(np.uint8)
+  except ValueError as e:
+    raise ValueError(str(e).replace('stream', 'mask').replace('symbol counts', 'number of ones')
+                     .replace('decodes to other', 'decodes to the wrong')) from None
 
 
 def encode_mask(mask: np.ndarray, codec: str) -> bytes:

@@ -22,6 +22,7 @@ MAX_ELEMENTS = 1 << 31     # any one section
 FLOAT_CODECS = ('f32', 'f16', 'bf16')
 MASK_CODECS = ('bits', 'rans')
 INDEX_CODECS = ('bits', 'rans', 'u32')
+QUANT_METHODS = ('uniform', 'kmeans', 'log')
 TOP_LEVEL = {
     'format': str, 'pemn_jax_version': str, 'jax_version': str, 'model': str,
     'model_kwargs': dict, 'num_classes': int, 'input_shape': list, 'param': dict, 'seed': int,
@@ -128,6 +129,20 @@ def check_section(i: int, s, body_len: int):
     known |= {'ones'}
     _need(_int(s.get('ones')) and 0 <= s['ones'] <= n, f'{w}.ones', f'an integer in [0, {n}]',
           s.get('ones'))
+  elif codec == 'quant':
+    known |= {'index', 'index_length', 'nnz', 'levels', 'bits', 'method', 'symbols_length'}
+    _need(s.get('index') in INDEX_CODECS, f'{w}.index', f'one of {INDEX_CODECS}', s.get('index'))
+    _need(_int(s.get('nnz')) and 0 <= s['nnz'] <= n, f'{w}.nnz', f'an integer in [0, {n}]',
+          s.get('nnz'))
+    _need(_int(s.get('bits')) and 1 <= s['bits'] <= 8, f'{w}.bits', 'an integer in [1, 8]',
+          s.get('bits'))
+    _need(s.get('levels') == 2 ** s['bits'], f'{w}.levels', '2**bits', s.get('levels'))
+    _need(s.get('method') in QUANT_METHODS, f'{w}.method', f'one of {QUANT_METHODS}',
+          s.get('method'))
+    for k in ('index_length', 'symbols_length'):
+      _need(_int(s.get(k)) and s[k] >= 0, f'{w}.{k}', 'an integer >= 0', s.get(k))
+    _need(s['index_length'] + 8 * s['levels'] + s['symbols_length'] == s['length'], w,
+          'parts that add up to its length', s['length'])
   elif codec == 'sparse':
     known |= {'values_codec', 'index', 'nnz', 'index_length'}
     _need(s.get('values_codec') in FLOAT_CODECS, f'{w}.values_codec', f'one of {FLOAT_CODECS}',
@@ -138,8 +153,8 @@ def check_section(i: int, s, body_len: int):
     _need(_int(s.get('index_length')) and 0 <= s['index_length'] <= s['length'],
           f'{w}.index_length', f'an integer in [0, {s["length"]}]', s.get('index_length'))
   else:
-    _need(codec in FLOAT_CODECS, f'{w}.codec', f'one of {FLOAT_CODECS + MASK_CODECS} or sparse',
-          codec)
+    _need(codec in FLOAT_CODECS, f'{w}.codec',
+          f'one of {FLOAT_CODECS + MASK_CODECS}, sparse or quant', codec)
   extra = set(s) - known
   _need(not extra, w, f'only the fields {sorted(known)}', sorted(extra))
 

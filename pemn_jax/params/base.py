@@ -223,7 +223,7 @@ class Parameterization(abc.ABC):
     return jnp.zeros((), jnp.float32)
 
   def metrics(self, state, seed, step=0) -> dict[str, jax.Array]:
-    """Scalars the trainer logs (averaged over the log interval)."""
+    """Scalars describing the state that the trainer logs (at each log step)."""
     del state, seed, step
     return {}
 

@@ -245,10 +245,10 @@ def _train(config, workdir: str) -> dict:
             if not math.isfinite(v):
               raise diverged(step - len(ms) + i + 1, v)
           dt = time.time() - t_last
+          # The parameterization's metrics describe its state: the last step's.
           rec = {'step': step, 'loss': float(np.mean(losses)),
                  'accuracy': float(np.mean([x['accuracy'] for x in ms])),
-                 **{k: float(np.mean([x[k] for x in ms])) for k in ms[0]
-                    if k not in ('loss', 'accuracy')},
+                 **{k: float(ms[-1][k]) for k in ms[-1] if k not in ('loss', 'accuracy')},
                  'lr': float(sched(step - 1)), 'images_per_s': len(ms) * config.batch_size / dt,
                  'trainable': report['trainable'], 'model_bytes': report['model_bytes']}
           eta = (total - step) * dt / len(ms)

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config, tree_equal
+from conftest import REPO, minimal_header, tiny_config, tree_equal
 
 from pemn_jax.evaluate import evaluate_artifact
 from pemn_jax.export import artifact, codecs
@@ -121,12 +121,6 @@ def test_rans_decodes_an_11m_mask_fast_and_rejects_corrupt_data():
       codecs.decode_mask(bad, 'rans', m.shape, int(m.sum()))
   with pytest.raises(ValueError, match='wrong number|corrupt'):
     codecs.decode_mask(blob, 'rans', m.shape, int(m.sum()) + 1)
-
-
-def minimal_header():
-  return {'format': 'pemn_jax model', 'pemn_jax_version': '0', 'jax_version': '0', 'model': 'mlp',
-          'model_kwargs': {}, 'num_classes': 10, 'input_shape': [28, 28, 1],
-          'param': {'name': 'dense'}, 'seed': 0, 'dataset': 'mnist', 'step': 0}
 
 
 @pytest.mark.parametrize('sparsity', [0.0, 0.5, 0.9, 0.999])

@@ -226,3 +226,38 @@ def test_fuzz_model_files(good_file, tmp_path_factory, data):
   if os.environ.get('PEMN_FUZZ_REPORT'):
     print(f'fuzz counts: {FUZZ_COUNTS}', flush=True)
 
+
+
+def test_crafted_quant_sections_are_refused(tmp_path):
+  from conftest import minimal_header
+
+  from pemn_jax.export import codecs
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(20, 10)).astype(np.float32)
+  w[rng.random(w.shape) < 0.7] = 0
+  mask = w != 0
+  codebook = np.linspace(-2, 2, 8).astype(np.float32)
+  q = codecs.Quantized(mask, rng.integers(0, 8, int(mask.sum())), codebook, 'uniform', 3)
+  good = str(tmp_path / 'q.pemn')
+  artifact.write(good, minimal_header(), {'params/w': q})
+  assert np.array_equal(artifact.read(good)[1]['params/w'], q.dense())
+  sec = lambda h: h['sections'][0]  # noqa: E731
+  cases = {
+      'levels': (lambda h: sec(h).update(levels=16), 'levels'),
+      'bits': (lambda h: sec(h).update(bits=9), 'bits'),
+      'method': (lambda h: sec(h).update(method='pca'), 'method'),
+      'lengths': (lambda h: sec(h).update(symbols_length=sec(h)['symbols_length'] + 1),
+                  'add up'),
+      'nnz': (lambda h: sec(h).update(nnz=sec(h)['nnz'] - 1), 'section'),
+  }
+  for name, (edit, msg) in cases.items():
+    path = craft(good, tmp_path, edit=edit, name=name)
+    with pytest.raises(artifact.ArtifactError, match=msg):
+      artifact.read(path)
+
+  def nan_codebook(header, sections):
+    s = sec(header)
+    i = s['offset'] + s['index_length']
+    return sections[:i] + np.full(1, np.nan, '<f4').tobytes() + sections[i + 4:]
+  with pytest.raises(artifact.ArtifactError, match='non-finite'):
+    artifact.read(craft(good, tmp_path, sections_edit=nan_codebook, name='nan'))

@@ -1,0 +1,1 @@
+"""Directed evolution: post-training sparsification, bit allocation, encoding."""

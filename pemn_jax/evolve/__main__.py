@@ -1,0 +1,70 @@
+"""Directed evolution of a trained run into a compact model file.
+
+    python -m pemn_jax.evolve --workdir RUN --out model.pemn [--sparsity 0.9]
+        [--method de|magnitude] [--population 32] [--budget_kl 0.01 | --budget_acc 0.5]
+        [--finetune_steps 300]
+
+Resumes from RUN/evolve/<method>-s<sparsity>/ when that search was stopped.
+Prints progress per generation and, at the end, the file's size, its
+compression over the dense float32 params, and the test accuracy of the
+teacher and of the file.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run (the teacher).', required=True)
+_OUT = flags.DEFINE_string('out', None, 'Model file to write (.pemn).', required=True)
+_METHOD = flags.DEFINE_enum('method', 'de', ['de', 'magnitude'],
+                            'Directed evolution, or the one-shot magnitude baseline.')
+_SPARSITY = flags.DEFINE_float('sparsity', 0.9, 'Fraction of kernel weights removed.')
+_POP = flags.DEFINE_integer('population', 32, 'Candidates per generation.')
+_CALIB = flags.DEFINE_integer('calibration', 1024, 'Calibration images.')
+_FT = flags.DEFINE_integer('finetune_steps', 300, 'Distillation steps after each layer.')
+_KL = flags.DEFINE_float('budget_kl', 0.01, 'KL the quantization may add to the pruned model.')
+_ACC = flags.DEFINE_float('budget_acc', None,
+                          'Accuracy points (calibration) it may cost instead.')
+_MINB = flags.DEFINE_integer('min_bits', 2, 'Fewest bits per layer.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the search.')
+_MAXGEN = flags.DEFINE_integer('max_generations', 100_000,
+                               'Stop (resumably) after this many generations.')
+
+
+def main(argv):
+  del argv
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)
+  from pemn_jax.config import ConfigError
+  from pemn_jax.data.sources import DataError
+  from pemn_jax.evaluate import evaluate_artifact
+  from pemn_jax.evolve.run import evolve, test_accuracy
+  from pemn_jax.export.artifact import ArtifactError
+  from pemn_jax.train.checkpoint import CheckpointError
+  from pemn_jax.train.workdir import WorkdirError
+
+  try:
+    out = evolve(_WORKDIR.value, _OUT.value, _METHOD.value, _SPARSITY.value, _POP.value,
+                 _CALIB.value, finetune_steps=_FT.value, budget_kl=_KL.value,
+                 budget_acc=_ACC.value, min_bits=_MINB.value, seed=_SEED.value,
+                 max_generations=_MAXGEN.value)
+    if not out['finished']:
+      print(f'stopped after generation {out["generation"]}; run the same command to continue')
+      return
+    teacher = test_accuracy(_WORKDIR.value)
+    ev = evaluate_artifact(_OUT.value)
+  except (ConfigError, DataError, CheckpointError, WorkdirError, ArtifactError,
+          ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'wrote {_OUT.value}: {out["file_bytes"]} bytes, {out["compression"]:.1f}x smaller than '
+        f'the dense float32 params; sparsity {out["sparsity"]:.4f}, {out["avg_bits"]:.2f} bits '
+        f'per survivor; test accuracy {ev["accuracy"]:.4f} (teacher {teacher:.4f}, drop '
+        f'{100 * (teacher - ev["accuracy"]):.2f} points)')
+
+
+if __name__ == '__main__':
+  app.run(main)
