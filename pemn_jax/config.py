@@ -87,7 +87,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{key}={value!r} is invalid: {what}')
 
   need(c.dataset in DATASETS, 'dataset', c.dataset, f'must be one of {DATASETS}')
-  need(c.model in models.REGISTRY, 'model', c.model, f'must be one of {sorted(models.REGISTRY)}')
+  need(isinstance(c.model, str) and models.is_known(c.model), 'model', c.model,
+       f'must be one of {sorted(models.REGISTRY)} or an import path package.module:Constructor')
   o = c.optimizer
   need(o.name in OPTIMIZERS, 'optimizer.name', o.name, f'must be one of {OPTIMIZERS}')
   need(o.schedule in SCHEDULES, 'optimizer.schedule', o.schedule, f'must be one of {SCHEDULES}')

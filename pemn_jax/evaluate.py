@@ -1,7 +1,7 @@
 """Evaluates a ``.pemn`` model file on a dataset's test split.
 
     python -m pemn_jax.evaluate --artifact model.pemn [--dataset NAME] [--data_dir D]
-        [--source_dir S]
+        [--source_dir S] [--model package.module:Constructor]
 """
 
 from __future__ import annotations
@@ -16,10 +16,24 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
 _SOURCE_DIR = flags.DEFINE_string('source_dir', None, 'Local files to prepare from.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
 _BATCH = flags.DEFINE_integer('batch_size', 1000, 'Evaluation batch size.')
+_MODEL = flags.DEFINE_string('model', None, 'For a file made with a user model: its '
+                             'constructor, package.module:Constructor (files never import code).')
 
 
 def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split='test',
-                      batch_size=1000) -> dict:
+                      batch_size=1000, model=None) -> dict:
+  """Accuracy of a model file on a dataset split.
+
+  Args:
+    path: the ``.pemn`` file.
+    dataset: default: the file's training dataset.
+    data_dir, source_dir: see ``data.sources.load``.
+    split: the split.
+    batch_size: evaluation batch size.
+    model: for a file made with a user model, its constructor or import path.
+  Returns:
+    ``{'accuracy', 'examples', 'dataset'}``.
+  """
   import jax
 
   from pemn_jax.data import sources
@@ -27,7 +41,7 @@ def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split=
   from pemn_jax.export.run import load
   from pemn_jax.train.step import eval_batch
 
-  header, model, params, model_state = load(path)
+  header, model, params, model_state = load(path, model=model)
   ds = sources.load(dataset or header['dataset'], split, data_dir, source_dir)
   if tuple(ds.image_shape) != tuple(header['input_shape']):
     raise ValueError(f'dataset images are {ds.image_shape}, the model takes '
@@ -51,7 +65,7 @@ def main(argv):
 
   try:
     out = evaluate_artifact(_ART.value, _DATASET.value, _DATA_DIR.value, _SOURCE_DIR.value,
-                            _SPLIT.value, _BATCH.value)
+                            _SPLIT.value, _BATCH.value, _MODEL.value)
   except (ArtifactError, DataError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

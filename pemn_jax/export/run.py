@@ -132,10 +132,12 @@ def expected_sections(model, param, input_shape) -> dict[str, tuple[tuple, bool]
   return sections
 
 
-def load(path: str, max_params: int = MAX_PARAMS):
+def load(path: str, max_params: int = MAX_PARAMS, model=None):
   """(header, model, params, model_state) from a ``.pemn`` file.
 
-  The file names a registry model (no code is imported from it); its header
+  The file names its model; no code is ever imported because a file says so:
+  a registry model is built by name; a file made with a user model (an import
+  path in the header) loads only when the caller passes ``model``. The header
   is checked against a schema, every section against what the rebuilt model
   needs, and the model's size against ``max_params``, before anything is
   decoded or allocated.
@@ -143,6 +145,8 @@ def load(path: str, max_params: int = MAX_PARAMS):
   Args:
     path: the model file.
     max_params: refuse models with more parameters than this.
+    model: the model's constructor or import path (the caller's choice), for
+      files made with a user model; it is built with the file's kwargs.
   Returns:
     ``(header, model, params, model_state)``.
   Raises:
@@ -150,11 +154,17 @@ def load(path: str, max_params: int = MAX_PARAMS):
   """
   header, body, base = artifact.read_header(path)
   name = header['model']
-  if name not in models.REGISTRY:
-    raise artifact.ArtifactError(f'{path!r} names model {name!r}, which is not a registry model '
-                                 f'(known: {sorted(models.REGISTRY)})')
+  if model is None and name not in models.REGISTRY:
+    raise artifact.ArtifactError(
+        f'{path!r} was made with model {name!r}, which is not a registry model; no code is '
+        'imported because a file names it: pass the model (load(path, model=...), evaluate '
+        '--model=package.module:Constructor) to load it')
   try:
-    model = models.get(name, num_classes=header['num_classes'], **header['model_kwargs'])
+    if model is None:
+      model = models.get(name, num_classes=header['num_classes'], **header['model_kwargs'])
+    else:
+      ctor = models.import_object(model) if isinstance(model, str) else model
+      model = models.build(ctor, header['num_classes'], header['model_kwargs'], name)
     target = models.abstract_params(model, tuple(header['input_shape']))  # shapes only
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(target))
     if n > max_params:

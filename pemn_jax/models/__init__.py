@@ -1,14 +1,21 @@
-"""Flax models and a name -> constructor registry.
+"""Flax models (Linen or NNX) and a name -> constructor registry.
 
-``get(name, num_classes=10, **kwargs)`` builds one; ``abstract_params(model,
-input_shape)`` gives the params pytree of shapes a parameterization targets;
-``init_model_state(model, input_shape)`` gives the non-param collections
-(``batch_stats``) without materializing the params.
+``get(name, num_classes=10, **kwargs)`` builds one: a registry name, or a
+user model given by import path ``'package.module:Constructor'``; an
+``nnx.Module`` class becomes an ``NNXModel`` (see ``nnx_adapter``).
+``register(name, constructor)`` adds one to the registry.
+``abstract_params(model, input_shape)`` gives the params pytree of shapes a
+parameterization targets; ``init_model_state(model, input_shape)`` gives the
+non-param collections (``batch_stats``, NNX state) without materializing the
+params.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +24,8 @@ from flax import traverse_util
 from pemn_jax.models.convmixer import ConvMixer
 from pemn_jax.models.layers import DepthwiseConv
 from pemn_jax.models.mlp import MLP, LeNet5
+from pemn_jax.models.nnx_adapter import NNXModel, is_nnx_class
+from pemn_jax.models.nnx_models import LeNet5NNX, ResNetNNX, cifar_resnet_nnx
 from pemn_jax.models.resnet import ResNet, cifar_resnet, resnet18
 from pemn_jax.models.vit import ViT
 
@@ -31,7 +40,45 @@ REGISTRY = {
     'convmixer_256_6': functools.partial(ConvMixer, dim=256, depth=6, kernel_size=5, patch_size=2),
     'convmixer_256_8': functools.partial(ConvMixer, dim=256, depth=8, kernel_size=5, patch_size=2),
     'vit': ViT,
+    'lenet5_nnx': LeNet5NNX,
+    'resnet20_nnx': functools.partial(cifar_resnet_nnx, 20),
 }
+IMPORT_PATH = re.compile(r'^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$')
+
+
+def register(name: str, constructor, replace: bool = False):
+  """Adds a model constructor to the registry.
+
+  Args:
+    name: the name configs and model files use.
+    constructor: a Linen module class or factory, or an ``nnx.Module`` class
+      (it is given ``num_classes`` if it takes it, and ``rngs`` if NNX).
+    replace: allow replacing an existing name.
+  """
+  if name in REGISTRY and not replace:
+    raise ValueError(f'model {name!r} is already registered (replace=True to replace it)')
+  if not callable(constructor):
+    raise TypeError(f'a model constructor must be callable, got {constructor!r}')
+  REGISTRY[name] = constructor
+
+
+def import_object(path: str):
+  """``'package.module:Attr'`` -> the object (the caller chose to import it)."""
+  if not IMPORT_PATH.match(path):
+    raise ValueError(f'{path!r} is not a registry model nor an import path package.module:Attr')
+  module_name, attr = path.split(':')
+  try:
+    obj = importlib.import_module(module_name)
+    for part in attr.split('.'):
+      obj = getattr(obj, part)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'cannot import model {path!r}: {e}') from None
+  return obj
+
+
+def is_known(name: str) -> bool:
+  """A registry name or a well-formed import path."""
+  return name in REGISTRY or bool(IMPORT_PATH.match(name))
 
 # Registry models whose every hidden layer is followed by batch norm (so the
 # scale of their kernels does not change the function they compute).
@@ -45,12 +92,43 @@ def uses_batch_norm(name: str) -> bool:
 
 
 def get(name: str, num_classes: int = 10, **kwargs):
-  if name not in REGISTRY:
-    raise ValueError(f'unknown model {name!r}; known: {sorted(REGISTRY)}')
+  """A model by registry name or import path (``'package.module:Constructor'``).
+
+  Args:
+    name: the model.
+    num_classes: given to constructors that take it.
+    **kwargs: the constructor's other arguments.
+  Returns:
+    A Linen module, or an ``NNXModel`` for NNX classes.
+  """
+  if name in REGISTRY:
+    ctor = REGISTRY[name]
+  elif IMPORT_PATH.match(name):
+    ctor = import_object(name)
+  else:
+    raise ValueError(f'unknown model {name!r}; known: {sorted(REGISTRY)} or an import path '
+                     'package.module:Constructor')
+  return build(ctor, num_classes, kwargs, name)
+
+
+def build(ctor, num_classes: int = 10, kwargs=None, name=None):
+  """A model from its constructor (Linen module class / factory, or NNX
+  class / factory taking ``rngs``); ``num_classes`` if it takes it."""
+  kwargs = dict(kwargs or {})
+  target = ctor.func if isinstance(ctor, functools.partial) else ctor
+  takes = {}
   try:
-    return REGISTRY[name](num_classes=num_classes, **kwargs)
+    takes = inspect.signature(target).parameters
+    if 'num_classes' in takes or any(p.kind == p.VAR_KEYWORD for p in takes.values()):
+      kwargs = {'num_classes': num_classes, **kwargs}
+  except (TypeError, ValueError):  # no signature: give it everything
+    kwargs = {'num_classes': num_classes, **kwargs}
+  try:
+    if is_nnx_class(target) or 'rngs' in takes:  # an NNX module class or factory
+      return NNXModel(ctor, **kwargs)
+    return ctor(**kwargs)
   except TypeError as e:
-    raise ValueError(f'bad options for model {name!r}: {e}') from None
+    raise ValueError(f'bad options for model {name or ctor!r}: {e}') from None
 
 
 def _dummy(input_shape):
@@ -108,6 +186,7 @@ def init_model_state(model, input_shape, key=None):
   return jax.jit(f)(key)
 
 
-__all__ = ['BATCH_NORM', 'REGISTRY', 'ConvMixer', 'DepthwiseConv', 'LeNet5', 'MLP', 'ResNet', 'ViT',
-           'abstract_params', 'abstract_variables', 'cifar_resnet', 'get', 'init_model_state',
-           'resnet18', 'uses_batch_norm']
+__all__ = ['BATCH_NORM', 'REGISTRY', 'ConvMixer', 'DepthwiseConv', 'LeNet5', 'LeNet5NNX', 'MLP',
+           'NNXModel', 'ResNet', 'ResNetNNX', 'ViT', 'abstract_params', 'abstract_variables',
+           'build', 'cifar_resnet', 'get', 'import_object', 'init_model_state', 'is_known',
+           'register', 'resnet18', 'uses_batch_norm']

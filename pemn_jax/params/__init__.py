@@ -23,6 +23,25 @@ REGISTRY = {'dense': Dense, 'ring': Ring, 'prototype': Prototype, 'masked': Mask
 CONTEXT = ('model', 'total_steps')  # what a build may hand to the classes that ask
 
 
+def register(name: str, cls, replace: bool = False):
+  """Makes a parameterization class available to ``build``, configs, the
+  trainer and model files under ``name``.
+
+  Args:
+    name: the spec's ``name``.
+    cls: a ``Parameterization`` subclass. Its constructor takes the target
+      (or, with ``takes_source = True``, the built source) and the spec's
+      options; it may also take ``model`` / ``total_steps`` (build context).
+    replace: allow replacing an existing name.
+  """
+  if not (isinstance(cls, type) and issubclass(cls, Parameterization)):
+    raise TypeError(f'{cls!r} is not a Parameterization subclass')
+  if name in REGISTRY and not replace:
+    raise ValueError(f'parameterization {name!r} is already registered (replace=True to '
+                     'replace it)')
+  REGISTRY[name] = cls
+
+
 def build(spec: Mapping, target, **context) -> Parameterization:
   """Builds a (possibly composed) parameterization from a spec mapping.
 
@@ -82,4 +101,4 @@ def resolved_spec(param: Parameterization) -> dict:
 
 __all__ = ['KERNELS', 'REGISTRY', 'Dense', 'Gated', 'Masked', 'Parameterization', 'Prototype',
            'Ring',
-           'Split', 'build', 'flatten', 'resolved_spec', 'rp_length', 'unflatten']
+           'Split', 'build', 'flatten', 'register', 'resolved_spec', 'rp_length', 'unflatten']

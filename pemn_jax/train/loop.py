@@ -84,12 +84,25 @@ def evaluate(eval_step, ts, pipe: Pipeline, to_global):
 
 
 class _Metrics:
-  """metrics.jsonl, written by process 0; on resume the records after the
-  checkpoint's step (written before a crash) are dropped, so no step appears
+  """metrics.jsonl and TensorBoard event files (``workdir/tensorboard``,
+  through tensorboardX: no TensorFlow), written by process 0. On resume the
+  records after the checkpoint's step (written before a crash) are dropped
+  from metrics.jsonl and purged from TensorBoard's view, so no step appears
   twice."""
 
   def __init__(self, workdir: str, is_main: bool):
     self.path, self.is_main = os.path.join(workdir, 'metrics.jsonl'), is_main
+    self.tb_dir, self.tb = os.path.join(workdir, 'tensorboard'), None
+
+  def open_tensorboard(self, start: int):
+    if self.is_main:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(self.tb_dir, purge_step=start or None, flush_secs=30)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+      self.tb = None
 
   def truncate_after(self, step: int):
     if not self.is_main or not os.path.exists(self.path):
@@ -112,14 +125,22 @@ class _Metrics:
     if self.is_main:
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+      if self.tb is not None:
+        for k, v in record.items():
+          if k != 'step' and isinstance(v, (int, float)):
+            self.tb.add_scalar(k, v, record['step'])
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, model=None) -> dict:
   """Trains per ``config`` in ``workdir``, resuming from its checkpoints.
 
   Args:
     config: a training config (``pemn_jax.config.base_config()`` schema).
     workdir: the run's directory (checkpoints, metrics.jsonl, lock).
+    model: optionally the model itself (a Linen module or
+      ``models.NNXModel``); ``config.model`` then only names it in
+      checkpoints and model files. By default ``models.get(config.model,
+      **config.model_kwargs)`` (a registry name or an import path).
   Returns:
     Plain metrics: ``step``, ``stopped`` (stopped before the end), the last
     evaluation's ``test_accuracy``/``test_loss``, ``best_test_accuracy`` and
@@ -131,10 +152,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate(config)
   workdir = prepare(workdir)
   with WorkdirLock(workdir):
-    return _train(config, workdir)
+    return _train(config, workdir, model)
 
 
-def _train(config, workdir: str) -> dict:
+def _train(config, workdir: str, model=None) -> dict:
   mesh = make_mesh()
   repl = NamedSharding(mesh, PS())
   data_sharding = NamedSharding(mesh, PS('data'))
@@ -160,11 +181,12 @@ def _train(config, workdir: str) -> dict:
   test_pipe = Pipeline(test_ds, config.eval_batch_size, config.seed, '', pidx, pcount,
                        config.test_limit or None, training=False)
 
-  try:
-    model = models.get(config.model, num_classes=train_ds.num_classes,
-                       **config.model_kwargs.to_dict())
-  except ValueError as e:
-    raise ConfigError(f'config.model_kwargs: {e}') from None
+  if model is None:
+    try:
+      model = models.get(config.model, num_classes=train_ds.num_classes,
+                         **config.model_kwargs.to_dict())
+    except ValueError as e:
+      raise ConfigError(f'config.model={config.model!r}: {e}') from None
   target = models.abstract_params(model, train_ds.image_shape)
   total = config.num_steps or max(1, int(config.num_epochs * pipe.steps_per_epoch))
   try:
@@ -231,6 +253,7 @@ def _train(config, workdir: str) -> dict:
   acc_metrics, t_last, step = [], time.time(), start
   last = {}
   base_key = jax.random.key(config.seed)
+  metrics.open_tensorboard(start)
   try:
     with _Stop() as stop:
       while step < end:
@@ -290,6 +313,7 @@ def _train(config, workdir: str) -> dict:
         'from that checkpoint.') from None
   finally:
     ckpt.close()
+    metrics.close()
     for msg in ckpt.messages:
       say(f'warning: {msg}')
   if step == total and not last:  # resumed at the end: evaluate the restored state
