@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from pemn_jax.ops.spmd import shard_flat
+
 
 class Segments:
   """Consecutive segments of the given (static) sizes in a flat array."""
@@ -28,16 +30,21 @@ class Segments:
   def __len__(self):
     return len(self.sizes)
 
+  def iota(self, dtype=jnp.int32):
+    """``arange(total)``, laid out per the active generation sharding
+    (``pemn_jax.ops.spmd``): every flat generation op starts from it."""
+    return shard_flat(jnp.arange(self.total, dtype=dtype))
+
   def ids(self):
     """Segment id of each flat position, int32 of shape (total,)."""
-    iota = jnp.arange(self.total, dtype=jnp.int32)
+    iota = self.iota(jnp.int32)
     if len(self) == 1:
       return jnp.zeros_like(iota)
     return jnp.searchsorted(jnp.asarray(self.starts[1:], jnp.int32), iota, side='right')
 
   def local(self, ids):
     """Index of each flat position inside its segment (uint32)."""
-    iota = jnp.arange(self.total, dtype=jnp.uint32)
+    iota = self.iota(jnp.uint32)
     return iota - jnp.asarray(self.starts, jnp.uint32)[ids]
 
   def per_segment(self, values, dtype):

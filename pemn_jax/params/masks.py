@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from pemn_jax.ops.segments import Segments
-from pemn_jax.ops.topk import segment_edge_popup_mask, straight_through
+from pemn_jax.ops.spmd import shard_flat
+from pemn_jax.ops.topk import straight_through, topk_mask
 from pemn_jax.params.base import (
   KERNELS,
   Parameterization,
@@ -100,18 +101,25 @@ class Masked(Parameterization):
       ``{path: 0/1 float array}``.
     """
     scores = flatten(state['scores'])
-    flat = self.segments.concat([scores[p] for p in self.masked])
-    if self.kind == 'edge_popup':
-      m = segment_edge_popup_mask(flat, self.segments, [self.keep] * len(self.masked))
-    else:
-      prob = jax.nn.sigmoid(flat)
-      if rng is None and self.eval == 'threshold':
-        hard = prob > 0.5
+    uniform = None  # a supermask's Bernoulli draws: one stream over all leaves
+    if self.kind == 'supermask' and not (rng is None and self.eval == 'threshold'):
+      key = self._eval_key(seed) if rng is None else rng
+      uniform = shard_flat(jax.random.uniform(key, (self.segments.total,), jnp.float32))
+    out = {}
+    for p, start, n in zip(self.masked, self.segments.starts, self.segments.sizes, strict=True):
+      # Each leaf on its own (flat, laid out per the generation sharding): no
+      # concatenation of all leaves that a device would have to hold whole.
+      s = shard_flat(scores[p].reshape(-1))
+      if self.kind == 'edge_popup':
+        a = jnp.abs(s)
+        m = straight_through(topk_mask(jax.lax.stop_gradient(a), self.keep), a)
       else:
-        hard = jax.random.bernoulli(self._eval_key(seed) if rng is None else rng, prob)
-      m = straight_through(hard.astype(prob.dtype), prob)
-    shapes = [self.leaves[p].shape for p in self.masked]
-    return dict(zip(self.masked, self.segments.split(m, shapes), strict=True))
+        prob = jax.nn.sigmoid(s)
+        # jax.random.bernoulli(key, p) is uniform(key, p.shape) < p.
+        hard = prob > 0.5 if uniform is None else uniform[int(start):int(start + n)] < prob
+        m = straight_through(hard.astype(prob.dtype), prob)
+      out[p] = m.reshape(self.leaves[p].shape)
+    return out
 
   def _apply(self, source_params, masks):
     params = flatten(source_params)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from pemn_jax.ops.hashing import as_seed, mix, path_id
 from pemn_jax.ops.permutation import permute_indices
 from pemn_jax.ops.segments import Segments
+from pemn_jax.ops.spmd import shard_flat
 from pemn_jax.params.base import KERNELS, Split, init_std, leaf_key, size
 
 MODES = ('dense', 'signed_constant', 'ol', 'mp', 'rp')
@@ -84,7 +85,8 @@ class Prototype(Split):
     """The prototype's N(0, 1) values, drawn from the seed: mp/rp, the vector;
     dense/ol, the owning leaves' values, flat and concatenated."""
     n = self.length if self.mode in ('mp', 'rp') else self.owner_segments.total
-    return jax.random.normal(leaf_key(seed, f'prototype/{self.mode}'), (n,), jnp.float32)
+    return shard_flat(jax.random.normal(leaf_key(seed, f'prototype/{self.mode}'), (n,),
+                                        jnp.float32))
 
   def export_generated(self, state, seed):
     if self.mode == 'signed_constant':  # derived from the seed by integer hashing alone
@@ -116,7 +118,7 @@ class Prototype(Split):
       return {p: own[self.source_of[p] if self.mode == 'ol' else p] * self.std(p)
               for p in self.generated}
     if self.mode == 'rp':  # the d_v vector tiled (optionally permuted) to N_max
-      j = jnp.arange(self.n_max, dtype=jnp.uint32)
+      j = shard_flat(jnp.arange(self.n_max, dtype=jnp.uint32))
       if self.permute:
         j = permute_indices(j, self.n_max, seed, 'prototype/rp')
       vec = jnp.take(vec, (j % jnp.uint32(self.length)).astype(jnp.int32), axis=0)

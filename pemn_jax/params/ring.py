@@ -33,9 +33,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pemn_jax.ops import spmd
 from pemn_jax.ops.hashing import as_seed, mix, path_id
 from pemn_jax.ops.permutation import permute_indices, permute_segments
 from pemn_jax.ops.segments import Segments
+from pemn_jax.ops.spmd import shard_flat
 from pemn_jax.params.base import KERNELS, Split, init_std, size
 
 # The reference initializes its ring as a (512, -1, 3, 3) tensor with Kaiming
@@ -111,7 +113,8 @@ class Ring(Split):
       return pos % jnp.uint32(d)
     t = self.num_generated
     full = d * (t // d)                      # positions of the floor(T/D) full copies
-    u = permute_indices(jnp.arange(t, dtype=jnp.uint32), t, seed, 'ring/global')
+    u = permute_indices(shard_flat(jnp.arange(t, dtype=jnp.uint32)), t, seed,
+                        'ring/global')
     if full == t:
       return u % jnp.uint32(d)
     extra = permute_indices(jnp.clip(u, full, t - 1) - jnp.uint32(full), d, seed, 'ring/extra')
@@ -144,7 +147,7 @@ class Ring(Split):
       raise ValueError(f'ring state has shape {ring.shape}, expected ({self.dof},)')
     pos, sign, ids = self.flat_indices(seed)
     scale = self.segments.per_segment([self.scale(p) for p in self.generated], jnp.float32)
-    flat = jnp.take(ring, pos, axis=0) * (sign * scale[ids])
+    flat = shard_flat(spmd.take(ring, pos) * (sign * scale[ids]))
     shapes = [self.leaves[p].shape for p in self.generated]
     return dict(zip(self.generated, self.segments.split(flat, shapes), strict=True))
 
