@@ -11,6 +11,7 @@ from pemn_jax.data import augment as aug
 from pemn_jax.data.sources import DATASETS
 from pemn_jax.train.optim import OPTIMIZERS, SCHEDULES
 from pemn_jax.train.pruning import ALLOCATIONS, CRITERIA
+from pemn_jax.train.sharding import ShardingError, check_config
 
 
 class ConfigError(ValueError):
@@ -53,16 +54,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.verify_checkpoints = True   # read every checkpoint back and check its digest
   c.seed = 0                    # uint32: data order, init, and every generated weight
+  # Devices per mesh axis (-1: the rest) and where arrays live; see
+  # pemn_jax/train/sharding.py. Data parallel by default; FSDP:
+  # mesh.fsdp=N (or -1) with sharding.state='fsdp' (and params='fsdp').
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
+  c.sharding = ml_collections.ConfigDict(
+      {'state': 'replicate',   # preset or [(regex over train-state paths, rule)]
+       'params': 'replicate',  # the same over materialized-param paths
+       'generate': 'auto'},    # auto | sharded | replicated: generated arrays per device
+      type_safe=False)
   return c
 
 
 # Keys whose value may change when a run resumes from its checkpoints (length,
 # cadence, where data is read from, evaluation, and the learning rate / gradient
-# clipping -- to continue a diverged run from its last finite checkpoint); any
-# other difference between the stored config and the new one is refused.
+# clipping -- to continue a diverged run from its last finite checkpoint; the
+# mesh and sharding -- a checkpoint restores onto any mesh); any other
+# difference between the stored config and the new one is refused.
 RESUMABLE_KEYS = ('num_steps', 'num_epochs', 'stop_at_step', 'log_every', 'eval_every',
                   'checkpoint_every', 'keep_checkpoints', 'verify_checkpoints', 'eval_batch_size',
-                  'test_limit', 'data_dir', 'source_dir', 'optimizer.lr', 'optimizer.grad_clip')
+                  'test_limit', 'data_dir', 'source_dir', 'optimizer.lr', 'optimizer.grad_clip',
+                  'mesh', 'sharding')
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -74,7 +86,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in base.keys():
     if key not in c:
       raise ConfigError(f'config is missing key {key!r}')
-  for group in ('optimizer', 'prune', 'augment_options'):
+  for group in ('optimizer', 'prune', 'augment_options', 'mesh', 'sharding'):
     for key in c[group].keys():
       if key not in base[group]:
         raise ConfigError(f'unknown config key {group}.{key}; known: {sorted(base[group])}')
@@ -139,6 +151,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
          'must be in [0, 1]')
   need(_num(c.prune.sparsity) and 0 <= c.prune.sparsity < 1, 'prune.sparsity', c.prune.sparsity,
        'must be in [0, 1)')
+  try:
+    check_config(c.mesh.to_dict(), c.sharding.to_dict())
+  except ShardingError as e:
+    raise ConfigError(str(e)) from None
   need(not c.prune.criterion or c.param.name == 'dense', 'prune.criterion', c.prune.criterion,
        "pruning baselines train dense weights: use param.name='dense'")
 

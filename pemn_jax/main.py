@@ -5,15 +5,22 @@
     python -m pemn_jax.main --config configs/pemn.py --config.optimizer.lr=0.02 --workdir /tmp/lr
 
 Resumes automatically from --workdir's checkpoints (with the same config; see
-pemn_jax.config.RESUMABLE_KEYS for what may change). Exit status: 0 done or
-stopped cleanly (signal, stop_at_step), 2 bad config / data / checkpoint /
-workdir, 3 training diverged (the last finite checkpoint is kept).
-Multi-host: pass --coordinator HOST:PORT --num_processes N --process_id I (or
---distributed on TPU pods, where jax.distributed.initialize() finds them).
+pemn_jax.config.RESUMABLE_KEYS for what may change; a checkpoint restores onto
+any mesh and process count). Exit status: 0 done or stopped cleanly (signal,
+stop_at_step), 2 bad config / data / checkpoint / workdir / launch flags,
+3 training diverged (the last finite checkpoint is kept), 4 lost contact with
+another process of a multi-process job (its log says why; rerun to resume).
+
+Multi-process (pemn_jax/train/multihost.py): SLURM (srun), Open MPI and GKE
+TPU workloads are detected; elsewhere pass --coordinator HOST:PORT
+--num_processes N --process_id I, or --distributed (TPU VMs: JAX finds the
+slice). One process per node on SLURM GPUs: --local_device_ids=all. launch/
+has the SLURM, TPU-VM, GKE/xpk and local scripts.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -24,7 +31,18 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, met
 _COORD = flags.DEFINE_string('coordinator', None, 'jax.distributed coordinator host:port.')
 _NPROC = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 _PID = flags.DEFINE_integer('process_id', None, 'This process id (multi-host).')
-_DIST = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (TPU pods).')
+_DIST = flags.DEFINE_bool('distributed', None,
+                          'Force (or with --nodistributed, forbid) jax.distributed.initialize(); '
+                          'default: when SLURM / Open MPI / a GKE TPU workload announces several '
+                          'processes, or --coordinator is given.')
+_DEVICE_IDS = flags.DEFINE_string('local_device_ids', None,
+                                  'Devices of this process: "0,1,2,3" or "all" (SLURM, one '
+                                  'process per node).')
+_HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout', 100,
+                                  'Seconds without heartbeats after which a process counts as '
+                                  'dead and the others terminate.')
+_INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300,
+                                     'Seconds to wait for all processes to connect.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -37,8 +55,16 @@ def main(argv):
 
   logging.set_verbosity(logging.WARNING)
   tfds.disable_progress_bar()
-  if _COORD.value or _DIST.value:
-    jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+  from pemn_jax.train.multihost import LaunchError, initialize, lost_peer
+  try:
+    started = initialize(_HEARTBEAT.value, _INIT_TIMEOUT.value, coordinator=_COORD.value,
+                         num_processes=_NPROC.value, process_id=_PID.value,
+                         distributed=_DIST.value, local_device_ids=_DEVICE_IDS.value)
+  except LaunchError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if jax.process_count() > 1 and jax.process_index() == 0:
+    print(started, flush=True)
   from pemn_jax.config import ConfigError
   from pemn_jax.data.sources import DataError
   from pemn_jax.train.checkpoint import CheckpointError
@@ -53,6 +79,15 @@ def main(argv):
   except DivergenceError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
+  except Exception as e:
+    if not lost_peer(e):
+      raise
+    first = str(e).strip().split('\n')[0][:300]
+    print(f'error: process {jax.process_index()} lost contact with another process of this '
+          f'{jax.process_count()}-process job ({first}). Another process most likely died: its '
+          'log says why. The checkpoints in the workdir are kept; run the same command again to '
+          'resume from the last one.', file=sys.stderr, flush=True)
+    os._exit(4)  # the runtime's shutdown would wait for the dead process
   if jax.process_index() != 0:
     return
   if 'test_accuracy' in out:

@@ -14,7 +14,12 @@ from pemn_jax import __version__, models
 from pemn_jax import params as P
 from pemn_jax.export import artifact
 from pemn_jax.params.base import flatten, unflatten
-from pemn_jax.train.checkpoint import Checkpointer, CheckpointError
+from pemn_jax.train.checkpoint import (
+  Checkpointer,
+  CheckpointError,
+  replicated_sharding,
+  with_sharding,
+)
 from pemn_jax.train.optim import make_optimizer, with_pruning
 from pemn_jax.train.step import create_train_state
 
@@ -49,6 +54,8 @@ def load_run(workdir: str, step: int | None = None):
   abstract = jax.eval_shape(lambda: create_train_state(
       param, tx, jax.random.key(0),
       models.init_model_state(model, tuple(meta['input_shape'])), config.seed))
+  # Onto this process's devices, whatever mesh and process count saved it.
+  abstract = with_sharding(abstract, replicated_sharding())
   ts, _ = ckpt.restore(step, abstract)
   ckpt.close()
   return config, meta, model, param, ts

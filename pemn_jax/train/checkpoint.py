@@ -61,6 +61,24 @@ def state_digest(tree) -> jax.Array:
   return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
 
 
+def replicated_sharding():
+  """A sharding that replicates over this process's devices (restoring a
+  checkpoint for export or evaluation, whatever mesh wrote it)."""
+  devices = jax.local_devices()
+  mesh = jax.sharding.Mesh(devices, ('all',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def with_sharding(abstract, shardings):
+  """ShapeDtypeStructs of ``abstract`` carrying ``shardings`` (one for all
+  leaves, or a matching tree): what orbax restores into."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings),
+                        abstract)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def all_finite(tree) -> bool:
   """Whether every float leaf of ``tree`` is finite (one scalar to the host)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
@@ -200,6 +218,13 @@ class Checkpointer:
 
   def wait(self):
     self.manager.wait_until_finished()
+
+  def abandon(self):
+    """Stops using the manager without finishing pending saves (another
+    process of the job died: finishing would wait for it). Finalized steps
+    on disk are untouched; a save in flight stays an uncommitted temporary
+    directory that orbax ignores."""
+    self._closed = True
 
   def close(self):
     if self._closed:

@@ -12,6 +12,7 @@ and never checkpoints the non-finite state.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,8 +21,6 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as PS
 
 from pemn_jax import models
 from pemn_jax import params as P
@@ -29,7 +28,9 @@ from pemn_jax.config import RESUMABLE_KEYS, ConfigError, config_differences, val
 from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
 from pemn_jax.train.checkpoint import Checkpointer, all_finite
+from pemn_jax.train.multihost import lost_peer
 from pemn_jax.train.optim import make_optimizer, with_pruning
+from pemn_jax.train.sharding import Layout, ShardingError, bytes_per_device, device_memory_limit
 from pemn_jax.train.step import create_train_state, eval_batch, make_train_step
 from pemn_jax.train.workdir import WorkdirLock, prepare
 
@@ -38,17 +39,30 @@ class DivergenceError(RuntimeError):
   """Training produced non-finite values; the last finite checkpoint is kept."""
 
 
-def make_mesh():
-  n = jax.device_count()
-  return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 class _Stop:
-  """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly."""
+  """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly.
+
+  In a multi-process job the processes must stop at the same step (saving
+  is collective): ``requested(step)`` agrees on it every ``SYNC_EVERY``
+  steps (one all-gather of a flag), so a signal to any process stops all of
+  them within that many steps.
+  """
+
+  SYNC_EVERY = 10
 
   def __init__(self):
     self.signum = None
     self._old = {}
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if step % self.SYNC_EVERY:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    self.signum = self.signum or int(np.max(flags)) or None
+    return self.signum is not None
 
   def __enter__(self):
     for s in (signal.SIGTERM, signal.SIGINT):
@@ -151,14 +165,19 @@ def train_and_evaluate(config, workdir: str, model=None) -> dict:
   """
   validate(config)
   workdir = prepare(workdir)
-  with WorkdirLock(workdir):
+  with WorkdirLock(workdir) as lock:
+    if lock.unsupported:
+      print(f'warning: {workdir} cannot be locked ({lock.unsupported}); make sure no other run '
+            'uses it', flush=True)
     return _train(config, workdir, model)
 
 
 def _train(config, workdir: str, model=None) -> dict:
-  mesh = make_mesh()
-  repl = NamedSharding(mesh, PS())
-  data_sharding = NamedSharding(mesh, PS('data'))
+  try:
+    layout = Layout.from_config(config)
+  except ShardingError as e:
+    raise ConfigError(str(e)) from None
+  repl, data_sharding = layout.replicated, layout.batch
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % jax.device_count():
       raise ConfigError(f'config.{key}={config[key]} is not divisible by the '
@@ -196,10 +215,23 @@ def _train(config, workdir: str, model=None) -> dict:
   tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch)
   tx = with_pruning(tx, config.prune, total, config.seed, param)
 
-  init = jax.jit(lambda k: create_train_state(
-      param, tx, k, models.init_model_state(model, train_ds.image_shape), config.seed),
-      out_shardings=repl)
-  ts = init(jax.random.key(config.seed))
+  def init_state(k):
+    return create_train_state(param, tx, k, models.init_model_state(model, train_ds.image_shape),
+                              config.seed)
+
+  abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
+  try:
+    ts_shardings = layout.state_shardings(abstract)
+  except ShardingError as e:
+    raise ConfigError(str(e)) from None
+  need, limit = bytes_per_device(abstract, ts_shardings), device_memory_limit()
+  if limit is not None and need > limit:
+    raise ConfigError(
+        f'the train state needs {need / 2**20:.1f} MiB per device on the mesh '
+        f'{dict(layout.mesh.shape)} with config.sharding.state={config.sharding.state!r}, but a '
+        f'device holds {limit / 2**20:.1f} MiB: use more devices (config.mesh) or shard the '
+        "state (config.sharding.state='fsdp' with config.mesh.fsdp > 1)")
+  ts = jax.jit(init_state, out_shardings=ts_shardings)(jax.random.key(config.seed))
   is_main = pidx == 0
   say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
   metrics = _Metrics(workdir, is_main)
@@ -214,7 +246,8 @@ def _train(config, workdir: str, model=None) -> dict:
                         + '; '.join(diffs[:10]) + '. Only these keys may change on resume: '
                         + ', '.join(RESUMABLE_KEYS) + '. Use another --workdir for a new '
                         'config.')
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), ts)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            ts, ts_shardings)
     start, restored, meta = ckpt.restore_latest(abstract)
     for msg in ckpt.messages:
       say(f'warning: {msg}')
@@ -228,13 +261,14 @@ def _train(config, workdir: str, model=None) -> dict:
     say(f'resumed from step {start} ({ckpt.directory})')
 
   train_step = jax.jit(
-      make_train_step(model, param, tx),
-      in_shardings=(repl, data_sharding, data_sharding, repl),
-      out_shardings=(repl, repl), donate_argnums=0)
+      make_train_step(model, param, tx, layout.materialize),
+      in_shardings=(ts_shardings, data_sharding, data_sharding, repl),
+      out_shardings=(ts_shardings, repl), donate_argnums=0)
 
-  @jax.jit
+  @functools.partial(jax.jit, in_shardings=(ts_shardings, data_sharding, data_sharding,
+                                            data_sharding), out_shardings=repl)
   def eval_step(ts, images, labels, weights):
-    return eval_batch(model, lambda rng: param.materialize(ts.state, ts.seed, rng),
+    return eval_batch(model, lambda rng: layout.materialize(param, ts.state, ts.seed, rng),
                       ts.model_state, images, labels, weights, param.eval_rngs(ts.seed))
 
   def to_global(*arrays):
@@ -248,7 +282,8 @@ def _train(config, workdir: str, model=None) -> dict:
   if not start:
     say(f'{config.model} x {config.param.name}: N={report["num_params"]} trainable='
         f'{report["trainable"]} model_bytes={report["model_bytes"]} dense_bytes='
-        f'{report["dense_bytes"]} steps={total} devices={jax.device_count()} processes={pcount}')
+        f'{report["dense_bytes"]} steps={total} devices={jax.device_count()} processes={pcount} '
+        f'{layout.describe()}')
   end = min(total, config.stop_at_step) if config.stop_at_step else total
   acc_metrics, t_last, step = [], time.time(), start
   last = {}
@@ -292,13 +327,14 @@ def _train(config, workdir: str, model=None) -> dict:
               f'{best["best_step"]})')
           metrics.write(last)
           t_last = time.time()
-        if step % config.checkpoint_every == 0 or step == end or stop.signum is not None:
+        stopping = stop.requested(step)
+        if step % config.checkpoint_every == 0 or step == end or stopping:
           if not all_finite((ts.state, ts.opt_state, ts.model_state)):
             raise diverged(step, 'finite, but the state is not')
           ckpt.save(step, ts, {'step': step, 'config': config.to_dict(), 'best': best,
                                'num_classes': train_ds.num_classes,
                                'input_shape': list(train_ds.image_shape)}, force=True)
-        if stop.signum is not None:
+        if stopping:
           ckpt.wait()
           say(f'received signal {stop.signum}: checkpoint saved at step {step}, exiting')
           break
@@ -311,6 +347,10 @@ def _train(config, workdir: str, model=None) -> dict:
         f'{e}; {kept} ({ckpt.directory}). Lower config.optimizer.lr (now '
         f'{config.optimizer.lr}) or set config.optimizer.grad_clip and run again: it resumes '
         'from that checkpoint.') from None
+  except Exception as e:
+    if lost_peer(e):  # a peer is gone: collectives (finishing a save) would wait for it
+      ckpt.abandon()
+    raise
   finally:
     ckpt.close()
     metrics.close()

@@ -40,10 +40,23 @@ def create_train_state(param: Parameterization, tx: optax.GradientTransformation
 
 
 def loss_fn(model, param: Parameterization, state, model_state, seed, images, labels,
-            rng=None, train: bool = True, step=0):
-  """Cross-entropy (+ the parameterization's regularizer at ``step``); returns
-  ``(loss, (new_model_state, logits))``."""
-  params = param.materialize(state, seed, rng)
+            rng=None, train: bool = True, step=0, materialize=None):
+  """Cross-entropy (+ the parameterization's regularizer at ``step``).
+
+  Args:
+    model, param: the Flax module and the parameterization.
+    state, model_state, seed: the trained state, batch statistics, the seed.
+    images, labels: the batch.
+    rng: the step's key (stochastic methods), or None.
+    train: training mode (batch statistics update).
+    step: the step number (regularizer schedules).
+    materialize: ``(param, state, seed, rng) -> params``; default
+      ``param.materialize`` (the trainer passes ``Layout.materialize``: the
+      same params, generated per device and laid out per its rules).
+  Returns:
+    ``(loss, (new_model_state, logits))``.
+  """
+  params = (materialize or _materialize)(param, state, seed, rng)
   variables = {'params': params, **model_state}
   if train and model_state:
     logits, new_model_state = model.apply(variables, images, train=True,
@@ -87,13 +100,20 @@ def eval_batch(model, materialize, model_state, images, labels, weights, rngs=No
   return jnp.sum(hit * weights), jnp.sum(weights), jnp.sum(nll * weights)
 
 
-def make_train_step(model, param: Parameterization, tx: optax.GradientTransformation):
-  """``step(train_state, images, labels, rng) -> (train_state, metrics)`` (not jitted)."""
+def _materialize(param, state, seed, rng):
+  return param.materialize(state, seed, rng)
+
+
+def make_train_step(model, param: Parameterization, tx: optax.GradientTransformation,
+                    materialize=None):
+  """``step(train_state, images, labels, rng) -> (train_state, metrics)`` (not
+  jitted); ``materialize`` as in ``loss_fn``."""
 
   def step(ts: TrainState, images, labels, rng=None):
     grad_fn = jax.value_and_grad(loss_fn, argnums=2, has_aux=True)
     (loss, (model_state, logits)), grads = grad_fn(
-        model, param, ts.state, ts.model_state, ts.seed, images, labels, rng, True, ts.step)
+        model, param, ts.state, ts.model_state, ts.seed, images, labels, rng, True, ts.step,
+        materialize)
     updates, opt_state = tx.update(grads, ts.opt_state, ts.state)
     state = param.project(optax.apply_updates(ts.state, updates))
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)

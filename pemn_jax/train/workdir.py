@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -36,13 +37,15 @@ class WorkdirLock:
   ``flock`` locks die with their process, so the lock of a run that was killed
   (even with SIGKILL) is free again: its stale lock file is taken over and
   reported. A second run in the same workdir gets WorkdirError naming the
-  holder; in a multi-process job every process gets it.
+  holder; in a multi-process job every process gets it. On a filesystem that
+  cannot lock (a gcsfuse-mounted bucket), the run goes on unlocked and says so.
   """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'lock')
     self.file = None
     self.previous = ''
+    self.unsupported = ''  # why the filesystem could not lock, if it could not
 
   def __enter__(self):
     ok, message = True, ''
@@ -50,7 +53,12 @@ class WorkdirLock:
       f = open(self.path, 'a+')  # noqa: SIM115 - held for the run's lifetime
       try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except OSError:
+        held = True
+      except OSError as e:
+        held = e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        if held:  # the filesystem cannot lock (e.g. a gcsfuse bucket): run unlocked
+          self.unsupported = f'{e.strerror or e}'
+      if not held:
         f.seek(0)
         holder = f.read().strip() or 'another process'
         f.close()
@@ -76,6 +84,7 @@ class WorkdirLock:
     if self.file is not None:
       self.file.seek(0)
       self.file.truncate()
-      fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+      if not self.unsupported:
+        fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
       self.file.close()
       self.file = None
