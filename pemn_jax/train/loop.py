@@ -210,6 +210,7 @@ def _train(config, workdir: str, model=None) -> dict:
   total = config.num_steps or max(1, int(config.num_epochs * pipe.steps_per_epoch))
   try:
     param = P.build(config.param, target, model=model, total_steps=total)
+    layout.resolve(param)
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.param: {e}') from e
   tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch)

@@ -24,7 +24,11 @@ entry per dimension: a mesh axis name, a list of names, or None. A preset name
 ``config.sharding.generate``: ``'sharded'`` computes every generated array
 (RPG ring gathers, PEMN prototypes, mask scores and top-k) in slices, one per
 device (``pemn_jax.ops.spmd``); ``'replicated'`` computes all of it on every
-device; ``'auto'`` is ``'sharded'`` on more than one device.
+device; ``'auto'`` is ``'sharded'`` on more than one device when the trained
+state is less than half the size of the params it generates (RPG, prototype
+sources), ``'replicated'`` otherwise (PEMN / edge-popup train N scores: with a
+replicated state, per-device generation only adds gathers — measured in
+docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -251,10 +255,28 @@ class Layout:
     self.state_rules = parse_rules(state_rules, 'config.sharding.state')
     self.param_rules = (None if param_rules == 'auto'
                         else parse_rules(param_rules, 'config.sharding.params'))
-    self.sharded_generation = generate == 'sharded' or (generate == 'auto' and mesh.size > 1)
+    self.generate = generate
     self.batch = NamedSharding(mesh, PS(AXES))
     self.replicated = NamedSharding(mesh, PS())
-    self.flat = NamedSharding(mesh, PS(AXES)) if self.sharded_generation else None
+    self._set_generation(generate == 'sharded' or (generate == 'auto' and mesh.size > 1))
+
+  def _set_generation(self, sharded: bool):
+    self.sharded_generation = bool(sharded)
+    self.flat = NamedSharding(self.mesh, PS(AXES)) if self.sharded_generation else None
+
+  def resolve(self, param) -> Layout:
+    """Settles ``generate='auto'`` for a parameterization: sharded on more
+    than one device when its trained state is under half of the params.
+
+    Args:
+      param: the run's ``Parameterization``.
+    Returns:
+      self.
+    """
+    if self.generate == 'auto':
+      small = 2 * param.num_trainable() < param.num_params
+      self._set_generation(self.mesh.size > 1 and small)
+    return self
 
   @classmethod
   def from_config(cls, config, devices=None) -> Layout:

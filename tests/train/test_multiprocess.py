@@ -63,7 +63,8 @@ def test_two_processes_of_two_devices_match_one_process_of_four(method, prepared
   runs = {}
   for procs, devs in ((1, 4), (2, 2)):
     wd = tmp_path / f'{procs}x{devs}'
-    rc, out = launch(args_for(prepared, METHODS[method], wd, '--config.num_steps=6'), procs, devs)
+    rc, out = launch(args_for(prepared, METHODS[method], wd, '--config.num_steps=6',
+                              '--config.sharding.generate=sharded'), procs, devs)
     assert rc == 0, out
     assert f'devices=4 processes={procs}' in out and 'generation sharded' in out
     runs[procs] = losses(wd)

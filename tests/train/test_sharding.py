@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
+from pemn_jax import params as P
 from pemn_jax.config import ConfigError, base_config, validate
 from pemn_jax.train import sharding as S
 
@@ -221,6 +223,23 @@ def test_generation_on_four_devices_is_exact_and_per_device():
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr[-3000:]
   assert 'all checks passed' in r.stdout
+
+
+def test_auto_generation_follows_the_size_of_the_trained_state():
+  """'auto' shards generation where the state is small next to the params
+  (RPG), not where it is as large (PEMN's scores), and never on one device."""
+  target = {'Dense_0': {'kernel': jax.ShapeDtypeStruct((64, 32), jnp.float32),
+                        'bias': jax.ShapeDtypeStruct((32,), jnp.float32)}}
+  ring = P.build({'name': 'ring', 'dof': 0.1}, target, total_steps=10)
+  pemn = P.build({'name': 'masked', 'keep': 0.5,
+                  'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 0.01}},
+                 target, total_steps=10)
+  assert 2 * ring.num_trainable() < ring.num_params <= pemn.num_trainable()
+  mesh = S.make_mesh({'data': -1, 'fsdp': 1})
+  assert S.Layout(mesh, generate='auto').resolve(ring).sharded_generation == (mesh.size > 1)
+  assert not S.Layout(mesh, generate='auto').resolve(pemn).sharded_generation
+  assert S.Layout(mesh, generate='sharded').resolve(pemn).sharded_generation == True  # noqa: E712
+  assert not S.Layout(mesh, generate='replicated').resolve(ring).sharded_generation
 
 
 def test_layout_on_one_device_changes_nothing():
