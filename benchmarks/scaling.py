@@ -31,8 +31,7 @@ shaped random data) with 1 process x 2 CPU devices and 2 processes x 1 device
     JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py
     JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --methods rpg --devices 1,8
     JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --per_device_batch 8 --process_steps 0
-    JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --methods rpg,pemn --process_steps 0 \
-        --layouts replicated,replicated_state_sharded_gen --per_device_batch 8
+    python benchmarks/scaling.py --layouts replicated_state_sharded_gen,fsdp_replicated_gen
     python benchmarks/scaling.py --smoke       # LeNet-5, 1-2 devices (checks the script)
 
 Last lines, one per method, device count and layout:

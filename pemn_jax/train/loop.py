@@ -178,10 +178,11 @@ def _train(config, workdir: str, model=None) -> dict:
   except ShardingError as e:
     raise ConfigError(str(e)) from None
   repl, data_sharding = layout.replicated, layout.batch
-  for key in ('batch_size', 'eval_batch_size'):
-    if config[key] % jax.device_count():
-      raise ConfigError(f'config.{key}={config[key]} is not divisible by the '
-                        f'{jax.device_count()} devices')
+  if config.batch_size % jax.device_count():
+    raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
+                      f'{jax.device_count()} devices')
+  # Evaluation pads its batches (padding weighs 0): round up to the devices.
+  eval_size = -(-config.eval_batch_size // jax.device_count()) * jax.device_count()
 
   load = lambda split: sources.load(config.dataset, split, config.data_dir or None,  # noqa: E731
                                     config.source_dir or None)
@@ -197,7 +198,7 @@ def _train(config, workdir: str, model=None) -> dict:
                     config.train_limit or None, config.augment_options.to_dict())
   except ValueError as e:
     raise ConfigError(f'config.batch_size={config.batch_size}: {e}') from None
-  test_pipe = Pipeline(test_ds, config.eval_batch_size, config.seed, '', pidx, pcount,
+  test_pipe = Pipeline(test_ds, eval_size, config.seed, '', pidx, pcount,
                        config.test_limit or None, training=False)
 
   if model is None:

@@ -182,3 +182,23 @@ def test_a_killed_process_leaves_a_loadable_checkpoint_and_no_hang(prepared, tmp
   rc, out = launch([*args[:-1], f'--config.num_steps={int(ts.step) + 2}'])
   assert rc == 0, out
   assert f'resumed from step {int(ts.step)}' in out
+
+
+def test_eval_batch_not_divisible_by_devices_is_padded_and_train_batch_is_an_error(
+    prepared, tmp_path):
+  """An eval batch of 45 on 2 devices evaluates all 100 test examples as on one
+  device; a train batch of 33 on 2 devices is an error naming the sizes."""
+  acc = {}
+  for devs in (1, 2):
+    wd = tmp_path / f'eval{devs}'
+    rc, out = launch(args_for(prepared, 'configs/dense.py', wd, '--config.num_steps=2',
+                              '--config.eval_batch_size=45', '--config.test_limit=100',
+                              '--config.eval_every=2'), 1, devs)
+    assert rc == 0, out
+    with open(wd / 'metrics.jsonl') as f:
+      rec = [json.loads(ln) for ln in f if '"test_accuracy"' in ln][-1]
+    acc[devs] = (rec['test_accuracy'], rec['test_loss'])
+  np.testing.assert_allclose(acc[2], acc[1], rtol=1e-5)
+  rc, out = launch(args_for(prepared, 'configs/dense.py', tmp_path / 'bad', '--config.num_steps=2',
+                            '--config.batch_size=33'), 1, 2)
+  assert rc == 2 and 'config.batch_size=33 is not divisible by the 2 devices' in out, out
