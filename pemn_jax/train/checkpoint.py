@@ -13,10 +13,16 @@ in the step's JSON metadata, and
 * ``restore_latest`` tries steps from newest to oldest, checks each digest,
   moves steps that fail aside to ``checkpoints/rejected/`` (nothing is
   deleted) and says so; if none restores, it raises and touches nothing.
+
+The metadata (config, step, best accuracy, the digest itself) carries its own
+SHA-256 (``meta_digest``): a flipped byte there is a corrupt step too, not a
+"different config".
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -30,6 +36,24 @@ from pemn_jax.ops.hashing import lowbias32
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored; it is left untouched on disk."""
+
+
+def meta_digest(meta: dict) -> str:
+  """SHA-256 of the metadata as JSON stores it (keys sorted), ``meta_digest``
+  itself left out."""
+  body = {k: v for k, v in meta.items() if k != 'meta_digest'}
+  text = json.dumps(json.loads(json.dumps(body)), sort_keys=True, allow_nan=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_meta(meta: dict, step: int, directory: str) -> dict:
+  """``meta`` if its ``meta_digest`` matches (or it has none: older
+  checkpoints); CheckpointError otherwise."""
+  want = meta.get('meta_digest')
+  if want is not None and want != meta_digest(meta):
+    raise CheckpointError(f'checkpoint step {step} in {directory} is corrupt: its metadata '
+                          'differs from the digest recorded when it was saved')
+  return meta
 
 
 def _as_u32(x):
@@ -117,9 +141,11 @@ class Checkpointer:
     """Saves asynchronously; the previous save is verified first."""
     self._verify_pending()
     digest = [int(x) for x in jax.device_get(state_digest(train_state))]
+    meta = {**meta, 'digest': digest}
+    meta['meta_digest'] = meta_digest(meta)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(train_state),
-        meta=ocp.args.JsonSave({**meta, 'digest': digest})), force=force)
+        meta=ocp.args.JsonSave(meta)), force=force)
     self._unverified = (step, jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
         train_state))
@@ -160,7 +186,7 @@ class Checkpointer:
       raise CheckpointError(
           f'cannot restore checkpoint step {step} from {self.directory}: {type(e).__name__}: '
           f'{first_line}') from e
-    meta = dict(out.meta)
+    meta = check_meta(dict(out.meta), step, self.directory)
     if meta.get('step', step) != step:
       raise CheckpointError(f'checkpoint directory {step} in {self.directory} holds step '
                             f'{meta.get("step")}: renamed or mixed up')
@@ -210,11 +236,23 @@ class Checkpointer:
     return dest
 
   def restore_meta(self, step: int) -> dict:
+    """The metadata of ``step``, checked against its digest."""
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f'cannot read the metadata of checkpoint step {step} in '
                             f'{self.directory}: {e}') from e
+    return check_meta(dict(meta), step, self.directory)
+
+  def stored_config(self):
+    """The config recorded by the newest step whose metadata is intact
+    (corrupt steps are left for ``restore_latest`` to reject), or None."""
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore_meta(step).get('config', {})
+      except CheckpointError:
+        continue
+    return None
 
   def wait(self):
     self.manager.wait_until_finished()

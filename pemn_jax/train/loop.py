@@ -206,7 +206,10 @@ def _train(config, workdir: str, model=None) -> dict:
       model = models.get(config.model, num_classes=train_ds.num_classes,
                          **config.model_kwargs.to_dict())
     except ValueError as e:
-      raise ConfigError(f'config.model={config.model!r}: {e}') from None
+      which = (f'config.model_kwargs={config.model_kwargs.to_dict()!r}'
+               if config.model_kwargs and 'bad options' in str(e) else
+               f'config.model={config.model!r}')
+      raise ConfigError(f'{which}: {e}') from None
   target = models.abstract_params(model, train_ds.image_shape)
   total = config.num_steps or max(1, int(config.num_epochs * pipe.steps_per_epoch))
   try:
@@ -241,8 +244,8 @@ def _train(config, workdir: str, model=None) -> dict:
   start, best = 0, {}  # best test accuracy over evaluations (the PEMN reference reports it)
   steps = ckpt.all_steps()
   if steps:
-    stored = ckpt.restore_meta(steps[-1]).get('config', {})
-    diffs = config_differences(stored, config.to_dict())
+    stored = ckpt.stored_config()
+    diffs = config_differences(stored, config.to_dict()) if stored is not None else []
     if diffs:
       raise ConfigError(f'{workdir} holds checkpoints of another config; differing keys: '
                         + '; '.join(diffs[:10]) + '. Only these keys may change on resume: '

@@ -65,6 +65,36 @@ def test_a_flipped_byte_is_detected_and_the_run_falls_back_to_the_newest_good_st
                     load_run(str(tmp_path / 'straight'))[-1].state)
 
 
+def test_a_corrupt_config_in_the_metadata_is_a_corrupt_step_not_another_config(
+    mnist_slice, tmp_path, capsys):
+  """A flipped byte that renames a config key in the newest step's metadata:
+  that step is rejected and the run resumes from the one before (it used to
+  refuse the workdir as "another config")."""
+  c = tiny_config(mnist_slice, num_steps=12, checkpoint_every=4, stop_at_step=8)
+  train_and_evaluate(c, str(tmp_path / 'run'))
+  meta = tmp_path / 'run' / 'checkpoints' / '8' / 'meta' / 'metadata'
+  text = meta.read_bytes()
+  assert b'"eval_batch_size"' in text
+  meta.write_bytes(text.replace(b'"eval_batch_size"', b'"evil_batch_size"', 1))
+  c.stop_at_step = 0
+  capsys.readouterr()
+  out = train_and_evaluate(c, str(tmp_path / 'run'))
+  printed = capsys.readouterr().out
+  assert out['step'] == 12
+  assert 'its metadata differs from the digest' in printed and 'resumed from step 4' in printed
+  assert os.listdir(tmp_path / 'run' / 'checkpoints' / 'rejected')[0].startswith('8-')
+
+
+def test_meta_digest_sees_any_change():
+  meta = {'step': 3, 'config': {'lr': 0.1, 'shape': (1, 2)}, 'digest': [1, 2]}
+  meta['meta_digest'] = ck.meta_digest(meta)
+  assert ck.check_meta(json.loads(json.dumps(meta)), 3, 'd') is not None
+  for bad in ({**meta, 'step': 4}, {**meta, 'config': {'lr': 0.1, 'shape': (1, 3)}},
+              {**meta, 'digest': [1, 3]}):
+    with pytest.raises(CheckpointError, match='metadata differs'):
+      ck.check_meta(bad, 3, 'd')
+
+
 def test_a_corrupt_checkpoint_without_a_good_one_is_refused_and_left_untouched(
     mnist_slice, tmp_path):
   c = tiny_config(mnist_slice, num_steps=8)
