@@ -49,6 +49,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from pemn_jax import cpu_tuning
+  cpu_tuning.configure()  # before JAX's CPU backend starts; see pemn_jax/cpu_tuning.py
   import jax
   import tensorflow_datasets as tfds
   from absl import logging

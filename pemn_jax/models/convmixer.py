@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from flax import linen as nn
 
 from pemn_jax.models.gates import Factor, Gate, GateStructure
-from pemn_jax.models.layers import BatchNorm, DepthwiseConv, he_normal
+from pemn_jax.models.layers import BatchNorm, Conv, DepthwiseConv, he_normal
 
 
 def _gelu(x):
@@ -39,7 +39,7 @@ class ConvMixer(nn.Module):
   def __call__(self, x, train: bool = False):
     bn = lambda name: BatchNorm(use_running_average=not train, name=name)  # noqa: E731
     p, b = self.patch_size, self.use_bias
-    x = nn.Conv(self.dim, (p, p), (p, p), padding='VALID', use_bias=b, kernel_init=he_normal,
+    x = Conv(self.dim, (p, p), (p, p), padding='VALID', use_bias=b, kernel_init=he_normal,
                 name='Conv_0')(x)
     x = bn('BatchNorm_0')(_gelu(x))
     for i in range(self.depth):
@@ -50,7 +50,7 @@ class ConvMixer(nn.Module):
         if self.gates:
           y = Gate(scalar=True, name=f'Gate_{i}')(y)
         x = x + y
-      x = nn.Conv(self.dim, (1, 1), use_bias=b, kernel_init=he_normal, name=f'Conv_{i + 1}')(x)
+      x = Conv(self.dim, (1, 1), use_bias=b, kernel_init=he_normal, name=f'Conv_{i + 1}')(x)
       x = bn(f'BatchNorm_{2 * i + 2}')(_gelu(x))
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, use_bias=b, kernel_init=he_normal, name='Dense_0')(x)

@@ -7,9 +7,15 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import nnx
+
+from pemn_jax.ops.conv import conv_general_dilated
 
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+# nn.Conv / nnx.Conv whose kernel gradient is pemn_jax.ops.conv's on CPU (XLA's elsewhere).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+NnxConv = functools.partial(nnx.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def shifted_depthwise_conv(x, kernel):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from flax import linen as nn
 
 from pemn_jax.models.gates import Factor, Gate, GateStructure, _check_open
-from pemn_jax.models.layers import he_normal
+from pemn_jax.models.layers import Conv, he_normal
 
 
 class MLP(nn.Module):
@@ -54,10 +54,10 @@ class LeNet5(nn.Module):
     del train
     c1, c2, f1, f2 = self.widths
     gate = (lambda i, y: Gate(name=f'Gate_{i}')(y)) if self.gates else (lambda i, y: y)
-    x = gate(0, nn.relu(nn.Conv(c1, (5, 5), padding='SAME', kernel_init=he_normal,
+    x = gate(0, nn.relu(Conv(c1, (5, 5), padding='SAME', kernel_init=he_normal,
                                 name='Conv_0')(x)))
     x = nn.max_pool(x, (2, 2), (2, 2))
-    x = gate(1, nn.relu(nn.Conv(c2, (5, 5), padding='VALID', kernel_init=he_normal,
+    x = gate(1, nn.relu(Conv(c2, (5, 5), padding='VALID', kernel_init=he_normal,
                                 name='Conv_1')(x)))
     x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))  # NHWC: feature (h * W + w) * c2 + c

@@ -14,15 +14,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from pemn_jax.models.layers import he_normal
+from pemn_jax.models.layers import NnxConv, he_normal
 
 
 class LeNet5NNX(nnx.Module):
   """LeNet-5 in NNX (input 28x28x1)."""
 
   def __init__(self, num_classes: int = 10, *, rngs: nnx.Rngs):
-    self.Conv_0 = nnx.Conv(1, 6, (5, 5), padding='SAME', kernel_init=he_normal, rngs=rngs)
-    self.Conv_1 = nnx.Conv(6, 16, (5, 5), padding='VALID', kernel_init=he_normal, rngs=rngs)
+    self.Conv_0 = NnxConv(1, 6, (5, 5), padding='SAME', kernel_init=he_normal, rngs=rngs)
+    self.Conv_1 = NnxConv(6, 16, (5, 5), padding='VALID', kernel_init=he_normal, rngs=rngs)
     self.Dense_0 = nnx.Linear(400, 120, kernel_init=he_normal, rngs=rngs)
     self.Dense_1 = nnx.Linear(120, 84, kernel_init=he_normal, rngs=rngs)
     self.Dense_2 = nnx.Linear(84, num_classes, kernel_init=he_normal, rngs=rngs)
@@ -43,15 +43,15 @@ def _bn(n, rngs):
 class BasicBlockNNX(nnx.Module):
   def __init__(self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs):
     s = (stride, stride)
-    self.Conv_0 = nnx.Conv(in_features, features, (3, 3), s, padding=1, use_bias=False,
+    self.Conv_0 = NnxConv(in_features, features, (3, 3), s, padding=1, use_bias=False,
                            kernel_init=he_normal, rngs=rngs)
     self.BatchNorm_0 = _bn(features, rngs)
-    self.Conv_1 = nnx.Conv(features, features, (3, 3), padding=1, use_bias=False,
+    self.Conv_1 = NnxConv(features, features, (3, 3), padding=1, use_bias=False,
                            kernel_init=he_normal, rngs=rngs)
     self.BatchNorm_1 = _bn(features, rngs)
     self.project = in_features != features or stride != 1
     if self.project:
-      self.Conv_2 = nnx.Conv(in_features, features, (1, 1), s, use_bias=False,
+      self.Conv_2 = NnxConv(in_features, features, (1, 1), s, use_bias=False,
                              kernel_init=he_normal, rngs=rngs)
       self.BatchNorm_2 = _bn(features, rngs)
 
@@ -68,7 +68,7 @@ class ResNetNNX(nnx.Module):
 
   def __init__(self, stage_sizes: Sequence[int], widths: Sequence[int], num_classes: int = 10,
                in_channels: int = 3, *, rngs: nnx.Rngs):
-    self.Conv_0 = nnx.Conv(in_channels, widths[0], (3, 3), padding=1, use_bias=False,
+    self.Conv_0 = NnxConv(in_channels, widths[0], (3, 3), padding=1, use_bias=False,
                            kernel_init=he_normal, rngs=rngs)
     self.BatchNorm_0 = _bn(widths[0], rngs)
     k, c = 0, widths[0]

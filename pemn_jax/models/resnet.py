@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from flax import linen as nn
 
 from pemn_jax.models.gates import Factor, Gate, GateStructure, gate_of
-from pemn_jax.models.layers import BatchNorm, he_normal
+from pemn_jax.models.layers import BatchNorm, Conv, he_normal
 
 
 class BasicBlock(nn.Module):
@@ -32,18 +32,18 @@ class BasicBlock(nn.Module):
     width = self.features if self.width is None else self.width
     y = None
     if width > 0:
-      y = nn.Conv(width, (3, 3), s, padding=1, use_bias=False, kernel_init=he_normal,
+      y = Conv(width, (3, 3), s, padding=1, use_bias=False, kernel_init=he_normal,
                   name='Conv_0')(x)
       y = nn.relu(bn('BatchNorm_0')(y))
       if self.gates:
         y = Gate(name='Gate_0')(y)
-      y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, kernel_init=he_normal,
+      y = Conv(self.features, (3, 3), padding=1, use_bias=False, kernel_init=he_normal,
                   name='Conv_1')(y)
       y = bn('BatchNorm_1')(y)
       if self.gates:
         y = Gate(scalar=True, name='Gate_1')(y, any_of=gate_of(self, 'Gate_0'))
     if x.shape[-1] != self.features or self.stride != 1:
-      x = nn.Conv(self.features, (1, 1), s, use_bias=False, kernel_init=he_normal,
+      x = Conv(self.features, (1, 1), s, use_bias=False, kernel_init=he_normal,
                   name='Conv_2')(x)
       x = bn('BatchNorm_2')(x)
     return nn.relu(x if y is None else x + y)
@@ -68,7 +68,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False, kernel_init=he_normal,
+    x = Conv(self.widths[0], (3, 3), padding=1, use_bias=False, kernel_init=he_normal,
                 name='Conv_0')(x)
     x = nn.relu(BatchNorm(use_running_average=not train, name='BatchNorm_0')(x))
     for name, w, stride, width in self.blocks():

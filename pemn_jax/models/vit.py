@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from pemn_jax.models.gates import Factor, Gate, GateStructure, gate_of
-from pemn_jax.models.layers import he_normal
+from pemn_jax.models.layers import Conv, he_normal
 
 lecun = nn.initializers.lecun_normal()
 
@@ -88,7 +88,7 @@ class ViT(nn.Module):
     p = self.patch_size
     if x.shape[1] % p or x.shape[2] % p:
       raise ValueError(f'ViT input {x.shape[1:3]} is not divisible by patch size {p}')
-    x = nn.Conv(self.dim, (p, p), (p, p), padding='VALID', kernel_init=he_normal, name='embed')(x)
+    x = Conv(self.dim, (p, p), (p, p), padding='VALID', kernel_init=he_normal, name='embed')(x)
     b = x.shape[0]
     x = x.reshape(b, -1, self.dim)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, self.dim))

@@ -1,0 +1,192 @@
+"""Convolutions with a faster kernel gradient on XLA:CPU.
+
+``conv_general_dilated`` is a drop-in for ``jax.lax.conv_general_dilated``
+(Flax's ``nn.Conv`` / ``nnx.Conv`` take it as ``conv_general_dilated=``). On
+the CPU backend, for the plain 2-D case (NHWC input, HWIO kernel, no
+dilation, no feature groups, float32), its gradient is a ``custom_vjp``:
+
+* forward and input gradient: XLA's own convolutions (as fast as PyTorch's
+  on CPU, measured in ``benchmarks/vs_pytorch.py``);
+* 1x1 kernels without padding: one matrix product (``pointwise``);
+* kernel gradient: ``kh * kw`` matrix products of the shifted (strided)
+  input window against the output gradient, accumulated over batch chunks
+  in a ``lax.scan``. XLA:CPU's own kernel gradient (a convolution with the
+  batch as its reduction) runs at about a tenth of the machine's matmul rate;
+  materializing im2col patches instead is slower still (every call writes a
+  fresh ``kh * kw``-times larger buffer). Chunks of ~1 MiB of input stay in
+  cache and their buffers are reused by the loop.
+
+Every other case, and every other backend (GPU/TPU keep XLA's convolutions),
+calls ``lax.conv_general_dilated`` unchanged. The gradients equal XLA's up
+to the order of float additions (``tests/ops/test_conv.py``).
+
+``impl``: ``'auto'`` (the fast kernel gradient on CPU), ``'xla'`` (always
+XLA's), ``'cpu'`` (the custom gradient on any backend, for tests). The
+default for calls that name none is ``DEFAULT_IMPL``: the environment
+variable ``PEMN_JAX_CONV`` (e.g. ``PEMN_JAX_CONV=xla`` to compare), else
+``'auto'``; it is read when a step is traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ('auto', 'xla', 'cpu')
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                 out_spec=(0, 3, 1, 2))
+DEFAULT_IMPL = os.environ.get('PEMN_JAX_CONV', 'auto')
+CHUNK_BYTES = 1 << 20  # input bytes per batch chunk of the kernel gradient
+
+
+def _pads(padding, lhs_shape, rhs_shape, strides) -> tuple[tuple[int, int], ...]:
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _chunk(n: int, example_bytes: int) -> int:
+  """The largest divisor of n whose chunk of examples fits CHUNK_BYTES (>= 1)."""
+  best = 1
+  for d in range(1, n + 1):
+    if n % d == 0 and d * example_bytes <= CHUNK_BYTES:
+      best = d
+  return best
+
+
+def kernel_grad(x, g, kernel_hw: tuple[int, int], strides: tuple[int, int],
+                pads: tuple[tuple[int, int], ...]):
+  """d(conv(x, w)) / dw contracted with the output gradient ``g``.
+
+  Args:
+    x: input, (N, H, W, C).
+    g: output gradient, (N, Ho, Wo, K).
+    kernel_hw: (kh, kw).
+    strides: (sh, sw).
+    pads: ((lo, hi), (lo, hi)) explicit padding of H and W.
+  Returns:
+    (kh, kw, C, K) float32: sum over n, h, w of
+    ``xpad[n, h*sh + i, w*sw + j, c] * g[n, h, w, k]``.
+  """
+  n, _, _, c = x.shape
+  _, ho, wo, k = g.shape
+  kh, kw = kernel_hw
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  # Rows/columns past the last window are never read; negative padding crops.
+  xp = xp[:, :(ho - 1) * sh + kh, :(wo - 1) * sw + kw, :]
+  if xp.shape[1] < (ho - 1) * sh + kh or xp.shape[2] < (wo - 1) * sw + kw:
+    raise ValueError(f'kernel_grad: padded input {xp.shape} too small for output {g.shape}')
+  nb = _chunk(n, xp[0].size * xp.dtype.itemsize)
+  xs = xp.reshape(n // nb, nb, *xp.shape[1:])
+  gs = g.reshape(n // nb, nb * ho * wo, k)
+
+  def body(acc, chunk):
+    xc, gc = chunk
+    parts = []
+    for i in range(kh):
+      for j in range(kw):
+        win = lax.slice(xc, (0, i, j, 0), (nb, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                        (1, sh, sw, 1))
+        parts.append(jnp.dot(win.reshape(-1, c).T, gc, preferred_element_type=jnp.float32))
+    return acc + jnp.stack(parts), None
+
+  acc, _ = lax.scan(body, jnp.zeros((kh * kw, c, k), jnp.float32), (xs, gs))
+  return acc.reshape(kh, kw, c, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_nhwc(x, w, strides, pads):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+def _conv_fwd(x, w, strides, pads):
+  return _conv_nhwc(x, w, strides, pads), (x, w)
+
+
+def _conv_bwd(strides, pads, res, g):
+  x, w = res
+  _, vjp_x = jax.vjp(lambda x: lax.conv_general_dilated(x, w, strides, pads,
+                                                        dimension_numbers=_NHWC), x)
+  (dx,) = vjp_x(g)
+  dw = kernel_grad(x, g, w.shape[:2], strides, pads).astype(w.dtype)
+  return dx, dw
+
+
+_conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
+
+
+def pointwise(x, w, strides):
+  """A 1x1 convolution without padding as one matrix product (its
+  gradients are matrix products too; XLA:CPU's 1x1 convolution gradients are
+  2-3x slower)."""
+  sh, sw = strides
+  if (sh, sw) != (1, 1):
+    x = x[:, ::sh, ::sw, :]
+  n, h, w_, c = x.shape
+  y = jnp.dot(x.reshape(-1, c), w.reshape(c, -1), preferred_element_type=jnp.float32)
+  return y.reshape(n, h, w_, -1).astype(x.dtype)
+
+
+def _is_nhwc(dimension_numbers, lhs_shape, rhs_shape) -> bool:
+  if len(lhs_shape) != 4 or len(rhs_shape) != 4:
+    return False
+  try:
+    dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+  except (TypeError, ValueError):
+    return False
+  return tuple(dn) == tuple(_NHWC)
+
+
+def fast_path(lhs, rhs, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count=1, batch_group_count=1, preferred_element_type=None,
+              impl: str | None = None) -> bool:
+  """Whether ``conv_general_dilated`` takes the custom kernel gradient."""
+  impl = DEFAULT_IMPL if impl is None else impl
+  if impl not in IMPLS:
+    raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}')
+  if impl == 'xla' or (impl == 'auto' and jax.default_backend() != 'cpu'):
+    return False
+  ones = lambda d: d is None or all(int(v) == 1 for v in d)  # noqa: E731
+  return (ones(lhs_dilation) and ones(rhs_dilation) and feature_group_count == 1
+          and batch_group_count == 1 and preferred_element_type is None
+          and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+          and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape))
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None,
+                         impl: str | None = None, out_sharding=None):
+  """``lax.conv_general_dilated`` with the fast kernel gradient on CPU.
+
+  Args:
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+    dimension_numbers, feature_group_count, batch_group_count, precision,
+    preferred_element_type: as ``lax.conv_general_dilated``.
+    impl: ``'auto'``, ``'xla'`` or ``'cpu'``; None: ``DEFAULT_IMPL`` (see the
+      module docstring).
+    out_sharding: as ``lax.conv_general_dilated`` (given: XLA's path).
+  Returns:
+    The convolution, the same function as ``lax.conv_general_dilated``.
+  """
+  if out_sharding is None and fast_path(lhs, rhs, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count,
+                                        batch_group_count, preferred_element_type, impl):
+    strides = tuple(int(s) for s in window_strides)
+    pads = _pads(padding, lhs.shape, rhs.shape, strides)
+    if rhs.shape[:2] == (1, 1) and not any(v for p in pads for v in p):
+      return pointwise(lhs, rhs, strides)
+    if all(v >= 0 for p in pads for v in p):
+      return _conv_nhwc(lhs, rhs, strides, pads)
+  kwargs = {} if out_sharding is None else {'out_sharding': out_sharding}
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                  rhs_dilation, dimension_numbers, feature_group_count,
+                                  batch_group_count, precision, preferred_element_type,
+                                  **kwargs)
