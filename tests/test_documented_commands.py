@@ -35,8 +35,10 @@ def documented_commands():
   for rel in SOURCES:
     for line in (REPO / rel).read_text().splitlines():
       for m in COMMAND.finditer(line):
+        if any(p in m.group(1) for p in PLACEHOLDERS):  # before '...' could be stripped
+          continue
         cmd = m.group(1).strip().rstrip(').,;:')
-        if any(p in cmd for p in PLACEHOLDERS) or 'scripts/test.sh' in cmd:
+        if 'scripts/test.sh' in cmd:
           continue
         if re.fullmatch(r'(\.venv/bin/)?python -m pemn_jax\.[\w.]+', cmd):
           continue  # a mention of a module (they all take flags), not a command
@@ -113,6 +115,12 @@ def tiny(cmd: str, tmp: Path):
     else:
       out.append(w)
   joined = ' '.join(out)
+  if 'pemn_jax.plot' in joined:  # its positional arguments are runs: train tiny ones
+    start = out.index('pemn_jax.plot') + 1
+    for i in range(start, len(out)):
+      if not out[i].startswith('-') and not out[i - 1] == '--out':
+        out[i] = str(tmp / f'run_{i}')
+        _ensure_trained(out[i], env)
   if 'pemn_jax.main' in joined or 'launch/local.sh' in joined:
     out += TINY
   elif 'pemn_jax.evolve' in joined:
