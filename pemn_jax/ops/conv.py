@@ -30,6 +30,7 @@ variable ``PEMN_JAX_CONV`` (e.g. ``PEMN_JAX_CONV=xla`` to compare), else
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 
@@ -51,10 +52,11 @@ def _pads(padding, lhs_shape, rhs_shape, strides) -> tuple[tuple[int, int], ...]
 
 
 def _chunk(n: int, example_bytes: int) -> int:
-  """The largest divisor of n whose chunk of examples fits CHUNK_BYTES (>= 1)."""
-  best = 1
-  for d in range(1, n + 1):
-    if n % d == 0 and d * example_bytes <= CHUNK_BYTES:
+  """The largest divisor of n whose chunk of examples fits CHUNK_BYTES, and
+  at least gcd(n, 8) (chunks then split evenly over up to 8 data shards)."""
+  best = math.gcd(n, 8)
+  for d in range(best, n + 1):
+    if n % d == 0 and d % best == 0 and d * example_bytes <= CHUNK_BYTES:
       best = d
   return best
 
@@ -82,21 +84,27 @@ def kernel_grad(x, g, kernel_hw: tuple[int, int], strides: tuple[int, int],
   xp = xp[:, :(ho - 1) * sh + kh, :(wo - 1) * sw + kw, :]
   if xp.shape[1] < (ho - 1) * sh + kh or xp.shape[2] < (wo - 1) * sw + kw:
     raise ValueError(f'kernel_grad: padded input {xp.shape} too small for output {g.shape}')
-  nb = _chunk(n, xp[0].size * xp.dtype.itemsize)
-  xs = xp.reshape(n // nb, nb, *xp.shape[1:])
-  gs = g.reshape(n // nb, nb * ho * wo, k)
+  nb = _chunk(n, math.prod(xp.shape[1:]) * xp.dtype.itemsize)
+  # Chunk j holds examples j, j + n/nb, j + 2n/nb, ...: the batch's leading
+  # (data-sharded) dimension stays inside every chunk, so on a sharded batch
+  # each device reduces its own examples (no all-gather of activations); the
+  # chunk is sliced out in the loop (no transposed copy of x or g).
+  m = n // nb
+  xs = xp.reshape(nb, m, *xp.shape[1:])
+  gs = g.reshape(nb, m, ho * wo, k)
 
-  def body(acc, chunk):
-    xc, gc = chunk
+  def body(j, acc):
+    xc = lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False)
+    gc = lax.dynamic_index_in_dim(gs, j, axis=1, keepdims=False).reshape(nb * ho * wo, k)
     parts = []
     for i in range(kh):
-      for j in range(kw):
-        win = lax.slice(xc, (0, i, j, 0), (nb, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                        (1, sh, sw, 1))
+      for jj in range(kw):
+        win = lax.slice(xc, (0, i, jj, 0),
+                        (nb, i + (ho - 1) * sh + 1, jj + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
         parts.append(jnp.dot(win.reshape(-1, c).T, gc, preferred_element_type=jnp.float32))
-    return acc + jnp.stack(parts), None
+    return acc + jnp.stack(parts)
 
-  acc, _ = lax.scan(body, jnp.zeros((kh * kw, c, k), jnp.float32), (xs, gs))
+  acc = lax.fori_loop(0, m, body, jnp.zeros((kh * kw, c, k), jnp.float32))
   return acc.reshape(kh, kw, c, k)
 
 

@@ -70,8 +70,10 @@ def test_kernel_grad_against_a_direct_sum():
 
 
 def test_large_batch_is_chunked(monkeypatch):
-  monkeypatch.setattr(C, 'CHUNK_BYTES', 3 * 10 * 10 * 4 * 4)
-  assert C._chunk(12, 10 * 10 * 4 * 4) == 3
+  monkeypatch.setattr(C, 'CHUNK_BYTES', 5 * 10 * 10 * 4 * 4)
+  assert C._chunk(12, 10 * 10 * 4 * 4) == 4   # multiples of gcd(12, 8) = 4 that fit
+  assert C._chunk(7, 10 * 10 * 4 * 4) == 1
+  assert C._chunk(16, 10 ** 9) == 8          # never below gcd(n, 8)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((12, 8, 8, 4)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 3, 4, 2)), jnp.float32)
@@ -114,3 +116,39 @@ def test_flax_conv_with_the_drop_in_matches_and_vmaps():
   g_plain = jax.vmap(jax.value_and_grad(loss(plain)))(params)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+SHARDED = r'''
+import re, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from pemn_jax.ops import conv as C
+mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+DN = ('NHWC', 'HWIO', 'NHWC')
+rng = np.random.default_rng(0)
+x = jax.device_put(rng.standard_normal((32, 8, 8, 4)).astype(np.float32),
+                   NamedSharding(mesh, P('data')))
+w = jax.device_put(rng.standard_normal((3, 3, 4, 5)).astype(np.float32), NamedSharding(mesh, P()))
+grads = {}
+for impl in ('xla', 'cpu'):
+  f = jax.jit(jax.grad(lambda x, w: jnp.sum(C.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=DN, impl=impl) ** 2), (0, 1)))
+  hlo = f.lower(x, w).compile().as_text()
+  print(impl, 'all-gathers', len(re.findall(r'= [^\n]*all-gather\(', hlo)))
+  grads[impl] = f(x, w)
+for a, b in zip(grads['cpu'], grads['xla']):
+  np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4)
+print('equal')
+'''
+
+
+def test_sharded_batch_kernel_gradient_stays_per_device():
+  """On a batch split over 4 devices, the kernel gradient reduces each
+  device's own examples: no activation is all-gathered; values as XLA's."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='4', XLA_FLAGS='')
+  r = subprocess.run([sys.executable, '-c', SHARDED], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'cpu all-gathers 0' in r.stdout and 'equal' in r.stdout, r.stdout
