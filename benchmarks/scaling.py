@@ -29,10 +29,10 @@ shaped random data) with 1 process x 2 CPU devices and 2 processes x 1 device
 (gloo), via ``launch/local.sh``.
 
     JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py
-    JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --methods rpg --devices 1,8
+    JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --methods rpg --devices 1,8 --process_steps 9
     JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --per_device_batch 8 --process_steps 0
     python benchmarks/scaling.py --layouts replicated_state_sharded_gen,fsdp_replicated_gen
-    python benchmarks/scaling.py --smoke       # LeNet-5, 1-2 devices (checks the script)
+    JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --smoke   # LeNet-5, 1-2 devices
 
 Last lines, one per method, device count and layout:
     <method> devices=<n> sharding=<replicated|fsdp> peak_bytes_per_device=<b>
@@ -147,13 +147,17 @@ def main():
   ap.add_argument('--per_device_batch', type=int, default=0,
                   help='instead of --batch: this many examples per device (the global batch '
                        'grows with the devices; isolates what parameters cost)')
-  ap.add_argument('--process_steps', type=int, default=200,
-                  help='steps of the 1 vs 2 process timing (0: skip)')
-  ap.add_argument('--smoke', action='store_true', help='LeNet-5, 1-2 devices, 4 process steps')
+  ap.add_argument('--process_steps', type=int, default=None,
+                  help='steps of the 1 vs 2 process timing (0: skip; default 200; --smoke: 0,\n'
+                       'or 2 if given)')
+  ap.add_argument('--smoke', action='store_true', help='LeNet-5, 1-2 devices')
   args = ap.parse_args()
   if args.smoke:
     args.model, args.dataset_shape, args.devices, args.batch = 'lenet5', '28,28,1', '1,2', 8
-    args.process_steps = 4
+  if args.process_steps is None:
+    args.process_steps = 0 if args.smoke else 200
+  elif args.smoke:
+    args.process_steps = min(args.process_steps, 2)
   shape = tuple(int(x) for x in args.dataset_shape.split(','))
   counts = [int(x) for x in args.devices.split(',')]
   if max(counts) > jax.device_count():

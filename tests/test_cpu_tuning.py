@@ -14,7 +14,7 @@ print('result', cpu_tuning.configure())
 print('flags', os.environ.get('XLA_FLAGS', ''))
 import jax, jax.numpy as jnp, optax
 from pemn_jax import models
-model = models.get('convmixer_256_8')
+model = models.get('convmixer', dim=64, depth=4)
 v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 x, y = jnp.zeros((16, 32, 32, 3)), jnp.zeros((16,), jnp.int32)
 def loss(p):

@@ -44,7 +44,7 @@ def documented_commands():
           continue  # a mention of a module (they all take flags), not a command
         if re.search(r'(benchmarks|examples)/', cmd):  # all of them run with --smoke
           cmd = re.sub(r'\s+--smoke\b', '', cmd)
-        cmd = re.sub(r'^\.venv/bin/python ', 'python ', cmd)  # the same command
+        cmd = re.sub(r'^((?:[A-Z_]+=\S+\s+)*)\.venv/bin/python ', r'\1python ', cmd)  # the same
         found.setdefault(cmd, rel)
   return found
 
