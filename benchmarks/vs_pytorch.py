@@ -120,16 +120,22 @@ def _prototype_weights(shape, ratio, gen, std):
   return rep[torch.randperm(n, generator=gen)].view(shape)
 
 
+def _freeze_and_score(layer, ratio, keep, gen):
+  """Replaces ``layer.weight`` by frozen RP prototype weights (He fan-in std)
+  and adds edge-popup scores (kaiming-uniform, as the reference)."""
+  fan_in = layer.weight[0].numel()
+  w = _prototype_weights(layer.weight.shape, ratio, gen, (2.0 / fan_in) ** 0.5)
+  del layer.weight
+  layer.register_buffer('weight', w)
+  layer.scores = tnn.Parameter(torch.empty_like(w))
+  tnn.init.kaiming_uniform_(layer.scores, a=5 ** 0.5)
+  layer.keep = keep
+
+
 class MaskedConv(tnn.Conv2d if torch else object):
   def __init__(self, *a, ratio=1e-3, keep=0.5, gen=None, **k):
     super().__init__(*a, **k)
-    fan_in = self.weight[0].numel()
-    w = _prototype_weights(self.weight.shape, ratio, gen, (2.0 / fan_in) ** 0.5)
-    del self.weight
-    self.register_buffer('weight', w)
-    self.scores = tnn.Parameter(torch.empty_like(w))
-    tnn.init.kaiming_uniform_(self.scores, a=5 ** 0.5)
-    self.keep = keep
+    _freeze_and_score(self, ratio, keep, gen)
 
   def forward(self, x):
     w = self.weight * _TopK.apply(self.scores, self.keep)
@@ -139,12 +145,7 @@ class MaskedConv(tnn.Conv2d if torch else object):
 class MaskedLinear(tnn.Linear if torch else object):
   def __init__(self, *a, ratio=1e-3, keep=0.5, gen=None, **k):
     super().__init__(*a, **k)
-    w = _prototype_weights(self.weight.shape, ratio, gen, (2.0 / self.in_features) ** 0.5)
-    del self.weight
-    self.register_buffer('weight', w)
-    self.scores = tnn.Parameter(torch.empty_like(w))
-    tnn.init.kaiming_uniform_(self.scores, a=5 ** 0.5)
-    self.keep = keep
+    _freeze_and_score(self, ratio, keep, gen)
 
   def forward(self, x):
     return F.linear(x, self.weight * _TopK.apply(self.scores, self.keep), self.bias)
