@@ -40,6 +40,7 @@ import ctypes
 import ctypes.util
 import importlib.util
 import os
+import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
@@ -84,8 +85,8 @@ def retain() -> str:
   """Makes glibc keep freed memory for reuse (see the module docstring).
 
   Returns:
-    What was done: ``'retained'``, or why not (``'disabled'``, ``'not cpu'``,
-    ``'not glibc'``, ``'backend already started'``).
+    What was done: ``'retained'``, or why not (``'not cpu'``, ``'not glibc'``,
+    ``'backend already started'``).
   """
   global _done
   if _done is not None:
@@ -109,7 +110,6 @@ def retain() -> str:
 
 
 def _backend_started() -> bool:
-  import sys
   if 'jax' not in sys.modules:
     return False
   try:
