@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.verify_checkpoints = True   # read every checkpoint back and check its digest
   c.seed = 0                    # uint32: data order, init, and every generated weight
+  c.data_seed = -1              # data order and augmentation instead (-1: config.seed);
+                                # a sweep fixes it so its variants see the same batches
   # Devices per mesh axis (-1: the rest) and where arrays live; see
   # pemn_jax/train/sharding.py. Data parallel by default; FSDP:
   # mesh.fsdp=N (or -1) with sharding.state='fsdp' (and params='fsdp').
@@ -115,6 +117,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ('num_steps', 'stop_at_step', 'eval_every', 'train_limit', 'test_limit', 'seed'):
     need(_int(c[key]) and c[key] >= 0, key, c[key], 'must be an integer >= 0')
   need(c.seed < 2**32, 'seed', c.seed, 'must be < 2**32 (a uint32)')
+  need(_int(c.data_seed) and -1 <= c.data_seed < 2**32, 'data_seed', c.data_seed,
+       'must be -1 (config.seed) or an integer in [0, 2**32)')
   need(not 0 < c.train_limit < c.batch_size, 'train_limit', c.train_limit,
        f'is smaller than one batch (batch_size={c.batch_size})')
   need(isinstance(c.verify_checkpoints, bool), 'verify_checkpoints', c.verify_checkpoints,

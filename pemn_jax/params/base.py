@@ -23,6 +23,7 @@ resolved against the model's *creation order* of leaves (the order
 from __future__ import annotations
 
 import abc
+import copy
 import math
 import re
 from collections.abc import Mapping
@@ -183,6 +184,10 @@ class Parameterization(abc.ABC):
   # spec, default ``default_source``) on ``source_target(target)``.
   takes_source: bool = False
   default_source: dict | None = None
+  # Spec options a sweep may vary inside one compiled step (``pemn_jax.sweep``):
+  # ``hyperparams()`` turns them into arrays, ``with_hyperparams`` takes them
+  # back (traced). Options not listed change shapes or Python control flow.
+  traced: tuple[str, ...] = ()
 
   @classmethod
   def source_target(cls, target):
@@ -254,6 +259,34 @@ class Parameterization(abc.ABC):
   def from_export(self, arrays, seed) -> PyTree:
     """Params rebuilt from ``export``'s arrays: bit-identical to
     ``materialize(state, seed)`` (with the arrays stored as float32)."""
+
+  def hyperparams(self) -> dict:
+    """The numeric values behind this parameterization's ``traced`` options
+    (and its source's, under ``'source'``), computed here in Python exactly as
+    the untraced code computes them.
+
+    Returns:
+      A pytree of numpy scalars/arrays (empty when nothing can be traced).
+    """
+    src = getattr(self, 'source', None)
+    h = src.hyperparams() if isinstance(src, Parameterization) else {}
+    return {'source': h} if h else {}
+
+  def with_hyperparams(self, hyper) -> Parameterization:
+    """A shallow copy that uses ``hyper`` (``hyperparams()``'s structure, e.g.
+    traced per-variant values under ``jax.vmap``) instead of its own options.
+
+    Args:
+      hyper: the values, as ``hyperparams()`` returns them.
+    Returns:
+      The copy (this object when ``hyper`` is empty).
+    """
+    if not hyper:
+      return self
+    out = copy.copy(self)
+    if 'source' in hyper:
+      out.source = self.source.with_hyperparams(hyper['source'])
+    return out
 
   def num_trainable(self) -> int:
     return sum(size(x.shape) for x in jax.tree.leaves(jax.eval_shape(self.init, jax.random.key(0))))

@@ -47,6 +47,7 @@ to ``strength`` over ``ramp`` (fractions of the run).
 
 from __future__ import annotations
 
+import copy
 import re
 
 import jax
@@ -81,6 +82,7 @@ class Gated(Parameterization):
   """
 
   takes_source = True
+  traced = ('sparsity',)
   default_source = {'name': 'dense'}
 
   @classmethod
@@ -126,6 +128,18 @@ class Gated(Parameterization):
     total = sum(cost.values())
     self.weights = {g: c / total for g, c in cost.items()}
     self.t = 4.0 * self.sparsity - 2.0
+
+  def hyperparams(self) -> dict:
+    """The target sparsity and its polarization threshold ``t = 4 s - 2``."""
+    return {**super().hyperparams(), 'sparsity': np.float32(self.sparsity),
+            't': np.float32(self.t)}
+
+  def with_hyperparams(self, hyper) -> Parameterization:
+    out = super().with_hyperparams(hyper)
+    if 'sparsity' in hyper:
+      out = out if out is not self else copy.copy(self)
+      out.sparsity, out.t = hyper['sparsity'], hyper['t']
+    return out
 
   def init(self, key):
     return {'source': self.source.init(key),

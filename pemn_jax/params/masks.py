@@ -22,12 +22,15 @@ fixed (edge-popup).
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pemn_jax.ops.segments import Segments
 from pemn_jax.ops.spmd import shard_flat
-from pemn_jax.ops.topk import straight_through, topk_mask
+from pemn_jax.ops.topk import num_kept, straight_through, topk_mask
 from pemn_jax.params.base import (
   KERNELS,
   Parameterization,
@@ -47,6 +50,8 @@ class Masked(Parameterization):
 
   takes_source = True
   default_source = {'name': 'prototype', 'mode': 'dense'}
+  traced = ('keep',)
+  _kept = None  # per-leaf kept counts from with_hyperparams (traced), else from keep
 
   def __init__(self, source: Parameterization, keep: float = 0.5, select: str = KERNELS,
                kind: str = 'edge_popup', eval: str = 'sample', eval_samples: int = 8,
@@ -82,6 +87,22 @@ class Masked(Parameterization):
   def selected(self):
     return list(self.masked)
 
+  def hyperparams(self) -> dict:
+    """Edge-popup's per-leaf kept counts ``n - int((1 - keep) n)`` (Python
+    floats, as the untraced masks count them) under ``'kept'``."""
+    h = super().hyperparams()
+    if self.kind == 'edge_popup':
+      h['kept'] = {p: np.int32(num_kept(int(n), self.keep))
+                   for p, n in zip(self.masked, self.segments.sizes, strict=True)}
+    return h
+
+  def with_hyperparams(self, hyper) -> Parameterization:
+    out = super().with_hyperparams(hyper)
+    if 'kept' in hyper:
+      out = out if out is not self else copy.copy(self)
+      out._kept = hyper['kept']
+    return out
+
   def _eval_key(self, seed):
     return jax.random.fold_in(leaf_key(seed, 'mask/eval'), self.eval_seed)
 
@@ -112,7 +133,9 @@ class Masked(Parameterization):
       s = shard_flat(scores[p].reshape(-1))
       if self.kind == 'edge_popup':
         a = jnp.abs(s)
-        m = straight_through(topk_mask(jax.lax.stop_gradient(a), self.keep), a)
+        hard = (topk_mask(jax.lax.stop_gradient(a), self.keep) if self._kept is None else
+                topk_mask(jax.lax.stop_gradient(a), kept=self._kept[p]))
+        m = straight_through(hard, a)
       else:
         prob = jax.nn.sigmoid(s)
         # jax.random.bernoulli(key, p) is uniform(key, p.shape) < p.

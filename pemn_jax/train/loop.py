@@ -12,12 +12,14 @@ and never checkpoints the non-finite state.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,7 +31,7 @@ from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
 from pemn_jax.train.checkpoint import Checkpointer, all_finite
 from pemn_jax.train.multihost import lost_peer
-from pemn_jax.train.optim import make_optimizer, with_pruning
+from pemn_jax.train.optim import make_optimizer, set_hyperparams, with_pruning
 from pemn_jax.train.sharding import Layout, ShardingError, bytes_per_device, device_memory_limit
 from pemn_jax.train.step import create_train_state, eval_batch, make_train_step
 from pemn_jax.train.workdir import WorkdirLock, prepare
@@ -97,7 +99,7 @@ def evaluate(eval_step, ts, pipe: Pipeline, to_global):
   return {'test_accuracy': correct / total, 'test_loss': loss / total}
 
 
-class _Metrics:
+class Metrics:
   """metrics.jsonl and TensorBoard event files (``workdir/tensorboard``,
   through tensorboardX: no TensorFlow), written by process 0. On resume the
   records after the checkpoint's step (written before a crash) are dropped
@@ -172,12 +174,48 @@ def train_and_evaluate(config, workdir: str, model=None) -> dict:
     return _train(config, workdir, model)
 
 
-def _train(config, workdir: str, model=None) -> dict:
+@dataclasses.dataclass
+class Setup:
+  """What a training run is made of, built from its config (``setup``): the
+  trainer and the sweeps (``pemn_jax.sweep``) start from it."""
+  layout: Layout
+  train_ds: Any
+  pipe: Pipeline            # training batches (order: config.data_seed, else config.seed)
+  test_pipe: Pipeline       # evaluation batches (padded to the devices)
+  model: Any
+  param: P.Parameterization
+  total: int                # training steps
+  tx: Any                   # optax transformation (pruning wrapper included)
+  sched: Any                # learning rate of step
+
+  def init_state(self, key, seed):
+    """The initial ``TrainState`` (not jitted; ``seed`` may be traced)."""
+    return create_train_state(self.param, self.tx, key,
+                              models.init_model_state(self.model, self.train_ds.image_shape),
+                              seed)
+
+
+def data_seed(config) -> int:
+  """The seed of the training data order and augmentation draws."""
+  return config.seed if config.data_seed < 0 else config.data_seed
+
+
+def setup(config, model=None, decay: bool | None = None) -> Setup:
+  """Builds a run's data pipelines, model, parameterization and optimizer.
+
+  Args:
+    config: a validated training config.
+    model: optionally the model (see ``train_and_evaluate``).
+    decay: include the weight-decay term in the optimizer (``make_optimizer``).
+  Returns:
+    A ``Setup``.
+  Raises:
+    ConfigError, DataError.
+  """
   try:
     layout = Layout.from_config(config)
   except ShardingError as e:
     raise ConfigError(str(e)) from None
-  repl, data_sharding = layout.replicated, layout.batch
   if config.batch_size % jax.device_count():
     raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
                       f'{jax.device_count()} devices')
@@ -194,7 +232,7 @@ def _train(config, workdir: str, model=None) -> dict:
     multihost_utils.sync_global_devices('pemn_jax:data_ready')
   train_ds, test_ds = load('train'), load('test')
   try:
-    pipe = Pipeline(train_ds, config.batch_size, config.seed, config.augment, pidx, pcount,
+    pipe = Pipeline(train_ds, config.batch_size, data_seed(config), config.augment, pidx, pcount,
                     config.train_limit or None, config.augment_options.to_dict())
   except ValueError as e:
     raise ConfigError(f'config.batch_size={config.batch_size}: {e}') from None
@@ -217,12 +255,20 @@ def _train(config, workdir: str, model=None) -> dict:
     layout.resolve(param)
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.param: {e}') from e
-  tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch)
+  tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch, decay)
   tx = with_pruning(tx, config.prune, total, config.seed, param)
+  return Setup(layout, train_ds, pipe, test_pipe, model, param, total, tx, sched)
+
+
+def _train(config, workdir: str, model=None) -> dict:
+  run = setup(config, model)
+  layout, train_ds, pipe, test_pipe = run.layout, run.train_ds, run.pipe, run.test_pipe
+  model, param, total, tx, sched = run.model, run.param, run.total, run.tx, run.sched
+  repl, data_sharding = layout.replicated, layout.batch
+  pidx, pcount = jax.process_index(), jax.process_count()
 
   def init_state(k):
-    return create_train_state(param, tx, k, models.init_model_state(model, train_ds.image_shape),
-                              config.seed)
+    return run.init_state(k, config.seed)
 
   abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
   try:
@@ -239,7 +285,7 @@ def _train(config, workdir: str, model=None) -> dict:
   ts = jax.jit(init_state, out_shardings=ts_shardings)(jax.random.key(config.seed))
   is_main = pidx == 0
   say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-  metrics = _Metrics(workdir, is_main)
+  metrics = Metrics(workdir, is_main)
   ckpt = Checkpointer(workdir, config.keep_checkpoints, config.verify_checkpoints)
   start, best = 0, {}  # best test accuracy over evaluations (the PEMN reference reports it)
   steps = ckpt.all_steps()
@@ -258,6 +304,11 @@ def _train(config, workdir: str, model=None) -> dict:
       say(f'warning: {msg}')
     ckpt.messages.clear()
     ts, best = restored, dict(meta.get('best', {}))
+    # optimizer.lr may change on resume: the rate held in the optimizer state follows it.
+    # (inside jit: the state may span processes).
+    lr = float(config.optimizer.lr)
+    ts = jax.jit(lambda t: t.replace(opt_state=set_hyperparams(t.opt_state, learning_rate=lr)),
+                 in_shardings=(ts_shardings,), out_shardings=ts_shardings, donate_argnums=0)(ts)
     if start > total:
       raise ConfigError(f'the checkpoint in {workdir} is at step {start}, beyond this run\'s '
                         f'{total} steps (config.num_steps/num_epochs): raise them to continue, '

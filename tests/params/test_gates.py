@@ -108,3 +108,16 @@ def test_gated_needs_a_gated_model():
     P.build({'name': 'gated'}, target, model=model)
   with pytest.raises(ValueError, match='sparsity'):
     gated(spec={'name': 'gated', 'sparsity': 1.5})
+
+
+def test_traced_target_sparsity_gives_that_targets_regularizer():
+  model, param, _ = gated()
+  _, other, _ = gated(spec={'name': 'gated', 'sparsity': 0.3})
+  state = param.init(jax.random.key(0))
+  g = flatten(state['gates'])
+  g['Gate_0/gate'] = g['Gate_0/gate'].at[:10].set(0.3)
+  state = {**state, 'gates': unflatten(g)}
+  traced = jax.jit(lambda h: param.with_hyperparams(h).regularizer(state, 0, 100))
+  want = float(jax.jit(lambda: other.regularizer(state, 0, 100))())
+  assert float(traced(other.hyperparams())) == pytest.approx(want, rel=1e-6)
+  assert float(traced(param.hyperparams())) != pytest.approx(want, rel=1e-3)

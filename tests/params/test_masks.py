@@ -129,3 +129,22 @@ def test_supermask_expected_eval_averages_k_sampled_networks():
                         np.asarray(jax.random.key_data(m.eval_rngs(3))))
   with pytest.raises(ValueError, match='eval'):
     Masked(Prototype(tiny_target(SHAPES), mode='dense'), kind='supermask', eval='mean')
+
+
+def test_traced_keep_gives_the_masks_of_that_keep():
+  # A sweep traces keep as per-leaf counts; they must give exactly the masks
+  # a parameterization built with that keep gives (counted independently).
+  target = tiny_target(SHAPES)
+  base = Masked(Prototype(target, mode='dense'), keep=0.5)
+  state = base.init(jax.random.key(2))
+  run = jax.jit(lambda h: base.with_hyperparams(h).masks(state))
+  for keep in (0.05, 0.3, 0.9, 1.0):
+    other = Masked(Prototype(target, mode='dense'), keep=keep)
+    traced = run(other.hyperparams())
+    for p, mask in other.masks(state).items():
+      np.testing.assert_array_equal(np.asarray(traced[p]), np.asarray(mask), err_msg=(keep, p))
+      n = mask.size
+      assert int(np.asarray(traced[p]).sum()) == max(1, n - int((1 - keep) * n))
+  assert base.hyperparams()['kept'].keys() == set(base.masked)
+  # Supermasks have no top-k count to trace.
+  assert Masked(Prototype(target, mode='dense'), kind='supermask').hyperparams() == {}

@@ -290,3 +290,20 @@ def test_stop_at_step_reports_where_it_stopped(mnist_slice, tmp_path):
   p = subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args, f'--workdir={tmp_path}'],
                      cwd=REPO, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0 and 'stopped at step 6' in p.stdout, p.stdout + p.stderr
+
+
+def test_a_resumed_run_trains_at_its_new_learning_rate(mnist_slice, tmp_path):
+  # The rate lives in the optimizer state (inject_hyperparams); a resume with a
+  # lower config.optimizer.lr (to get past a divergence) must use the new one.
+  c = tiny_config(mnist_slice, num_steps=8, stop_at_step=4, checkpoint_every=4)
+  train_and_evaluate(c, str(tmp_path))
+  at4 = load_run(str(tmp_path))[-1]
+  c = tiny_config(mnist_slice, num_steps=8, checkpoint_every=4, **{'optimizer.lr': 1e-30})
+  train_and_evaluate(c, str(tmp_path))
+  at8 = load_run(str(tmp_path))[-1]
+  assert int(at8.step) == 8
+  # Adam's steps are ~lr in size: at 1e-30 no float32 weight moves.
+  assert tree_equal(at4.state, at8.state)
+  with open(tmp_path / 'metrics.jsonl') as f:
+    lrs = [r['lr'] for r in map(json.loads, f) if 'lr' in r and r['step'] > 4]
+  assert lrs and max(lrs) < 1e-29
