@@ -48,15 +48,26 @@ def load_run(workdir: str, step: int | None = None):
   config = ml_collections.ConfigDict(meta['config'])
   model, param = build(config.model, config.model_kwargs.to_dict(), meta['num_classes'],
                        meta['input_shape'], config.param)
-  tx, _ = make_optimizer(config.optimizer, 1)
-  if 'prune' in config:
-    tx = with_pruning(tx, config.prune, 1, config.seed, param)
-  abstract = jax.eval_shape(lambda: create_train_state(
-      param, tx, jax.random.key(0),
-      models.init_model_state(model, tuple(meta['input_shape'])), config.seed))
-  # Onto this process's devices, whatever mesh and process count saved it.
-  abstract = with_sharding(abstract, replicated_sharding())
-  ts, _ = ckpt.restore(step, abstract)
+  def abstract_state(inject):
+    tx, _ = make_optimizer(config.optimizer, 1, inject=inject)
+    if 'prune' in config:
+      tx = with_pruning(tx, config.prune, 1, config.seed, param)
+    init = lambda: create_train_state(  # noqa: E731
+        param, tx, jax.random.key(0),
+        models.init_model_state(model, tuple(meta['input_shape'])), config.seed)
+    # Onto this process's devices, whatever mesh and process count saved it.
+    return init, with_sharding(jax.eval_shape(init), replicated_sharding())
+
+  init, abstract = abstract_state(True)
+  try:
+    ts, _ = ckpt.restore(step, abstract)
+  except CheckpointError as e:  # written before the optimizer held its hyperparameters?
+    try:
+      ts, _ = ckpt.restore(step, abstract_state(False)[1])
+    except CheckpointError:
+      raise e from None
+    from pemn_jax.train.loop import upgrade_state
+    ts = upgrade_state(jax.jit(init)(), ts)
   ckpt.close()
   return config, meta, model, param, ts
 

@@ -29,12 +29,49 @@ from pemn_jax import params as P
 from pemn_jax.config import RESUMABLE_KEYS, ConfigError, config_differences, validate
 from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
-from pemn_jax.train.checkpoint import Checkpointer, all_finite
+from pemn_jax.train.checkpoint import Checkpointer, CheckpointError, all_finite
 from pemn_jax.train.multihost import lost_peer
-from pemn_jax.train.optim import make_optimizer, set_hyperparams, with_pruning
+from pemn_jax.train.optim import (
+  make_optimizer,
+  set_hyperparams,
+  upgrade_opt_state,
+  with_pruning,
+)
 from pemn_jax.train.sharding import Layout, ShardingError, bytes_per_device, device_memory_limit
 from pemn_jax.train.step import create_train_state, eval_batch, make_train_step
 from pemn_jax.train.workdir import WorkdirLock, prepare
+
+
+def legacy_abstract(run: Setup, seed: int, shardings=None):
+  """The abstract train state of a checkpoint written before the optimizer
+  held its hyperparameters (``make_optimizer(inject=False)``)."""
+  def init(k):
+    return create_train_state(run.param, run.legacy_tx, k,
+                              models.init_model_state(run.model, run.train_ds.image_shape), seed)
+  abstract = jax.eval_shape(init, jax.random.key(seed))
+  if shardings is None:
+    return abstract
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings(abstract))
+
+
+def upgrade_state(fresh, legacy, out_shardings=None):
+  """``legacy`` (a restored older train state) with its optimizer state in
+  the structure of ``fresh`` (a new one of the same run: its hyperparameters
+  are kept)."""
+  return jax.jit(lambda f, t: t.replace(opt_state=upgrade_opt_state(f.opt_state, t.opt_state)),
+                 out_shardings=out_shardings)(fresh, legacy)
+
+
+def _restore_legacy(ckpt, run, config, fresh, ts_shardings, layout):
+  """(step, state, meta) of the newest older-format checkpoint, upgraded, or
+  None when none restores in that format either."""
+  abstract = legacy_abstract(run, config.seed, layout.state_shardings)
+  try:
+    start, restored, meta = ckpt.restore_latest(abstract)
+  except CheckpointError:
+    return None
+  return start, upgrade_state(fresh, restored, ts_shardings), meta
 
 
 class DivergenceError(RuntimeError):
@@ -187,6 +224,7 @@ class Setup:
   total: int                # training steps
   tx: Any                   # optax transformation (pruning wrapper included)
   sched: Any                # learning rate of step
+  legacy_tx: Any = None     # the same without held hyperparameters (older checkpoints)
 
   def init_state(self, key, seed):
     """The initial ``TrainState`` (not jitted; ``seed`` may be traced)."""
@@ -257,7 +295,9 @@ def setup(config, model=None, decay: bool | None = None) -> Setup:
     raise ConfigError(f'config.param: {e}') from e
   tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch, decay)
   tx = with_pruning(tx, config.prune, total, config.seed, param)
-  return Setup(layout, train_ds, pipe, test_pipe, model, param, total, tx, sched)
+  legacy, _ = make_optimizer(config.optimizer, total, pipe.steps_per_epoch, decay, inject=False)
+  legacy = with_pruning(legacy, config.prune, total, config.seed, param)
+  return Setup(layout, train_ds, pipe, test_pipe, model, param, total, tx, sched, legacy)
 
 
 def _train(config, workdir: str, model=None) -> dict:
@@ -299,7 +339,15 @@ def _train(config, workdir: str, model=None) -> dict:
                         'config.')
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             ts, ts_shardings)
-    start, restored, meta = ckpt.restore_latest(abstract)
+    try:
+      start, restored, meta = ckpt.restore_latest(abstract)
+    except CheckpointError as e:  # written before the optimizer held its hyperparameters?
+      legacy = _restore_legacy(ckpt, run, config, ts, ts_shardings, layout)
+      if legacy is None:
+        raise e from None
+      start, restored, meta = legacy
+      say(f'note: upgraded the optimizer state of {ckpt.directory} (step {start}) to hold its '
+          'learning rate and weight decay')
     for msg in ckpt.messages:
       say(f'warning: {msg}')
     ckpt.messages.clear()

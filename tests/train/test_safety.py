@@ -307,3 +307,34 @@ def test_a_resumed_run_trains_at_its_new_learning_rate(mnist_slice, tmp_path):
   with open(tmp_path / 'metrics.jsonl') as f:
     lrs = [r['lr'] for r in map(json.loads, f) if 'lr' in r and r['step'] > 4]
   assert lrs and max(lrs) < 1e-29
+
+
+def test_checkpoints_from_before_the_held_hyperparameters_still_load(mnist_slice, tmp_path,
+                                                                     monkeypatch):
+  # Checkpoints written before 2026-11-24 hold the optimizer state without
+  # inject_hyperparams' wrapper: they must still resume, export and evaluate.
+  import pemn_jax.train.loop as loop
+  from pemn_jax.train import optim
+  straight = tmp_path / 'straight'
+  c = tiny_config(mnist_slice, param=PEMN, num_steps=8, checkpoint_every=4,
+                  **{'optimizer.lr': 0.05})
+  train_and_evaluate(c, str(straight))
+  orig = optim.make_optimizer
+  monkeypatch.setattr(loop, 'make_optimizer',
+                      lambda *a, inject=True, **k: orig(*a, inject=False, **k))
+  old = tmp_path / 'old'
+  c.stop_at_step = 4
+  train_and_evaluate(c, str(old))
+  monkeypatch.setattr(loop, 'make_optimizer', orig)
+  # The old format really was written (orbax's tree metadata names no hyperparams).
+  assert 'hyperparams' not in (old / 'checkpoints' / '4' / 'state' / '_METADATA').read_text()
+  assert 'hyperparams' in (straight / 'checkpoints' / '4' / 'state' / '_METADATA').read_text()
+  assert int(load_run(str(old))[-1].step) == 4
+  c.stop_at_step = 0
+  train_and_evaluate(c, str(old))  # resumes through the upgrade
+  a, b = load_run(str(straight))[-1], load_run(str(old))[-1]
+  assert int(b.step) == 8
+  np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in jax.tree.leaves(a.state)]),
+                             np.concatenate([np.ravel(x) for x in jax.tree.leaves(b.state)]),
+                             rtol=1e-6, atol=1e-7)
+  assert export_run(str(old), str(tmp_path / 'old.pemn'))['file_bytes'] > 0
