@@ -1,7 +1,7 @@
 """K seed variants of one config: one vmapped sweep vs the same K runs one by one.
 
     .venv/bin/python benchmarks/ablate_speed.py
-    .venv/bin/python benchmarks/ablate_speed.py --config configs/rpg.py:model=lenet5 --steps 200
+    .venv/bin/python benchmarks/ablate_speed.py --config X.py[:ARGS] --k 8 --steps 300
 
 Both sides train the same K configs (the sweep's variants; each single run
 is the trainer on that variant's stored config) on real data, in this

@@ -2,10 +2,7 @@
 as one vmapped, jitted step on the same batches.
 
     python -m pemn_jax.ablate --config configs/quickstart.py --sweep seed=0,1,2 --workdir /tmp/s
-    python -m pemn_jax.ablate --config configs/quickstart.py:epochs=5 --sweep param.keep=0.3,0.5 \
-        --sweep seed=0,1,2 --workdir /tmp/keep
-    python -m pemn_jax.ablate --config configs/rpg.py:model=mlp,dataset=mnist,epochs=1 \
-        --sweep arg.dof=0.01,0.05 --sweep seed=0,1 --workdir /tmp/dof
+    python -m pemn_jax.ablate --config configs/rpg.py --sweep arg.dof=0.01,0.05 --workdir /tmp/d
 
 --sweep key=v1,v2,... (repeatable; the variants are the product): a dotted
 config key (seed, optimizer.lr, optimizer.weight_decay, param.keep,

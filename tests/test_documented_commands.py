@@ -123,6 +123,8 @@ def tiny(cmd: str, tmp: Path):
         _ensure_trained(out[i], env)
   if 'pemn_jax.main' in joined or 'launch/local.sh' in joined:
     out += TINY
+  elif 'pemn_jax.ablate' in joined:
+    out += ['--set=' + t.removeprefix('--config.') for t in TINY] + ['--noplots']
   elif 'pemn_jax.evolve' in joined:
     out += ['--population=4', '--calibration=64', '--finetune_steps=2']
   elif 'scripts/quickstart.sh' in joined:

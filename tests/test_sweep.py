@@ -212,3 +212,33 @@ def test_cli_writes_tables_and_plots_and_exits_2_on_a_bad_sweep(config_file, tmp
   p = subprocess.run(args[:-2] + ['--sweep', 'param.nothing=1', '--workdir', str(tmp_path / 'x')],
                      cwd=REPO, capture_output=True, text=True, timeout=600)
   assert p.returncode == 2 and 'param.nothing' in p.stderr
+
+
+def test_tuples_new_model_arguments_and_names_as_written():
+  v = expand('configs/dense.py:model=mlp', parse_sweeps(['model_kwargs.hidden=4x,30x10']))
+  assert [x.config.model_kwargs.hidden for x in v] == [(4,), (30, 10)]
+  assert [x.name for x in v] == ['model_kwargs.hidden=4x', 'model_kwargs.hidden=30x10']
+  v = expand('configs/quickstart.py', parse_sweeps(['optimizer.weight_decay=0,1e-3']))
+  assert [x.name for x in v] == ['optimizer.weight_decay=0', 'optimizer.weight_decay=1e-3']
+  assert [x.config.optimizer.weight_decay for x in v] == [0.0, 1e-3]
+  with pytest.raises(ConfigError, match="no key 'nope'"):
+    expand('configs/quickstart.py', parse_sweeps(['seed=0']), ['nope=1'])
+  # Only a model argument may be new (the model checks it when it is built).
+  with pytest.raises(ConfigError, match="no key 'optimizer.nope'"):
+    expand('configs/quickstart.py', parse_sweeps(['seed=0']), ['optimizer.nope=1'])
+
+
+def test_a_sweep_on_two_devices_equals_one_device(config_file, tmp_path):
+  # The batch is split over the devices, the stacked states replicated.
+  one = run_sweep(config_file, ['seed=0,1'], str(tmp_path / 'one'), plots=False,
+                  say=lambda m: None)
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2')
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.ablate', '--config', config_file,
+                      '--sweep', 'seed=0,1', '--noplots', '--workdir', str(tmp_path / 'two')],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  for r in one:
+    two = json.loads((tmp_path / 'two' / r['variant'] / 'result.json').read_text())
+    np.testing.assert_allclose(_losses(str(tmp_path / 'two' / r['variant'])),
+                               _losses(str(tmp_path / 'one' / r['variant'])), rtol=1e-4)
+    assert two['test_loss'] == pytest.approx(r['test_loss'], rel=1e-3)

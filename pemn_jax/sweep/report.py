@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections import defaultdict
@@ -31,10 +32,10 @@ def summarize(results: list[dict], keys: list[str]) -> list[dict]:
   others = [k for k in keys if k != 'seed']
   rows = defaultdict(list)
   for r in results:
-    rows[tuple(r['values'][k] for k in others)].append(r)
+    rows[json.dumps([r['values'][k] for k in others])].append(r)
   out = []
-  for combo, rs in rows.items():
-    row = dict(zip(others, combo, strict=True))
+  for rs in rows.values():
+    row = {k: rs[0]['values'][k] for k in others}
     row['n'] = len(rs)
     for name, col in (('final', 'test_accuracy'), ('best', 'best_test_accuracy')):
       xs = [r[col] for r in rs]
@@ -98,7 +99,8 @@ def write(workdir: str, results: list[dict], keys: list[str], plots: bool = True
   if others:
     fig, axes = plt.subplots(1, len(others), figsize=(4.5 * len(others), 3.6), squeeze=False)
     for ax, key in zip(axes[0], others, strict=True):
-      xs = [row[key] for row in summary]
+      xs = [row[key] if not isinstance(row[key], list) else 'x'.join(map(str, row[key]))
+            for row in summary]
       numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
       pos = list(range(len(xs))) if not numeric else xs
       for name in ('final', 'best'):

@@ -94,8 +94,36 @@ def parse_sweeps(items) -> list[tuple[str, list[str]]]:
   return out
 
 
+def _number(raw: str) -> bool:
+  try:
+    float(raw)
+    return True
+  except ValueError:
+    return False
+
+
+def _literal(raw: str):
+  """A new key's value: int, float, bool or string, as it reads; a tuple when
+  it has ``x`` between numbers (``300x100``; one item: ``4x``)."""
+  parts = raw.split('x')
+  if len(parts) > 1 and all(_number(p) for p in parts if p) and any(parts):
+    return tuple(_literal(p) for p in parts if p)
+  for kind in (int, float):
+    try:
+      return kind(raw)
+    except ValueError:
+      pass
+  return {'true': True, 'false': False}.get(raw.lower(), raw)
+
+
 def _convert(key: str, raw: str, current):
-  """``raw`` as the type of ``current`` (the config's value at ``key``)."""
+  """``raw`` as the type of ``current`` (the config's value at ``key``);
+  tuples and lists are written with ``x`` between items (``300x100``)."""
+  if current is _MISSING:
+    return _literal(raw)
+  if isinstance(current, (tuple, list)):
+    items = [_convert(key, r, current[0] if current else _MISSING) for r in raw.split('x')]
+    return type(current)(items)
   try:
     if isinstance(current, bool):
       if raw.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
@@ -130,6 +158,13 @@ def _get(tree: dict, dotted: str):
 
 
 _MISSING = object()
+
+
+def _new_ok(tree: dict, dotted: str) -> bool:
+  """A key that may be added: a model constructor argument (the model checks
+  it: an unknown one is a config error naming it)."""
+  parts = dotted.split('.')
+  return len(parts) == 2 and parts[0] == 'model_kwargs' and isinstance(tree.get(parts[0]), dict)
 
 
 def _set(tree: dict, dotted: str, value):
@@ -178,7 +213,7 @@ def expand(config_spec: str, sweeps, overrides=()) -> list[Variant]:
   def apply_sets(d):
     for key, value in sets:
       current = _get(d, key)
-      if current is _MISSING:
+      if current is _MISSING and not _new_ok(d, key):
         raise ConfigError(f'--set {key}: the config has no key {key!r}')
       _set(d, key, _convert(key, value, current))
     return d
@@ -193,7 +228,7 @@ def expand(config_spec: str, sweeps, overrides=()) -> list[Variant]:
   for key, _ in sweeps:
     if key.startswith('arg.'):
       continue
-    if _get(base_dict, key) is _MISSING:
+    if _get(base_dict, key) is _MISSING and not _new_ok(base_dict, key):
       raise ConfigError(f'--sweep {key}: the config has no key {key!r} (config keys are dotted, '
                         'e.g. optimizer.lr, param.keep; get_config arguments are arg.NAME)')
   variants = []
@@ -208,7 +243,7 @@ def expand(config_spec: str, sweeps, overrides=()) -> list[Variant]:
         values[key] = value
         continue
       current = _get(d, key)
-      if current is _MISSING:
+      if current is _MISSING and not _new_ok(d, key):
         raise ConfigError(f'--sweep {key}: the config made with {args} has no key {key!r}')
       typed = _convert(key, value, current)
       _set(d, key, typed)
@@ -219,7 +254,7 @@ def expand(config_spec: str, sweeps, overrides=()) -> list[Variant]:
       validate(c)
     except ConfigError as e:
       raise ConfigError(f'variant {variant_name(values)}: {e}') from None
-    variants.append(Variant(variant_name(values), values, c))
+    variants.append(Variant(variant_name(raw), values, c))  # named as written
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
     raise ConfigError('two variants get the same name: ' + ', '.join(names))
