@@ -147,6 +147,18 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_variants(config_f
                                   _losses(os.path.join(wd, b['variant'])))
   for name in ('results.csv', 'results.md'):
     assert os.path.exists(os.path.join(wd, name))
+  # A variant exports to a model file holding exactly its network.
+  import jax
+
+  from pemn_jax.export.run import export_run, load
+  out = str(tmp_path / 'variant.pemn')
+  variant_dir = os.path.join(wd, resumed[-1]['variant'])
+  export_run(variant_dir, out)
+  _, _, _, param, ts = load_run(variant_dir)
+  want = param.materialize(ts.state, ts.seed)
+  got = load(out)[2]
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # A finished sweep run again trains nothing.
   said.clear()
   run_sweep(config_file, sweeps, wd, plots=False, say=said.append)
