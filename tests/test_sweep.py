@@ -254,3 +254,25 @@ def test_a_sweep_on_two_devices_equals_one_device(config_file, tmp_path):
     np.testing.assert_allclose(_losses(str(tmp_path / 'two' / r['variant'])),
                                _losses(str(tmp_path / 'one' / r['variant'])), rtol=1e-4)
     assert two['test_loss'] == pytest.approx(r['test_loss'], rel=1e-3)
+
+
+def test_markdown_tables_have_as_many_cells_as_columns(tmp_path):
+  from pemn_jax.sweep.report import write
+  rs = [{'variant': f'seed={s}', 'values': {'seed': s}, 'test_accuracy': 0.5 + s / 10,
+         'best_test_accuracy': 0.6, 'best_step': 2, 'test_loss': 1.0, 'step': 2, 'trainable': 3,
+         'model_bytes': 4, 'dense_bytes': 5, 'group_size': 2, 'group_wall_s': 1.0}
+        for s in (0, 1)]
+  for keys in (['seed'], ['seed', 'param.keep']):
+    for r in rs:
+      r['values']['param.keep'] = 0.5
+    write(str(tmp_path), rs, keys, plots=False)
+    table = [ln for ln in (tmp_path / 'results.md').read_text().splitlines() if ln.startswith('|')]
+    blocks, current = [], []
+    for ln in (tmp_path / 'results.md').read_text().splitlines():
+      if ln.startswith('|'):
+        current.append(ln.count('|'))
+      elif current:
+        blocks.append(current)
+        current = []
+    blocks.append(current)
+    assert table and all(len(set(b)) == 1 for b in blocks if b), blocks

@@ -80,9 +80,10 @@ def write(workdir: str, results: list[dict], keys: list[str], plots: bool = True
               '| ' + ' | '.join(others + ['seeds', 'final test acc', 'best test acc']) + ' |',
               '|' + ' --- |' * (len(others) + 3)]
     for row in summary:
-      lines.append('| ' + ' | '.join(_fmt(row[k]) for k in others) +
-                   f' | {row["n"]} | {100 * row["final_mean"]:.2f} ± {100 * row["final_std"]:.2f}'
-                   f' | {100 * row["best_mean"]:.2f} ± {100 * row["best_std"]:.2f} |')
+      cells = [_fmt(row[k]) for k in others] + [
+          str(row['n']), f'{100 * row["final_mean"]:.2f} ± {100 * row["final_std"]:.2f}',
+          f'{100 * row["best_mean"]:.2f} ± {100 * row["best_std"]:.2f}']
+      lines.append('| ' + ' | '.join(cells) + ' |')
   with open(paths[1], 'w') as f:
     f.write('\n'.join(lines) + '\n')
   if not plots:
