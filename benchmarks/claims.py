@@ -260,8 +260,9 @@ def claim_de(run: Runner, a):
       for t in teachers:
         wd = os.path.join(run.root, 'de_teachers', t['variant'])
         path = os.path.join(run.root, f'de_{t["variant"]}_{method}_{sparsity}.pemn')
-        print(f'# python -m pemn_jax.evolve --workdir {wd} --out {path} --method {method} '
-              f'--sparsity {sparsity}', flush=True)
+        cmd = ['python', '-m', 'pemn_jax.evolve', '--workdir', wd, '--out', path, '--method',
+               method, '--sparsity', str(sparsity)]
+        print('# ' + ' '.join(cmd), flush=True)
         o = evolve(wd, path, method, sparsity, say=lambda *_: None, **kw)
         acc = evaluate_artifact(path)['accuracy']
         got.append((o['avg_bits'], o['file_bytes'], o['compression'],

@@ -74,10 +74,13 @@ def _same_as_single_runs(config, sweeps, workdir, tmp_path, check=None, rtol=2e-
     # The variant's directory is an ordinary run: its state loads as the single run's.
     sw, al = load_run(os.path.join(workdir, v.name))[-1], load_run(single)[-1]
     for part in ('state', 'model_state'):
-      np.testing.assert_allclose(
-          np.concatenate([np.ravel(x) for x in _leaves(getattr(sw, part))] + [np.zeros(1)]),
-          np.concatenate([np.ravel(x) for x in _leaves(getattr(al, part))] + [np.zeros(1)]),
-          rtol=50 * rtol, atol=rtol, err_msg=f'{v.name} {part}')
+      a = np.concatenate([np.ravel(x) for x in _leaves(getattr(sw, part))] + [np.zeros(1)])
+      b = np.concatenate([np.ravel(x) for x in _leaves(getattr(al, part))] + [np.zeros(1)])
+      # Relative L2 distance: a variant trained with another's hyperparameters,
+      # seed or batch statistics is O(1) away; rounding is far below.
+      assert np.linalg.norm(a - b) <= 10 * rtol * np.linalg.norm(b), (v.name, part)
+      if rtol <= 1e-4:  # well-conditioned models: elementwise too
+        np.testing.assert_allclose(a, b, rtol=50 * rtol, atol=rtol, err_msg=f'{v.name} {part}')
   return results
 
 
