@@ -74,7 +74,8 @@ def train_group(variants: list[Variant], workdir: str, say=print, progress=None)
       keys only.
     workdir: the sweep's directory (each variant in ``workdir/<name>``).
     say: progress output.
-    progress: ``(steps done, group steps) -> None``, called at each log step.
+    progress: ``(step, group steps, last losses per variant) -> None``, called
+      at each log step.
   Returns:
     Each variant's result (as written to its ``result.json``).
   Raises:
