@@ -20,6 +20,7 @@ groups).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,7 +34,14 @@ from pemn_jax import params as P
 from pemn_jax.config import ConfigError, config_differences
 from pemn_jax.sweep.spec import Variant
 from pemn_jax.train.checkpoint import Checkpointer, all_finite
-from pemn_jax.train.loop import DivergenceError, Metrics, setup, storage_report
+from pemn_jax.train.loop import (
+  DivergenceError,
+  Metrics,
+  eval_sums,
+  global_batch,
+  setup,
+  storage_report,
+)
 from pemn_jax.train.optim import make_schedule, set_hyperparams
 from pemn_jax.train.step import eval_batch, make_train_step
 
@@ -163,17 +171,11 @@ def train_group(variants: list[Variant], workdir: str, say=print, progress=None)
                       in_shardings=(repl, repl, data_sharding, data_sharding, data_sharding),
                       out_shardings=repl)
 
-  def to_global(*arrays):
-    return tuple(jax.make_array_from_process_local_data(data_sharding, np.asarray(a))
-                 for a in arrays)
+  to_global = functools.partial(global_batch, data_sharding)
 
   def evaluate_all(ts):
-    correct = count = loss = 0.0
-    for images, labels, weights in run.test_pipe.eval_batches():
-      out = eval_step(ts, hyper, *to_global(images, labels, weights))
-      correct, count, loss = correct + out[0], count + out[1], loss + out[2]
-    correct, count, loss = (np.asarray(jax.device_get(x), np.float64) for x in (correct, count,
-                                                                               loss))
+    correct, count, loss = eval_sums(lambda t, *batch: eval_step(t, hyper, *batch), ts,
+                                     run.test_pipe, to_global)
     return [{'test_accuracy': float(correct[i] / count[i]), 'test_loss': float(loss[i] / count[i])}
             for i in range(k)]
 

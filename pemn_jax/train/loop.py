@@ -42,15 +42,18 @@ from pemn_jax.train.step import create_train_state, eval_batch, make_train_step
 from pemn_jax.train.workdir import WorkdirLock, prepare
 
 
-def legacy_abstract(run: Setup, seed: int, shardings=None):
-  """The abstract train state of a checkpoint written before the optimizer
-  held its hyperparameters (``make_optimizer(inject=False)``)."""
+def legacy_abstract(run: Setup, config, shardings):
+  """The abstract train state (laid out per ``shardings(abstract)``) of a
+  checkpoint written before the optimizer held its hyperparameters
+  (``make_optimizer(inject=False)``)."""
+  tx, _ = make_optimizer(config.optimizer, run.total, run.pipe.steps_per_epoch, inject=False)
+  tx = with_pruning(tx, config.prune, run.total, config.seed, run.param)
+
   def init(k):
-    return create_train_state(run.param, run.legacy_tx, k,
-                              models.init_model_state(run.model, run.train_ds.image_shape), seed)
-  abstract = jax.eval_shape(init, jax.random.key(seed))
-  if shardings is None:
-    return abstract
+    return create_train_state(run.param, tx, k,
+                              models.init_model_state(run.model, run.train_ds.image_shape),
+                              config.seed)
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings(abstract))
 
@@ -66,7 +69,7 @@ def upgrade_state(fresh, legacy, out_shardings=None):
 def _restore_legacy(ckpt, run, config, fresh, ts_shardings, layout):
   """(step, state, meta) of the newest older-format checkpoint, upgraded, or
   None when none restores in that format either."""
-  abstract = legacy_abstract(run, config.seed, layout.state_shardings)
+  abstract = legacy_abstract(run, config, layout.state_shardings)
   try:
     start, restored, meta = ckpt.restore_latest(abstract)
   except CheckpointError:
@@ -127,12 +130,23 @@ def storage_report(param: P.Parameterization) -> dict:
           'num_params': param.num_params, 'trainable': param.num_trainable()}
 
 
-def evaluate(eval_step, ts, pipe: Pipeline, to_global):
+def global_batch(sharding, *arrays):
+  """This process's slices of a batch as global arrays laid out per ``sharding``."""
+  return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in arrays)
+
+
+def eval_sums(eval_step, ts, pipe: Pipeline, to_global):
+  """(correct, total, loss) summed over ``pipe``'s evaluation batches, as
+  float64 numpy arrays (scalars, or one per variant of a vmapped sweep)."""
   correct = total = loss = 0.0
   for images, labels, weights in pipe.eval_batches():
     out = eval_step(ts, *to_global(images, labels, weights))
     correct, total, loss = correct + out[0], total + out[1], loss + out[2]
-  correct, total, loss = (float(x) for x in (correct, total, loss))
+  return tuple(np.asarray(jax.device_get(x), np.float64) for x in (correct, total, loss))
+
+
+def evaluate(eval_step, ts, pipe: Pipeline, to_global):
+  correct, total, loss = (float(x) for x in eval_sums(eval_step, ts, pipe, to_global))
   return {'test_accuracy': correct / total, 'test_loss': loss / total}
 
 
@@ -224,7 +238,6 @@ class Setup:
   total: int                # training steps
   tx: Any                   # optax transformation (pruning wrapper included)
   sched: Any                # learning rate of step
-  legacy_tx: Any = None     # the same without held hyperparameters (older checkpoints)
 
   def init_state(self, key, seed):
     """The initial ``TrainState`` (not jitted; ``seed`` may be traced)."""
@@ -295,9 +308,7 @@ def setup(config, model=None, decay: bool | None = None) -> Setup:
     raise ConfigError(f'config.param: {e}') from e
   tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch, decay)
   tx = with_pruning(tx, config.prune, total, config.seed, param)
-  legacy, _ = make_optimizer(config.optimizer, total, pipe.steps_per_epoch, decay, inject=False)
-  legacy = with_pruning(legacy, config.prune, total, config.seed, param)
-  return Setup(layout, train_ds, pipe, test_pipe, model, param, total, tx, sched, legacy)
+  return Setup(layout, train_ds, pipe, test_pipe, model, param, total, tx, sched)
 
 
 def _train(config, workdir: str, model=None) -> dict:
@@ -375,9 +386,7 @@ def _train(config, workdir: str, model=None) -> dict:
     return eval_batch(model, lambda rng: layout.materialize(param, ts.state, ts.seed, rng),
                       ts.model_state, images, labels, weights, param.eval_rngs(ts.seed))
 
-  def to_global(*arrays):
-    return tuple(jax.make_array_from_process_local_data(data_sharding, np.asarray(a))
-                 for a in arrays)
+  to_global = functools.partial(global_batch, data_sharding)
 
   def diverged(at_step, value):
     return DivergenceError(f'training diverged: the loss is {value} at step {at_step}')
