@@ -27,6 +27,13 @@ epoch) are mean ± sample std over the seeds.
   pruning at 90% and 95% sparsity with the bit search: file bytes,
   compression, accuracy drop.
 
+With ``--dataset cifar10`` each claim runs at the largest scale that fits
+this CPU (see docs/results.md for the epochs and seeds used): ``pemn`` on a
+small ConvMixer (dim 128, depth 4, kernel 5, patch 4; its Dense trained on
+the same augmentation as the masks, the reference's RandAugment pipeline), ``pruning``, ``rpg`` and ``polarization`` on ResNet-20
+(RPG with the reference's ordinary stem and classifier), ``de`` on the MLP
+(3072-300-100-10).
+
 Writes OUT/claims_<claim>_<dataset>.md. Last lines: one
 ``<claim> <what>=<value> ...`` line per point.
 """
@@ -54,7 +61,7 @@ def mean_std(xs):
 
 def fmt(xs, scale=100.0):
   m, s = mean_std([scale * x for x in xs])
-  return f'{m:.2f} ± {s:.2f}'
+  return f'{m:.2f} ± {s:.2f}' if len(xs) > 1 else f'{m:.2f}'
 
 
 class Runner:
@@ -64,6 +71,10 @@ class Runner:
     self.root, self.dataset, self.epochs, self.smoke = root, dataset, epochs, smoke
     self.seeds = 'seed=' + ','.join(str(i) for i in range(seeds))
     self.log = []
+
+  @property
+  def cifar(self):
+    return 'cifar' in self.dataset
 
   def sets(self, spe=None):
     if self.smoke:
@@ -99,12 +110,19 @@ def by(results, key):
 
 def claim_pemn(run: Runner, a):
   ep = a.epochs
-  vit = ['model_kwargs.dim=64', 'model_kwargs.depth=4', 'model_kwargs.num_heads=4',
-         'model_kwargs.mlp_dim=128', 'model_kwargs.patch_size=7']
-  base = f'configs/pemn.py:model=vit,dataset={run.dataset},epochs={ep}'
+  dense_sets = []
+  if run.cifar:  # a small ConvMixer (the paper's family); Dense on the same data pipeline
+    model, vit = 'convmixer', ['model_kwargs.dim=128', 'model_kwargs.depth=4',
+                               'model_kwargs.kernel_size=5', 'model_kwargs.patch_size=4']
+    dense_sets = ['augment=pemn', 'model_kwargs.use_bias=false']
+  else:
+    model, vit = 'vit', ['model_kwargs.dim=64', 'model_kwargs.depth=4',
+                         'model_kwargs.num_heads=4', 'model_kwargs.mlp_dim=128',
+                         'model_kwargs.patch_size=7']
+  base = f'configs/pemn.py:model={model},dataset={run.dataset},epochs={ep}'
   rows = []
-  dense = run.sweep('pemn_dense', f'configs/dense.py:model=vit,dataset={run.dataset},epochs={ep}',
-                    [run.seeds], vit)
+  dense = run.sweep('pemn_dense', f'configs/dense.py:model={model},dataset={run.dataset},'
+                    f'epochs={ep}', [run.seeds], vit + dense_sets)
   rows.append(('Dense', dense))
   modes = run.sweep('pemn_modes', base, ['arg.mode=dense,ol,mp', run.seeds], vit)
   for mode, label in (('dense', 'Mask (random weights)'), ('ol', 'OL'), ('mp', 'MP')):
@@ -128,18 +146,22 @@ def claim_pemn(run: Runner, a):
 def claim_pruning(run: Runner, a):
   from pemn_jax.export.run import export_run
   ep = a.epochs
+  net = 'resnet20' if run.cifar else 'lenet5'
+  # CIFAR: the two ends of the range only (one ResNet-20 epoch is ~3 min here).
+  ratios, sparsities = (('1e-1,1e-2', '0.9,0.969') if run.cifar else
+                        ('1e-1,1e-2,1e-3', '0.9,0.94,0.969'))
   rows = []
-  dense = run.sweep('pruning_dense', f'configs/dense.py:model=lenet5,dataset={run.dataset},'
+  dense = run.sweep('pruning_dense', f'configs/dense.py:model={net},dataset={run.dataset},'
                     f'epochs={ep}', [run.seeds])
   rows.append(('dense', dense))
-  rp = run.sweep('pruning_pemn', f'configs/pemn.py:model=lenet5,dataset={run.dataset},'
-                 f'epochs={ep},mode=rp', ['arg.ratio=1e-1,1e-2,1e-3', run.seeds])
+  rp = run.sweep('pruning_pemn', f'configs/pemn.py:model={net},dataset={run.dataset},'
+                 f'epochs={ep},mode=rp', [f'arg.ratio={ratios}', run.seeds])
   for r, rs in by(rp, 'arg.ratio').items():
     rows.append((f'PEMN RP {r}', rs))
   # GMP as benchmarks/storage_vs_pruning.py tunes it: ramp from 10% to 60% of the run.
-  gmp = run.sweep('pruning_gmp', f'configs/dense.py:model=lenet5,dataset={run.dataset},'
+  gmp = run.sweep('pruning_gmp', f'configs/dense.py:model={net},dataset={run.dataset},'
                   f'epochs={ep},prune=gmp,allocation=global,skip_first=true',
-                  ['arg.sparsity=0.9,0.94,0.969', run.seeds],
+                  [f'arg.sparsity={sparsities}', run.seeds],
                   ['prune.begin_fraction=0.1', 'prune.end_fraction=0.6'])
   for s, rs in by(gmp, 'arg.sparsity').items():
     rows.append((f'GMP global {float(s):.1%}', rs))
@@ -178,11 +200,15 @@ def fit_log_linear(xs, ys):
 def claim_rpg(run: Runner, a):
   ep = a.epochs
   dofs = ['0.001', '0.003', '0.01', '0.03', '0.1']
-  rpg = run.sweep('rpg', f'configs/rpg.py:model=mlp,dataset={run.dataset},epochs={ep},'
-                  'generate=@kernels',
+  if run.cifar:  # ResNet-20 as the reference: stem and classifier ordinary
+    net, gen, small, key = 'resnet20', '', 'model_kwargs.width=4,8,16', 'model_kwargs.width'
+  else:
+    net, gen, small, key = ('mlp', ',generate=@kernels', 'model_kwargs.hidden=4x,32x,300x100',
+                            'model_kwargs.hidden')
+  rpg = run.sweep('rpg', f'configs/rpg.py:model={net},dataset={run.dataset},epochs={ep}{gen}',
                   [f'arg.dof={",".join(dofs)}', run.seeds])
-  dense = run.sweep('rpg_dense_small', f'configs/dense.py:model=mlp,dataset={run.dataset},'
-                    f'epochs={ep}', ['model_kwargs.hidden=4x,32x,300x100', run.seeds])
+  dense = run.sweep('rpg_dense_small', f'configs/dense.py:model={net},dataset={run.dataset},'
+                    f'epochs={ep}', [small, run.seeds])
   lines = ['| model | trained params | final test acc | best test acc |',
            '| --- | --- | --- | --- |']
   out, xs, ys = [], [], []
@@ -197,11 +223,11 @@ def claim_rpg(run: Runner, a):
       ys.append(100 * r['test_accuracy'])
     final = mean_std([r['test_accuracy'] for r in rs])[0]
     out.append(f'rpg dof={d} trainable={n} final={final:.4f}')
-  for h, rs in by(dense, 'model_kwargs.hidden').items():
-    lines.append(f'| dense MLP hidden={h} | {rs[0]["trainable"]:,} | '
+  for h, rs in by(dense, key).items():
+    lines.append(f'| dense {net} {key.split(".")[1]}={h} | {rs[0]["trainable"]:,} | '
                  f'{fmt([r["test_accuracy"] for r in rs])} | '
                  f'{fmt([r["best_test_accuracy"] for r in rs])} |')
-    out.append(f'rpg dense_hidden={h} trainable={rs[0]["trainable"]} '
+    out.append(f'rpg dense_{key.split(".")[1]}={h} trainable={rs[0]["trainable"]} '
                f'final={mean_std([r["test_accuracy"] for r in rs])[0]:.4f}')
   a0, b, r2 = fit_log_linear(xs, ys)
   lines += ['', f'Fit over all seeds (final accuracy, points): acc = {a0:.2f} + {b:.2f} log10(D) '
@@ -212,9 +238,10 @@ def claim_rpg(run: Runner, a):
 
 def claim_polarization(run: Runner, a):
   ep = a.epochs
-  dense = run.sweep('polarization_dense', f'configs/dense.py:model=lenet5,dataset={run.dataset},'
+  net = 'resnet20' if run.cifar else 'lenet5'
+  dense = run.sweep('polarization_dense', f'configs/dense.py:model={net},dataset={run.dataset},'
                     f'epochs={ep}', [run.seeds])
-  pol = run.sweep('polarization', f'configs/polarization.py:model=lenet5,dataset={run.dataset},'
+  pol = run.sweep('polarization', f'configs/polarization.py:model={net},dataset={run.dataset},'
                   f'epochs={ep}', ['param.sparsity=0.3,0.5,0.7', run.seeds])
   base = mean_std([r['test_accuracy'] for r in dense])[0]
   lines = ['| target | reached sparsity | final test acc | drop vs dense (points) '

@@ -85,13 +85,13 @@ def main():
   ap.add_argument('--budget_kl', type=float, default=0.01)
   ap.add_argument('--reps', type=int, default=7)
   ap.add_argument('--out', default='benchmarks/results')
-  ap.add_argument('--smoke', action='store_true', help='tiny teacher, tiny search')
+  ap.add_argument('--smoke', action='store_true', help='tiny teacher, tiny search at 50%% sparsity')
   args = ap.parse_args()
   from pemn_jax.evaluate import evaluate_artifact
   from pemn_jax.evolve.run import evolve, test_accuracy
   from pemn_jax.train.loop import train_and_evaluate
   if args.smoke:
-    args.datasets, args.reps = args.datasets[:1], 1
+    args.datasets, args.reps, args.sparsity = args.datasets[:1], 1, 0.5
   lines, table = [], []
   with tempfile.TemporaryDirectory() as tmp:
     for dataset in args.datasets:
@@ -101,7 +101,7 @@ def main():
       kw = {}
       if args.smoke:
         c.num_steps, c.train_limit = 20, 512
-        kw = dict(population=4, calibration=128, finetune_steps=5)
+        kw = dict(population=4, calibration=128, finetune_steps=5, checkpoint_every=100_000)
       wd = os.path.join(tmp, dataset)
       train_and_evaluate(c, wd)
       teacher = test_accuracy(wd)

@@ -32,7 +32,7 @@ shaped random data) with 1 process x 2 CPU devices and 2 processes x 1 device
     JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --methods rpg --devices 1,8 --process_steps 9
     JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --per_device_batch 8 --process_steps 0
     python benchmarks/scaling.py --layouts replicated_state_sharded_gen,fsdp_replicated_gen
-    JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --smoke   # LeNet-5, 1-2 devices
+    JAX_NUM_CPU_DEVICES=8 python benchmarks/scaling.py --smoke   # LeNet-5, 1-2 devices, dense
 
 Last lines, one per method, device count and layout:
     <method> devices=<n> sharding=<replicated|fsdp> peak_bytes_per_device=<b>
@@ -150,10 +150,12 @@ def main():
   ap.add_argument('--process_steps', type=int, default=None,
                   help='steps of the 1 vs 2 process timing (0: skip; default 200; --smoke: 0,\n'
                        'or 2 if given)')
-  ap.add_argument('--smoke', action='store_true', help='LeNet-5, 1-2 devices')
+  ap.add_argument('--smoke', action='store_true',
+                  help='LeNet-5, 1-2 devices, the first of --methods (checks the script)')
   args = ap.parse_args()
   if args.smoke:
     args.model, args.dataset_shape, args.devices, args.batch = 'lenet5', '28,28,1', '1,2', 8
+    args.methods = args.methods.split(',')[0]
   if args.process_steps is None:
     args.process_steps = 0 if args.smoke else 200
   elif args.smoke:
