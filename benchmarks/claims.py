@@ -30,9 +30,10 @@ epoch) are mean ± sample std over the seeds.
 With ``--dataset cifar10`` each claim runs at the largest scale that fits
 this CPU (see docs/results.md for the epochs and seeds used): ``pemn`` on a
 small ConvMixer (dim 128, depth 4, kernel 5, patch 4; its Dense trained on
-the same augmentation as the masks, the reference's RandAugment pipeline), ``pruning``, ``rpg`` and ``polarization`` on ResNet-20
-(RPG with the reference's ordinary stem and classifier), ``de`` on the MLP
-(3072-300-100-10).
+the same augmentation as the masks, the reference's RandAugment pipeline),
+``pruning``, ``rpg`` and ``polarization`` on ResNet-20 (RPG with the
+reference's ordinary stem and classifier), ``de`` on the MLP (3072-300-100-10).
+``--smoke`` runs the first and last value of each sweep.
 
 Writes OUT/claims_<claim>_<dataset>.md. Last lines: one
 ``<claim> <what>=<value> ...`` line per point.
@@ -75,6 +76,10 @@ class Runner:
   @property
   def cifar(self):
     return 'cifar' in self.dataset
+
+  def pick(self, values):
+    """A sweep's values; under --smoke its first and last only."""
+    return [values[0], values[-1]] if self.smoke and len(values) > 2 else list(values)
 
   def sets(self, spe=None):
     if self.smoke:
@@ -124,10 +129,12 @@ def claim_pemn(run: Runner, a):
   dense = run.sweep('pemn_dense', f'configs/dense.py:model={model},dataset={run.dataset},'
                     f'epochs={ep}', [run.seeds], vit + dense_sets)
   rows.append(('Dense', dense))
-  modes = run.sweep('pemn_modes', base, ['arg.mode=dense,ol,mp', run.seeds], vit)
-  for mode, label in (('dense', 'Mask (random weights)'), ('ol', 'OL'), ('mp', 'MP')):
+  labels = run.pick([('dense', 'Mask (random weights)'), ('ol', 'OL'), ('mp', 'MP')])
+  modes = run.sweep('pemn_modes', base, [f'arg.mode={",".join(m for m, _ in labels)}',
+                                         run.seeds], vit)
+  for mode, label in labels:
     rows.append((label, by(modes, 'arg.mode')[mode]))
-  ratios = ['1e-1', '1e-2', '1e-3', '1e-4', '1e-5']
+  ratios = run.pick(['1e-1', '1e-2', '1e-3', '1e-4', '1e-5'])
   rp = run.sweep('pemn_rp', base + ',mode=rp', [f'arg.ratio={",".join(ratios)}', run.seeds], vit)
   for r in ratios:
     rows.append((f'RP {r}', by(rp, 'arg.ratio')[r]))
@@ -199,12 +206,13 @@ def fit_log_linear(xs, ys):
 
 def claim_rpg(run: Runner, a):
   ep = a.epochs
-  dofs = ['0.001', '0.003', '0.01', '0.03', '0.1']
+  dofs = run.pick(['0.001', '0.003', '0.01', '0.03', '0.1'])
   if run.cifar:  # ResNet-20 as the reference: stem and classifier ordinary
-    net, gen, small, key = 'resnet20', '', 'model_kwargs.width=4,8,16', 'model_kwargs.width'
+    net, gen, small, key = 'resnet20', '', ['4', '8', '16'], 'model_kwargs.width'
   else:
-    net, gen, small, key = ('mlp', ',generate=@kernels', 'model_kwargs.hidden=4x,32x,300x100',
+    net, gen, small, key = ('mlp', ',generate=@kernels', ['4x', '32x', '300x100'],
                             'model_kwargs.hidden')
+  small = f'{key}={",".join(run.pick(small))}'
   rpg = run.sweep('rpg', f'configs/rpg.py:model={net},dataset={run.dataset},epochs={ep}{gen}',
                   [f'arg.dof={",".join(dofs)}', run.seeds])
   dense = run.sweep('rpg_dense_small', f'configs/dense.py:model={net},dataset={run.dataset},'
@@ -242,7 +250,8 @@ def claim_polarization(run: Runner, a):
   dense = run.sweep('polarization_dense', f'configs/dense.py:model={net},dataset={run.dataset},'
                     f'epochs={ep}', [run.seeds])
   pol = run.sweep('polarization', f'configs/polarization.py:model={net},dataset={run.dataset},'
-                  f'epochs={ep}', ['param.sparsity=0.3,0.5,0.7', run.seeds])
+                  f'epochs={ep}',
+                  [f'param.sparsity={",".join(run.pick(["0.3", "0.5", "0.7"]))}', run.seeds])
   base = mean_std([r['test_accuracy'] for r in dense])[0]
   lines = ['| target | reached sparsity | final test acc | drop vs dense (points) '
            '| best test acc |',
