@@ -96,8 +96,8 @@ class Runner:
                     *[f'--sweep {s}' for s in sweeps], *[f'--set {s}' for s in sets],
                     f'--workdir WORKDIR/{name}'])
     t0 = time.time()
-    # Conv models: one variant per step (vmapped ResNet-20 variants ran ~2.5x
-    # slower per variant than one by one on XLA:CPU; docs/ablations.md).
+    # Conv models: one variant per step (three vmapped ResNet-20 variants had
+    # 2.5x less total throughput than one alone on XLA:CPU; docs/ablations.md).
     max_group = 1 if self.cifar else 0
     if max_group:
       cmd += f' --max_group {max_group}'
