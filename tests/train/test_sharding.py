@@ -137,18 +137,20 @@ for name, spec in SPECS.items():
   def objective(st, mat):
     out = mat(st)
     return sum(jnp.sum(a * w) for a, w in zip(jax.tree.leaves(out), jax.tree.leaves(weights)))
-  def params_and_grads(mat):  # one compilation for both
-    return jax.jit(lambda st: (mat(st), jax.grad(lambda s: objective(s, mat))(st)))
   for with_rng in (False, True):
     r = rng if with_rng else None
-    plain, g_plain = params_and_grads(lambda s: param.materialize(s, seed, r))(state)
+    plain = jax.jit(lambda st: param.materialize(st, seed, r))(state)
+    g_plain = jax.jit(jax.grad(
+        lambda st: objective(st, lambda s: param.materialize(s, seed, r))))(state)
     for lname, layout in LAYOUTS.items():
       sh = layout.state_shardings(state)
       st = jax.device_put(state, sh)
-      out, g = params_and_grads(lambda s: layout.materialize(param, s, seed, r))(st)
+      out = jax.jit(lambda s: layout.materialize(param, s, seed, r))(st)
       for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(out)):
         if not np.array_equal(np.asarray(a), np.asarray(b)):
           failures.append(f'{name}/{lname}/rng={with_rng}: params differ')
+      g = jax.jit(jax.grad(
+          lambda s: objective(s, lambda x: layout.materialize(param, x, seed, r))))(st)
       for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g)):
         # Sums over devices add in another order: equal up to float rounding.
         a, b = np.asarray(a), np.asarray(b)
