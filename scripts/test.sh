@@ -16,14 +16,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/ruff check .
-# XLA's persistent compilation cache, fresh for this run and shared by the
-# workers and the subprocesses they start: many tests (and documented commands)
-# compile the same train step again; a hit returns the same executable.
-if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
-  JAX_COMPILATION_CACHE_DIR=$(mktemp -d -t pemn_jax_xla_cache.XXXXXX)
-  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
-fi
-export JAX_COMPILATION_CACHE_DIR
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}
 # 8 virtual CPU devices for the sharding tests; tests that need 1 run in subprocesses.
-.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
