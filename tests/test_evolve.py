@@ -138,3 +138,30 @@ def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(mnist_sli
   for p, s in out['layer_sparsity'].items():  # per-layer targets, exactly
     n = int(np.prod(flatten(params)[p].shape))
     assert int((np.asarray(flatten(params)[p]) != 0).sum()) <= n - int(s * n) + 0
+
+
+def test_fine_tuning_between_generations_and_a_rerun_with_other_settings(mnist_slice, tmp_path):
+  """--generation_finetune distills after every generation (zeros stay zero,
+  the steps are counted); a baseline's --extra_finetune adds to its end; a
+  rerun with other settings is refused, leaving the saved search as it was."""
+  import os
+
+  from pemn_jax.evolve.run import evolve
+  from pemn_jax.train.loop import train_and_evaluate
+  run = str(tmp_path / 'run')
+  train_and_evaluate(tiny_config(mnist_slice, num_steps=8), run)
+  kw = dict(sparsity=0.8, population=4, calibration=64, finetune_steps=3, say=lambda *_: None)
+  out = evolve(run, str(tmp_path / 'a.pemn'), generation_finetune=2, **kw)
+  layers = len(out['layer_sparsity'])
+  assert out['generations'] > 0
+  assert out['distill_steps'] == 3 * (layers + 1) + 2 * out['generations']
+  for p, s in out['layer_sparsity'].items():
+    w = np.asarray(flatten(out['params'])[p])
+    assert int((w != 0).sum()) <= w.size - int(s * w.size)
+  state = os.path.join(run, 'evolve', 'de-s0.8', 'checkpoints')
+  before = sorted(os.listdir(state))
+  with pytest.raises(ValueError, match=r'population: saved 4, now 8.*left untouched'):
+    evolve(run, str(tmp_path / 'b.pemn'), **{**kw, 'population': 8}, generation_finetune=2)
+  assert sorted(os.listdir(state)) == before and not os.path.exists(tmp_path / 'b.pemn')
+  mag = evolve(run, str(tmp_path / 'm.pemn'), method='magnitude', extra_finetune=7, **kw)
+  assert mag['generations'] == 0 and mag['distill_steps'] == 3 * (layers + 1) + 7

@@ -1,8 +1,8 @@
 """Directed evolution of a trained run into a compact model file.
 
     python -m pemn_jax.evolve --workdir RUN --out model.pemn [--sparsity 0.9]
-        [--method de|magnitude] [--population 32] [--budget_kl 0.01 | --budget_acc 0.5]
-        [--finetune_steps 300]
+        [--method de|magnitude] [--population 32] [--tau 0.1] [--budget_kl 0.01 | --budget_acc 0.5]
+        [--finetune_steps 300] [--generation_finetune 0] [--extra_finetune 0]
 
 Resumes from RUN/evolve/<method>-s<sparsity>/ when that search was stopped.
 Prints progress per generation and, at the end, the file's size, its
@@ -23,7 +23,12 @@ _METHOD = flags.DEFINE_enum('method', 'de', ['de', 'magnitude'],
 _SPARSITY = flags.DEFINE_float('sparsity', 0.9, 'Fraction of kernel weights removed.')
 _POP = flags.DEFINE_integer('population', 32, 'Candidates per generation.')
 _CALIB = flags.DEFINE_integer('calibration', 1024, 'Calibration images.')
+_TAU = flags.DEFINE_float('tau', 0.1, 'Magnitude bias of the mutations (smaller: stronger).')
 _FT = flags.DEFINE_integer('finetune_steps', 300, 'Distillation steps after each layer.')
+_GFT = flags.DEFINE_integer('generation_finetune', 0,
+                            'DE: distillation steps after every generation as well.')
+_XFT = flags.DEFINE_integer('extra_finetune', 0,
+                            'Distillation steps added at the end (to match a DE total).')
 _KL = flags.DEFINE_float('budget_kl', 0.01, 'KL the quantization may add to the pruned model.')
 _ACC = flags.DEFINE_float('budget_acc', None,
                           'Accuracy points (calibration) it may cost instead.')
@@ -48,9 +53,10 @@ def main(argv):
 
   try:
     out = evolve(_WORKDIR.value, _OUT.value, _METHOD.value, _SPARSITY.value, _POP.value,
-                 _CALIB.value, finetune_steps=_FT.value, budget_kl=_KL.value,
+                 _CALIB.value, tau=_TAU.value, finetune_steps=_FT.value, budget_kl=_KL.value,
                  budget_acc=_ACC.value, min_bits=_MINB.value, seed=_SEED.value,
-                 max_generations=_MAXGEN.value)
+                 max_generations=_MAXGEN.value, generation_finetune=_GFT.value,
+                 extra_finetune=_XFT.value)
     if not out['finished']:
       print(f'stopped after generation {out["generation"]}; run the same command to continue')
       return

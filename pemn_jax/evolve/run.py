@@ -45,18 +45,23 @@ def layer_targets(params, order, sparsity: float) -> dict[str, int]:
   return out
 
 
-def _batches(ds, batch, seed, steps, offset):
-  pipe = Pipeline(ds, batch, seed)
+def _batches(pipe: Pipeline, steps: int, offset: int):
+  """Distillation images: batches ``offset`` ... ``offset + steps - 1``."""
   for i in range(steps):
     yield jnp.asarray(pipe.batch(offset + i)[0])
 
 
+def _done(prog) -> int:
+  """Distillation steps taken so far: the next ones read the batches after."""
+  return prog['finetuned'] + prog['gen_finetuned']
+
+
 def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
-           population: int = 32, calibration: int = 1024, tau: float = 1.0,
+           population: int = 32, calibration: int = 1024, tau: float = 0.1,
            tolerance: float = 1e-3, finetune_steps: int = 300, budget_kl: float = 0.01,
            budget_acc: float | None = None, min_bits: int = 2, max_bits: int = 8,
            checkpoint_every: int = 10, seed: int = 0, say=print, max_generations: int = 100_000,
-           lr: float = 1e-3) -> dict:
+           lr: float = 1e-3, generation_finetune: int = 0, extra_finetune: int = 0) -> dict:
   """Sparsifies, quantizes and encodes ``workdir``'s trained model into ``out``.
 
   Args:
@@ -80,6 +85,10 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
     say: progress output.
     max_generations: stop (and checkpoint) after this many generations in all.
     lr: the distillation's learning rate.
+    generation_finetune: DE only: distillation steps after every generation
+      (the paper's fine-tuning between generations; 0: only between layers).
+    extra_finetune: distillation steps added to the final fine-tuning (to
+      give a baseline the same total as a DE run: its ``distill_steps``).
   Returns:
     Sparsity, bits, bytes, timings and evaluation counts, and ``params``: the
     quantized params the file holds (those the bit search evaluated).
@@ -96,31 +105,55 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
   state_dir = prepare(os.path.join(workdir, 'evolve', name))
   targets = layer_targets(teacher, param.order, sparsity)  # kernels in creation order
   evo = S.Evolution(model, model_state, images, teacher, population, tau, tolerance)
+  distill = S.Distiller(model, model_state, teacher, lr)
+  pipes = []  # the distillation's pipeline, made once (a Pipeline reads the split into memory)
+
+  def batches(steps):
+    if not pipes:
+      pipes.append(Pipeline(ds, 128, seed))
+    return _batches(pipes[0], steps, _done(prog))
   with WorkdirLock(state_dir):
     ckpt = Checkpointer(state_dir, keep=2)
     masks0 = {p: np.ones(flatten(teacher)[p].shape, bool) for p in targets}
     init = {'params': teacher, 'masks': {p: m.astype(np.uint8) for p, m in masks0.items()}}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                             init)
+    # What shapes the search state: a rerun with other values must not
+    # silently resume (or overwrite) the saved one.
+    settings = {'population': population, 'calibration': calibration, 'tau': tau,
+                'tolerance': tolerance, 'finetune_steps': finetune_steps, 'seed': seed,
+                'lr': lr, 'generation_finetune': generation_finetune,
+                'extra_finetune': extra_finetune}
     step, restored, prog = ckpt.restore_latest(abstract)
+    if restored is not None and 'settings' in prog:
+      differ = {k: (prog['settings'].get(k), v) for k, v in settings.items()
+                if prog['settings'].get(k) != v}
+      if differ:
+        ckpt.close()
+        raise ValueError(
+            f'{state_dir} holds a {method} search with other settings ('
+            + ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in differ.items())
+            + '); rerun with the saved values to resume it, or move that directory away to '
+            'start a new search (it was left untouched)')
     if restored is None:
       params, masks = teacher, masks0
       prog = {'layer': 0, 'generation': 0, 'rate': 0.25, 'kl': 0.0, 'evaluations': 0,
-              'search_seconds': 0.0, 'phase': 'prune', 'finetuned': 0}
+              'search_seconds': 0.0, 'phase': 'prune', 'finetuned': 0, 'gen_finetuned': 0}
     else:
       params = restored['params']
       masks = {p: np.asarray(m) > 0 for p, m in restored['masks'].items()}
-      prog = dict(prog['progress'])
+      prog = {'gen_finetuned': 0, **prog['progress']}
       say(f'resumed the {method} search at generation {prog["generation"]} ({state_dir})')
 
     saved = [step]
 
     def save():
-      at = prog['generation'] + prog['finetuned'] + (prog['phase'] != 'prune')
+      at = (prog['generation'] + prog['finetuned'] + prog['gen_finetuned']
+            + (prog['phase'] != 'prune'))
       if at == saved[0]:
         return
       ckpt.save(at, {'params': params, 'masks': {p: m.astype(np.uint8) for p, m in masks.items()}},
-                {'progress': prog}, force=True)
+                {'progress': prog, 'settings': settings}, force=True)
       saved[0] = at
 
     layers = list(targets)
@@ -140,8 +173,7 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
         continue
       if int(masks[path].sum()) <= targets[path]:
         if finetune_steps:
-          params = S.distill(model, model_state, teacher, params, masks,
-                             _batches(ds, 128, seed, finetune_steps, prog['finetuned']), lr)
+          params = distill(params, masks, batches(finetune_steps))
           prog['finetuned'] += finetune_steps
         prog['kl'] = float(evo.kl(params))
         say(f'layer {path}: {int(masks[path].sum())}/{masks[path].size} weights kept, KL '
@@ -157,6 +189,10 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
       prog['generation'] += 1
       generations_here += 1
       prog['evaluations'] += info['evaluations']
+      if generation_finetune:
+        params = distill(params, masks, batches(generation_finetune))
+        prog['gen_finetuned'] += generation_finetune
+        info['kl'] = prog['kl'] = float(evo.kl(params))
       prog['search_seconds'] += time.time() - g0
       say(f'gen {prog["generation"]} {path}: zeroed {info["k"]}, {info["alive"]} left (target '
           f'{info["want"]}), KL {info["kl"]:.5f} (worst candidate {info["kl_worst"]:.5f}), '
@@ -168,10 +204,9 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
       ckpt.close()
       return {'finished': False, 'generation': prog['generation']}
     if prog['phase'] == 'finetune':
-      total_ft = finetune_steps * (len(layers) + 1) - prog['finetuned']
+      total_ft = finetune_steps * (len(layers) + 1) + extra_finetune - prog['finetuned']
       if total_ft > 0:
-        params = S.distill(model, model_state, teacher, params, masks,
-                           _batches(ds, 128, seed, total_ft, prog['finetuned']), lr)
+        params = distill(params, masks, batches(total_ft))
         prog['finetuned'] += total_ft
       prog['phase'] = 'quantize'
       prog['kl'] = float(evo.kl(params))
@@ -220,6 +255,7 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
           'kl_pruned': prog['kl'], 'kl_quantized': alloc.fitness if budget_acc is None else None,
           'generations': prog['generation'], 'evaluations': prog['evaluations'],
           'search_seconds': prog['search_seconds'], 'quantize_seconds': quant_s,
+          'distill_steps': prog['finetuned'] + prog['gen_finetuned'],
           'seconds': time.time() - t0, 'params': unflatten(final)}
 
 

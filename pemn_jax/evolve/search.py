@@ -61,7 +61,7 @@ class Evolution:
   """
 
   def __init__(self, model, model_state, images, teacher_params, population: int = 32,
-               tau: float = 1.0, tolerance: float = 1e-3):
+               tau: float = 0.1, tolerance: float = 1e-3):
     self.model, self.model_state, self.images = model, model_state, images
     self.population, self.tau, self.tolerance = int(population), float(tau), float(tolerance)
     self.teacher_logp = jax.jit(lambda p: jax.nn.log_softmax(
@@ -141,32 +141,52 @@ class Evolution:
     return unflatten(flat), masks, rate, float(kls[best]), info
 
 
+class Distiller:
+  """Distillation of a pruned student toward the teacher's softmax: Adam on
+  the survivors, zeroed weights kept exactly zero. One jitted step, compiled
+  once and reused by every call (the search calls it between generations).
+
+  Args:
+    model: the Flax model.
+    model_state: its batch statistics (fixed).
+    teacher_params: the trained params.
+    lr: Adam's learning rate.
+  """
+
+  def __init__(self, model, model_state, teacher_params, lr: float = 1e-4):
+    self.model_state, self.teacher = model_state, teacher_params
+    self.tx = tx = optax.adam(lr)
+
+    def masked(tree, mask_tree):
+      flat, mflat = flatten(tree), flatten(mask_tree)
+      return unflatten({p: v * mflat[p] if p in mflat else v for p, v in flat.items()})
+
+    def step(params, opt, images, teacher, model_state, mask_tree):
+      t = jax.nn.log_softmax(model.apply({'params': teacher, **model_state}, images,
+                                         train=False))
+
+      def loss(p):
+        s = jax.nn.log_softmax(model.apply({'params': p, **model_state}, images, train=False))
+        return jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+      grads = masked(jax.grad(loss)(params), mask_tree)
+      updates, opt = tx.update(grads, opt, params)
+      return masked(optax.apply_updates(params, updates), mask_tree), opt
+    self._step = jax.jit(step)
+
+  def __call__(self, params, masks: dict, batches):
+    """Fine-tunes ``params`` (zeroed where ``masks`` are False) on ``batches``
+    (an iterable of images), from a fresh Adam state. Returns the params."""
+    opt = self.tx.init(params)
+    mask_tree = unflatten({p: jnp.asarray(m, jnp.float32) for p, m in masks.items()})
+    for images in batches:
+      params, opt = self._step(params, opt, images, self.teacher, self.model_state, mask_tree)
+    return params
+
+
 def distill(model, model_state, teacher_params, params, masks: dict, batches, lr: float = 1e-4):
   """Fine-tunes the survivors on ``batches`` (an iterable of images) toward the
   teacher's softmax; zeroed weights stay exactly zero. Returns the params."""
-  tx = optax.adam(lr)
-  opt = tx.init(params)
-  mask_tree = unflatten({p: jnp.asarray(m, jnp.float32) for p, m in masks.items()})
-
-  def masked(tree):
-    flat, mflat = flatten(tree), flatten(mask_tree)
-    return unflatten({p: v * mflat[p] if p in mflat else v for p, v in flat.items()})
-
-  @jax.jit
-  def step(params, opt, images):
-    t = jax.nn.log_softmax(model.apply({'params': teacher_params, **model_state}, images,
-                                       train=False))
-
-    def loss(p):
-      s = jax.nn.log_softmax(model.apply({'params': p, **model_state}, images, train=False))
-      return jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
-    grads = masked(jax.grad(loss)(params))
-    updates, opt = tx.update(grads, opt, params)
-    return masked(optax.apply_updates(params, updates)), opt
-
-  for images in batches:
-    params, opt = step(params, opt, images)
-  return params
+  return Distiller(model, model_state, teacher_params, lr)(params, masks, batches)
 
 
 def magnitude_masks(params, targets: dict[str, int]) -> dict[str, np.ndarray]:
