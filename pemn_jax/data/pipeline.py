@@ -74,6 +74,12 @@ class Pipeline:
   def order(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
+  def examples(self, idx):
+    """Examples ``idx`` (of this pipeline's ``num_examples``), not augmented:
+    (images f32 NHWC, normalized; labels i32)."""
+    images, labels = self._read(np.asarray(idx))
+    return self._normalize(images), labels
+
   def batch(self, step: int):
     """This process's slice of global batch ``step``: (images f32 NHWC, labels i32)."""
     epoch, i = divmod(int(step), self.steps_per_epoch)

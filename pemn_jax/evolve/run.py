@@ -71,8 +71,8 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
       magnitude pruning at the same targets: the baseline).
     sparsity: fraction of kernel weights removed (ERK-allocated over layers).
     population, tau, tolerance: the search (see ``search.Evolution``).
-    calibration: images of the calibration batch (the first training batch
-      of a seeded order).
+    calibration: images of the calibration batch (the first of a seeded
+      order of the teacher's training examples: its ``train_limit``).
     finetune_steps: distillation steps (Adam, ``lr``) after each layer, and
       as many at the end; the baseline gets the same total.
     budget_kl: how much the quantization may add to the pruned student's KL
@@ -99,19 +99,21 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
   teacher = jax.jit(param.materialize)(ts.state, ts.seed)
   model_state = ts.model_state
   ds = sources.load(config.dataset, 'train', config.data_dir or None, config.source_dir or None)
-  images, labels = Pipeline(ds, min(calibration, ds.num_examples), seed).batch(0)
+  # The teacher's training examples (its train_limit), read into memory once:
+  # the calibration batch is the first of a seeded order, distillation
+  # batches (128) follow that order.
+  n = min(ds.num_examples, config.train_limit or ds.num_examples)
+  pipe = Pipeline(ds, min(128, n), seed, limit=n)
+  images, labels = pipe.examples(pipe.order(0)[:min(calibration, n)])
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   name = f'{method}-s{sparsity:g}'
   state_dir = prepare(os.path.join(workdir, 'evolve', name))
   targets = layer_targets(teacher, param.order, sparsity)  # kernels in creation order
   evo = S.Evolution(model, model_state, images, teacher, population, tau, tolerance)
   distill = S.Distiller(model, model_state, teacher, lr)
-  pipes = []  # the distillation's pipeline, made once (a Pipeline reads the split into memory)
 
   def batches(steps):
-    if not pipes:
-      pipes.append(Pipeline(ds, 128, seed))
-    return _batches(pipes[0], steps, _done(prog))
+    return _batches(pipe, steps, _done(prog))
   with WorkdirLock(state_dir):
     ckpt = Checkpointer(state_dir, keep=2)
     masks0 = {p: np.ones(flatten(teacher)[p].shape, bool) for p in targets}

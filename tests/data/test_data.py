@@ -34,6 +34,21 @@ def test_pipeline_is_deterministic_and_process_slices_make_the_global_batch(mnis
   assert len(set(seen.tolist())) == len(seen)
 
 
+def test_examples_by_index_are_the_raw_records_normalized(mnist_slice):
+  """``examples(order(0)[:k])`` is batch 0 of a k-example pipeline (the
+  evolution's calibration batch), built here from the source's records."""
+  ds = sources.load('mnist', 'train', mnist_slice['data_dir'], mnist_slice['source_dir'])
+  p = Pipeline(ds, 128, seed=5, limit=300)
+  idx = p.order(0)[:50]
+  assert idx.max() < 300
+  x, y = p.examples(idx)
+  recs = [ds.source[int(i)] for i in idx]
+  want = (np.stack([r['image'] for r in recs]).astype(np.float32) / 255 - ds.mean) / ds.std
+  np.testing.assert_allclose(x, want, rtol=1e-6)
+  np.testing.assert_array_equal(y, [r['label'] for r in recs])
+  np.testing.assert_array_equal(x, Pipeline(ds, 50, seed=5, limit=300).batch(0)[0])
+
+
 def test_eval_batches_cover_the_split_once(mnist_slice):
   ds = sources.load('mnist', 'test', mnist_slice['data_dir'], mnist_slice['source_dir'])
   p = Pipeline(ds, 64, seed=0)
