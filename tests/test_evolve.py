@@ -123,12 +123,21 @@ def test_rans_symbols_reach_the_entropy():
     codecs.rans_decode_symbols(blob[:-2] + b'\0\0', s.size, counts)
 
 
-def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(mnist_slice, tmp_path):
+@pytest.fixture(scope='module')
+def teacher_run(mnist_slice, tmp_path_factory):
+  """A tiny trained run; tests evolve copies of it (their searches apart)."""
+  from pemn_jax.train.loop import train_and_evaluate
+  run = str(tmp_path_factory.mktemp('teacher') / 'run')
+  train_and_evaluate(tiny_config(mnist_slice, num_steps=24), run)
+  return run
+
+
+def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(teacher_run, tmp_path):
+  import shutil
+
   from pemn_jax.evolve.run import evolve
   from pemn_jax.export.run import load
-  from pemn_jax.train.loop import train_and_evaluate
-  c = tiny_config(mnist_slice, num_steps=24)
-  train_and_evaluate(c, str(tmp_path / 'run'))
+  shutil.copytree(teacher_run, tmp_path / 'run')
   out = evolve(str(tmp_path / 'run'), str(tmp_path / 'de.pemn'), sparsity=0.8, population=4,
                calibration=64, finetune_steps=5, say=lambda *_: None)
   assert out['finished'] and out['sparsity'] == pytest.approx(0.8, abs=0.01)
@@ -140,16 +149,16 @@ def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(mnist_sli
     assert int((np.asarray(flatten(params)[p]) != 0).sum()) <= n - int(s * n) + 0
 
 
-def test_fine_tuning_between_generations_and_a_rerun_with_other_settings(mnist_slice, tmp_path):
+def test_fine_tuning_between_generations_and_a_rerun_with_other_settings(teacher_run, tmp_path):
   """--generation_finetune distills after every generation (zeros stay zero,
   the steps are counted); a baseline's --extra_finetune adds to its end; a
   rerun with other settings is refused, leaving the saved search as it was."""
   import os
+  import shutil
 
   from pemn_jax.evolve.run import evolve
-  from pemn_jax.train.loop import train_and_evaluate
   run = str(tmp_path / 'run')
-  train_and_evaluate(tiny_config(mnist_slice, num_steps=8), run)
+  shutil.copytree(teacher_run, run)
   kw = dict(sparsity=0.8, population=4, calibration=64, finetune_steps=3, say=lambda *_: None)
   out = evolve(run, str(tmp_path / 'a.pemn'), generation_finetune=2, **kw)
   layers = len(out['layer_sparsity'])
