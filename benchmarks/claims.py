@@ -269,7 +269,7 @@ def claim_polarization(run: Runner, a):
                for r in rs]
     drop = [100 * (base - r['test_accuracy']) for r in rs]
     lines.append(f'| {s} | {fmt(reached)} % | {fmt([r["test_accuracy"] for r in rs])} | '
-                 f'{mean_std(drop)[0]:.2f} ± {mean_std(drop)[1]:.2f} | '
+                 f'{fmt(drop, 1.0)} | '
                  f'{fmt([r["best_test_accuracy"] for r in rs])} |')
     out.append(f'polarization target={s} reached={mean_std(reached)[0]:.4f} '
                f'drop_points={mean_std(drop)[0]:.3f}')
@@ -310,7 +310,7 @@ def claim_de(run: Runner, a):
                     100 * (t['test_accuracy'] - acc)))
       bits, size, comp, drop = (mean_std([g[i] for g in got]) for i in range(4))
       lines.append(f'| {method} | {sparsity} | {bits[0]:.2f} | {size[0]:,.0f} | {comp[0]:.1f}x | '
-                   f'{drop[0]:.2f} ± {drop[1]:.2f} |')
+                   f'{fmt([g[3] for g in got], 1.0)} |')
       out.append(f'de method={method} sparsity={sparsity} avg_bits={bits[0]:.3f} '
                  f'file_bytes={size[0]:.0f} compression={comp[0]:.2f} acc_drop={drop[0]:.3f}')
   return lines, out
