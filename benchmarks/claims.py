@@ -98,7 +98,9 @@ class Runner:
     t0 = time.time()
     # Conv models: one variant per step (three vmapped ResNet-20 variants had
     # 2.5x less total throughput than one alone on XLA:CPU; docs/ablations.md).
-    max_group = 1 if self.cifar else 0
+    # (A --smoke's 3 steps gain nothing from that and pay a compilation per
+    # variant: it groups them.)
+    max_group = 1 if self.cifar and not self.smoke else 0
     if max_group:
       cmd += f' --max_group {max_group}'
     print(f'# {cmd}', flush=True)
@@ -108,6 +110,28 @@ class Runner:
                     plots=not self.smoke, overrides=sets, max_group=max_group)
     print(f'#   {len(out)} variants in {time.time() - t0:.0f} s', flush=True)
     return out
+
+
+def size_plot(path, series, ylabel):
+  """``series``: {label: [(file bytes, mean, std), ...]} as lines over file
+  bytes (log scale), mean ± std error bars; a PNG at ``path``."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for label, pts in series.items():
+    pts = sorted(pts)
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker='o',
+                capsize=3, label=label)
+  ax.set_xscale('log')
+  ax.set_xlabel('model file bytes')
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  print(f'# wrote {path}', flush=True)
 
 
 def by(results, key):
@@ -179,7 +203,7 @@ def claim_pruning(run: Runner, a):
     rows.append((f'GMP global {float(s):.1%}', rs))
   lines = ['| method | file bytes | compression | final test acc | best test acc |',
            '| --- | --- | --- | --- | --- |']
-  out = []
+  out, series = [], {}
   for label, rs in rows:
     sizes = []
     for r in rs:
@@ -192,8 +216,11 @@ def claim_pruning(run: Runner, a):
     lines.append(f'| {label} | {size:,.0f} | {comp:.1f}x | '
                  f'{fmt([r["test_accuracy"] for r in rs])} | '
                  f'{fmt([r["best_test_accuracy"] for r in rs])} |')
+    final = mean_std([100 * r['test_accuracy'] for r in rs])
     out.append(f'pruning method={label.replace(" ", "_")} file_bytes={size:.0f} '
-               f'compression={comp:.2f} final={mean_std([r["test_accuracy"] for r in rs])[0]:.4f}')
+               f'compression={comp:.2f} final={final[0] / 100:.4f}')
+    series.setdefault(label.split(' ')[0], []).append((size, *final))
+  size_plot(os.path.join(run.root, 'claim_pruning.png'), series, 'final test accuracy (%)')
   return lines, out
 
 
@@ -297,7 +324,7 @@ def claim_de(run: Runner, a):
             checkpoint_every=100_000) if run.smoke else {}
   lines = ['| method | sparsity | avg bits | file bytes | compression | acc drop (points) |',
            '| --- | --- | --- | --- | --- | --- |']
-  out = []
+  out, series = [], {}
   for sparsity in (0.5,) if run.smoke else (0.9, 0.95):
     for method in ('de', 'magnitude'):
       got = []
@@ -316,6 +343,9 @@ def claim_de(run: Runner, a):
                    f'{fmt([g[3] for g in got], 1.0)} |')
       out.append(f'de method={method} sparsity={sparsity} avg_bits={bits[0]:.3f} '
                  f'file_bytes={size[0]:.0f} compression={comp[0]:.2f} acc_drop={drop[0]:.3f}')
+      series.setdefault(method, []).append((size[0], *drop))
+  size_plot(os.path.join(run.root, 'claim_de.png'), series,
+            'accuracy drop vs teacher (points)')
   return lines, out
 
 
