@@ -113,7 +113,7 @@ def main():
       wd = os.path.join(tmp, dataset)
       train_and_evaluate(c, wd)
       teacher = test_accuracy(wd)
-      extra = 0  # the baseline's distillation steps beyond its own: DE's total
+      extra = 0  # the baseline's extra distillation: DE's between generations
       for method in ('de', 'magnitude'):
         path = os.path.join(tmp, f'{dataset}_{method}.pemn')
         kw.setdefault('population', args.population)
@@ -123,8 +123,7 @@ def main():
         out = evolve(wd, path, method, args.sparsity, budget_kl=args.budget_kl,
                      say=lambda *_: None, **kw, **more)
         if method == 'de':
-          own = kw.get('finetune_steps', 300) * (len(out['layer_sparsity']) + 1)
-          extra = out['distill_steps'] - own
+          extra = out['generation_distill_steps']
         acc = evaluate_artifact(path)['accuracy']
         drop = 100 * (teacher - acc)
         table.append(f'| {dataset} | {method} | {out["sparsity"]:.4f} | {out["avg_bits"]:.2f} | '

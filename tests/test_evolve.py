@@ -164,6 +164,7 @@ def test_fine_tuning_between_generations_and_a_rerun_with_other_settings(teacher
   layers = len(out['layer_sparsity'])
   assert out['generations'] > 0
   assert out['distill_steps'] == 3 * (layers + 1) + 2 * out['generations']
+  assert out['generation_distill_steps'] == 2 * out['generations']
   for p, s in out['layer_sparsity'].items():
     w = np.asarray(flatten(out['params'])[p])
     assert int((w != 0).sum()) <= w.size - int(s * w.size)

@@ -70,6 +70,10 @@ def main(argv):
         f'the dense float32 params; sparsity {out["sparsity"]:.4f}, {out["avg_bits"]:.2f} bits '
         f'per survivor; test accuracy {ev["accuracy"]:.4f} (teacher {teacher:.4f}, drop '
         f'{100 * (teacher - ev["accuracy"]):.2f} points)')
+  if out['generation_distill_steps']:
+    print(f'{out["generation_distill_steps"]} of its {out["distill_steps"]} distillation steps '
+          'ran between generations: give a baseline --extra_finetune '
+          f'{out["generation_distill_steps"]} for the same total')
 
 
 if __name__ == '__main__':

@@ -88,7 +88,8 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
     generation_finetune: DE only: distillation steps after every generation
       (the paper's fine-tuning between generations; 0: only between layers).
     extra_finetune: distillation steps added to the final fine-tuning (to
-      give a baseline the same total as a DE run: its ``distill_steps``).
+      give a baseline the same total as a DE run: its
+      ``generation_distill_steps``).
   Returns:
     Sparsity, bits, bytes, timings and evaluation counts, and ``params``: the
     quantized params the file holds (those the bit search evaluated).
@@ -257,7 +258,7 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
           'kl_pruned': prog['kl'], 'kl_quantized': alloc.fitness if budget_acc is None else None,
           'generations': prog['generation'], 'evaluations': prog['evaluations'],
           'search_seconds': prog['search_seconds'], 'quantize_seconds': quant_s,
-          'distill_steps': prog['finetuned'] + prog['gen_finetuned'],
+          'distill_steps': _done(prog), 'generation_distill_steps': prog['gen_finetuned'],
           'seconds': time.time() - t0, 'params': unflatten(final)}
 
 
