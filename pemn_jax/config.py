@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 100
   c.eval_every = 0              # 0 = only at the end
   c.checkpoint_every = 1000
+  c.prefetch = 2                # training batches built ahead on a background thread (0 = inline)
   c.keep_checkpoints = 3
   c.verify_checkpoints = True   # read every checkpoint back and check its digest
   c.seed = 0                    # uint32: data order, init, and every generated weight
@@ -71,12 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
 # Keys whose value may change when a run resumes from its checkpoints (length,
 # cadence, where data is read from, evaluation, and the learning rate / gradient
 # clipping -- to continue a diverged run from its last finite checkpoint; the
-# mesh and sharding -- a checkpoint restores onto any mesh); any other
-# difference between the stored config and the new one is refused.
+# mesh and sharding -- a checkpoint restores onto any mesh; prefetching);
+# any other difference between the stored config and the new one is refused.
 RESUMABLE_KEYS = ('num_steps', 'num_epochs', 'stop_at_step', 'log_every', 'eval_every',
                   'checkpoint_every', 'keep_checkpoints', 'verify_checkpoints', 'eval_batch_size',
                   'test_limit', 'data_dir', 'source_dir', 'optimizer.lr', 'optimizer.grad_clip',
-                  'mesh', 'sharding')
+                  'mesh', 'sharding', 'prefetch')
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -114,7 +115,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints',
               'checkpoint_every'):
     need(_int(c[key]) and c[key] > 0, key, c[key], 'must be an integer > 0')
-  for key in ('num_steps', 'stop_at_step', 'eval_every', 'train_limit', 'test_limit', 'seed'):
+  for key in ('num_steps', 'stop_at_step', 'eval_every', 'train_limit', 'test_limit', 'seed',
+              'prefetch'):
     need(_int(c[key]) and c[key] >= 0, key, c[key], 'must be an integer >= 0')
   need(c.seed < 2**32, 'seed', c.seed, 'must be < 2**32 (a uint32)')
   need(_int(c.data_seed) and -1 <= c.data_seed < 2**32, 'data_seed', c.data_seed,

@@ -142,11 +142,13 @@ def augment_uint8(images: np.ndarray, ops, seed: int, step: int, positions,
   o = {**DEFAULTS, **(options or {})}
   h, w, ch = images.shape[1:]
   out = np.empty_like(images)
+  if 'crop' in ops:  # padded once for the batch (per image: 40% of a crop+flip batch's time)
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
   for k, (img, pos) in enumerate(zip(images, positions, strict=True)):
     rng = image_rng(seed, step, pos)
     if 'crop' in ops:
       dy, dx = rng.integers(0, 9, size=2)
-      img = np.pad(img, ((4, 4), (4, 4), (0, 0)))[dy:dy + h, dx:dx + w]
+      img = padded[k, dy:dy + h, dx:dx + w]
     if 'flip' in ops and rng.random() < 0.5:
       img = img[:, ::-1]
     if 'randaugment' in ops or 'jitter' in ops:

@@ -29,6 +29,7 @@ from pemn_jax import params as P
 from pemn_jax.config import RESUMABLE_KEYS, ConfigError, config_differences, validate
 from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
+from pemn_jax.data.prefetch import Prefetcher
 from pemn_jax.train.checkpoint import Checkpointer, CheckpointError, all_finite
 from pemn_jax.train.multihost import lost_peer
 from pemn_jax.train.optim import (
@@ -375,10 +376,15 @@ def _train(config, workdir: str, model=None) -> dict:
     metrics.truncate_after(start)
     say(f'resumed from step {start} ({ckpt.directory})')
 
-  train_step = jax.jit(
-      make_train_step(model, param, tx, layout.materialize),
-      in_shardings=(ts_shardings, data_sharding, data_sharding, repl),
-      out_shardings=(ts_shardings, repl), donate_argnums=0)
+  step_fn = make_train_step(model, param, tx, layout.materialize)
+
+  def train_step_at(ts, images, labels, step):
+    # the step's key derived inside the step: one dispatch per step, not two
+    return step_fn(ts, images, labels, jax.random.fold_in(jax.random.key(config.seed), step))
+
+  train_step = jax.jit(train_step_at, in_shardings=(ts_shardings, data_sharding, data_sharding,
+                                                    repl),
+                       out_shardings=(ts_shardings, repl), donate_argnums=0)
 
   @functools.partial(jax.jit, in_shardings=(ts_shardings, data_sharding, data_sharding,
                                             data_sharding), out_shardings=repl)
@@ -400,13 +406,14 @@ def _train(config, workdir: str, model=None) -> dict:
   end = min(total, config.stop_at_step) if config.stop_at_step else total
   acc_metrics, t_last, step = [], time.time(), start
   last = {}
-  base_key = jax.random.key(config.seed)
   metrics.open_tensorboard(start)
+  def step_inputs(s):  # the inputs of step s: on a background thread with config.prefetch
+    return (*to_global(*pipe.batch(s)), np.uint32(s))
+
   try:
-    with _Stop() as stop:
+    with _Stop() as stop, Prefetcher(step_inputs, range(start, end), config.prefetch) as inputs:
       while step < end:
-        images, labels = pipe.batch(step)
-        ts, m = train_step(ts, *to_global(images, labels), jax.random.fold_in(base_key, step))
+        ts, m = train_step(ts, *next(inputs))
         step += 1
         acc_metrics.append(m)
         if step % config.log_every == 0 or step == end:

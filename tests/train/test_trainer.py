@@ -65,6 +65,23 @@ def test_resume_gives_identical_params(mnist_slice, tmp_path):
   assert int(resumed.step) == 24
 
 
+def test_prefetch_depth_changes_nothing_and_may_change_on_resume(mnist_slice, tmp_path):
+  # supermask: the one method whose steps draw from the per-step key
+  c = tiny_config(mnist_slice, param=METHODS['supermask'], prefetch=0, **{'optimizer.lr': 0.05})
+  train_and_evaluate(c, str(tmp_path / 'inline'))
+  inline = load_run(str(tmp_path / 'inline'))[-1]
+  c.prefetch, c.stop_at_step = 2, 12
+  assert train_and_evaluate(c, str(tmp_path / 'ahead'))['step'] == 12
+  c.prefetch, c.stop_at_step = 5, 0
+  train_and_evaluate(c, str(tmp_path / 'ahead'))
+  ahead = load_run(str(tmp_path / 'ahead'))[-1]
+  assert int(ahead.step) == 24
+  assert tree_equal(inline.state, ahead.state)
+  assert tree_equal(inline.opt_state, ahead.opt_state)
+  losses = lambda wd: [r['loss'] for r in read_metrics(wd) if 'loss' in r]  # noqa: E731
+  assert losses(tmp_path / 'inline') == losses(tmp_path / 'ahead')
+
+
 def test_best_and_final_accuracy_are_reported_and_survive_resume(mnist_slice, tmp_path):
   sm = {'name': 'masked', 'kind': 'supermask', 'eval': 'expected', 'eval_samples': 3,
         'source': {'name': 'prototype', 'mode': 'signed_constant', 'rest': 'fixed'}}

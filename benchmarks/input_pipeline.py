@@ -1,0 +1,141 @@
+"""Is the trainer bounded by its step or by Python? Images/s of the trainer
+(``config.prefetch`` 0 and 2) vs its jitted train step alone.
+
+For each workload, in one process: the train step alone (the trainer's own
+``make_train_step``, jitted with the state donated) on one batch already on
+the device, timed over ``--steps`` steps; and the trainer itself
+(``train_and_evaluate``) for ``--steps`` steps after a warm-up interval, with
+batches built inline (``prefetch=0``) and on a background thread
+(``prefetch=2``, the default). Each is repeated ``--repeats`` times, rounds
+interleaved; medians reported. The trainer's images/s come from its
+metrics.jsonl (``images_per_s`` of each logging interval after the first,
+which holds the compilation).
+
+    .venv/bin/python benchmarks/input_pipeline.py
+    .venv/bin/python benchmarks/input_pipeline.py --smoke      # tiny (checks the script)
+
+Last lines, one per workload and prefetch depth:
+    <workload> prefetch=<d> trainer_img_s=<a> step_img_s=<b> ratio=<a/b>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from pemn_jax import cpu_tuning
+
+cpu_tuning.configure()  # as python -m pemn_jax.main does, before JAX's CPU backend starts
+
+import jax  # noqa: E402
+
+from pemn_jax.config import base_config  # noqa: E402
+from pemn_jax.train.loop import setup, train_and_evaluate  # noqa: E402
+from pemn_jax.train.step import make_train_step  # noqa: E402
+
+
+def _quickstart(c):
+  """configs/quickstart.py: PEMN RP 1e-3 + 50% masks, MLP 784-300-100-10."""
+  c.dataset, c.model = 'fashion_mnist', 'mlp'
+  c.model_kwargs.hidden = (300, 100)
+  c.param = {'name': 'masked', 'keep': 0.5,
+             'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 1e-3, 'rescale': True}}
+
+
+def _lenet5_cifar10(c):
+  """LeNet-5 dense on CIFAR-10 with random crops and flips (augment 'cifar')."""
+  c.dataset, c.model, c.augment = 'cifar10', 'lenet5', 'cifar'
+
+
+WORKLOADS = {'quickstart_mlp': _quickstart, 'lenet5_cifar10': _lenet5_cifar10}
+
+
+def config_for(name: str, steps: int, log_every: int, prefetch: int, smoke: bool):
+  c = base_config()
+  WORKLOADS[name](c)
+  c.batch_size = 128
+  c.num_steps, c.log_every, c.prefetch = steps, log_every, prefetch
+  c.eval_every, c.checkpoint_every, c.verify_checkpoints = 0, steps, False
+  c.test_limit = 1000
+  if smoke:
+    c.train_limit = 1024
+  return c
+
+
+def step_alone(config, steps: int) -> float:
+  """Images/s of the jitted train step on one device-resident batch."""
+  run = setup(config)
+  ts = jax.jit(lambda k: run.init_state(k, config.seed))(jax.random.key(config.seed))
+  step = jax.jit(make_train_step(run.model, run.param, run.tx, run.layout.materialize),
+                 donate_argnums=0)
+  images, labels = jax.device_put(run.pipe.batch(0))
+  key = jax.random.key(0)
+  for _ in range(3):
+    ts, _ = step(ts, images, labels, key)
+  jax.block_until_ready(ts)
+  t = time.perf_counter()
+  for _ in range(steps):
+    ts, _ = step(ts, images, labels, key)
+  jax.block_until_ready(ts)
+  return steps * config.batch_size / (time.perf_counter() - t)
+
+
+def trainer(config, tmp: str) -> float:
+  """Median images/s of the trainer's logging intervals after the first."""
+  wd = tempfile.mkdtemp(dir=tmp)
+  train_and_evaluate(config, wd)
+  with open(os.path.join(wd, 'metrics.jsonl')) as f:
+    recs = [json.loads(line) for line in f]
+  rates = [r['images_per_s'] for r in recs if 'images_per_s' in r]
+  return statistics.median(rates[1:])
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--workloads', default=','.join(WORKLOADS))
+  ap.add_argument('--steps', type=int, default=500, help='timed steps per measurement')
+  ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--smoke', action='store_true', help='a few steps (checks the script)')
+  args = ap.parse_args()
+  names = args.workloads.split(',')
+  for n in names:
+    if n not in WORKLOADS:
+      ap.error(f'unknown workload {n!r}; known: {sorted(WORKLOADS)}')
+  steps, repeats = (8, 1) if args.smoke else (args.steps, args.repeats)
+  log_every = max(1, steps // 5)
+  depths = (0, 2)
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in names:
+      res = {'step': [], **{d: [] for d in depths}}
+      for r in range(repeats):
+        res['step'].append(step_alone(config_for(name, steps, log_every, 0, args.smoke), steps))
+        for d in depths:
+          # the first logging interval holds the compilation: run one more
+          c = config_for(name, steps + log_every, log_every, d, args.smoke)
+          res[d].append(trainer(c, tmp))
+        print(f'# {name} round {r}: step alone {res["step"][-1]:.0f} img/s, trainer '
+              + ', '.join(f'prefetch={d} {res[d][-1]:.0f}' for d in depths), flush=True)
+      out[name] = res
+  print('\n| workload | step alone (img/s) | '
+        + ' | '.join(f'trainer prefetch={d} (img/s) | ratio' for d in depths) + ' |')
+  print('| --- | --- |' + ' --- | --- |' * len(depths))
+  for name, res in out.items():
+    s = statistics.median(res['step'])
+    cells = ' | '.join(f'{statistics.median(res[d]):.0f} | {statistics.median(res[d]) / s:.2f}'
+                       for d in depths)
+    print(f'| {name} | {s:.0f} | {cells} |')
+  print()
+  for name, res in out.items():
+    s = statistics.median(res['step'])
+    for d in depths:
+      a = statistics.median(res[d])
+      print(f'{name} prefetch={d} trainer_img_s={a:.0f} step_img_s={s:.0f} ratio={a / s:.3f}')
+
+
+if __name__ == '__main__':
+  main()
