@@ -77,6 +77,17 @@ class Runner:
   def cifar(self):
     return 'cifar' in self.dataset
 
+  @property
+  def resnet(self):
+    """The CIFAR ResNet: ResNet-20 (--smoke: ResNet-8, a third of the
+    compilation; the smoke checks the script, not the figures)."""
+    return 'resnet8' if self.smoke else 'resnet20'
+
+  @property
+  def net(self):
+    """The conv net of the pruning and polarization claims."""
+    return self.resnet if self.cifar else 'lenet5'
+
   def pick(self, values):
     """A sweep's values; under --smoke its first and last only."""
     return [values[0], values[-1]] if self.smoke and len(values) > 2 else list(values)
@@ -146,7 +157,8 @@ def claim_pemn(run: Runner, a):
   ep = a.epochs
   dense_sets = []
   if run.cifar:  # a small ConvMixer (the paper's family); Dense on the same data pipeline
-    model, vit = 'convmixer', ['model_kwargs.dim=128', 'model_kwargs.depth=4',
+    model, vit = 'convmixer', ['model_kwargs.dim=128',
+                               f'model_kwargs.depth={1 if run.smoke else 4}',
                                'model_kwargs.kernel_size=5', 'model_kwargs.patch_size=4']
     dense_sets = ['augment=pemn', 'model_kwargs.use_bias=false']
   else:
@@ -182,7 +194,7 @@ def claim_pemn(run: Runner, a):
 def claim_pruning(run: Runner, a):
   from pemn_jax.export.run import export_run
   ep = a.epochs
-  net = 'resnet20' if run.cifar else 'lenet5'
+  net = run.net
   # CIFAR: the two ends of the range only (one ResNet-20 epoch is ~3 min here).
   ratios, sparsities = (('1e-1,1e-2', '0.9,0.969') if run.cifar else
                         ('1e-1,1e-2,1e-3', '0.9,0.94,0.969'))
@@ -240,7 +252,7 @@ def claim_rpg(run: Runner, a):
   ep = a.epochs
   dofs = run.pick(['0.001', '0.003', '0.01', '0.03', '0.1'])
   if run.cifar:  # ResNet-20 as the reference: stem and classifier ordinary
-    net, gen, small, key = 'resnet20', '', ['4', '8', '16'], 'model_kwargs.width'
+    net, gen, small, key = run.resnet, '', ['4', '8', '16'], 'model_kwargs.width'
   else:
     net, gen, small, key = ('mlp', ',generate=@kernels', ['4x', '32x', '300x100'],
                             'model_kwargs.hidden')
@@ -278,7 +290,7 @@ def claim_rpg(run: Runner, a):
 
 def claim_polarization(run: Runner, a):
   ep = a.epochs
-  net = 'resnet20' if run.cifar else 'lenet5'
+  net = run.net
   dense = run.sweep('polarization_dense', f'configs/dense.py:model={net},dataset={run.dataset},'
                     f'epochs={ep}', [run.seeds])
   pol = run.sweep('polarization', f'configs/polarization.py:model={net},dataset={run.dataset},'

@@ -29,7 +29,7 @@ import time
 
 from pemn_jax import cpu_tuning
 
-cpu_tuning.configure()  # as python -m pemn_jax.main does, before JAX's CPU backend starts
+cpu_tuning.configure()  # before JAX's CPU backend starts (the trainer's main does the same)
 
 import jax  # noqa: E402
 

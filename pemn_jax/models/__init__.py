@@ -32,6 +32,7 @@ from pemn_jax.models.vit import ViT
 REGISTRY = {
     'mlp': MLP,
     'lenet5': LeNet5,
+    'resnet8': functools.partial(cifar_resnet, 8),
     'resnet20': functools.partial(cifar_resnet, 20),
     'resnet32': functools.partial(cifar_resnet, 32),
     'resnet56': functools.partial(cifar_resnet, 56),
@@ -82,7 +83,7 @@ def is_known(name: str) -> bool:
 
 # Registry models whose every hidden layer is followed by batch norm (so the
 # scale of their kernels does not change the function they compute).
-BATCH_NORM = frozenset({'resnet20', 'resnet32', 'resnet56', 'resnet18', 'convmixer',
+BATCH_NORM = frozenset({'resnet8', 'resnet20', 'resnet32', 'resnet56', 'resnet18', 'convmixer',
                         'convmixer_256_6', 'convmixer_256_8'})
 
 

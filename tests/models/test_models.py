@@ -41,7 +41,7 @@ SMALL = {
     'vit': (dict(dim=16, depth=2, num_heads=2, mlp_dim=32), (8, 8, 3)),
 }
 
-FULL = {'mlp': (28, 28, 1), 'lenet5': (28, 28, 1), 'resnet20': (32, 32, 3),
+FULL = {'mlp': (28, 28, 1), 'lenet5': (28, 28, 1), 'resnet8': (32, 32, 3), 'resnet20': (32, 32, 3),
         'resnet32': (32, 32, 3), 'resnet56': (32, 32, 3), 'resnet18': (32, 32, 3),
         'convmixer_256_6': (32, 32, 3), 'convmixer_256_8': (32, 32, 3), 'vit': (32, 32, 3)}
 
