@@ -13,10 +13,12 @@ Workloads (batch 128 of 32x32x3, random data, one optimizer step each):
 
 Both sides run in this process, interleaved one step each per round (so load
 changes hit both alike); medians and interquartile ranges of ``--steps``
-timed steps after ``--warmup``. pemn_jax is timed twice: with its CPU kernel
-gradient (``pemn_jax.ops.conv``, the default) and with XLA's own
-convolution gradients (``PEMN_JAX_CONV=xla``), so the gain of the fast path
-is measured in the same run. PyTorch (CPU build, ``pip install
+timed steps after ``--warmup``. pemn_jax is timed three times: as it runs
+by default (``pemn_jax.ops.conv`` 'auto': oneDNN's convolutions through
+XLA's FFI where ``pip install -e '.[cpu]'`` installed them, see
+``pemn_jax.ops.dnnl_conv``), with its XLA-based kernel gradient
+(``PEMN_JAX_CONV=cpu``) and with XLA's own convolution gradients
+(``PEMN_JAX_CONV=xla``), so each gain is measured in the same run. PyTorch (CPU build, ``pip install
 torch==2.13.0``) is needed by this benchmark only, never by the library.
 
     .venv/bin/python benchmarks/vs_pytorch.py
@@ -46,6 +48,7 @@ import optax  # noqa: E402
 from pemn_jax import models  # noqa: E402
 from pemn_jax import params as P  # noqa: E402
 from pemn_jax.ops import conv as fast_conv  # noqa: E402
+from pemn_jax.ops import dnnl_conv  # noqa: E402
 from pemn_jax.train import create_train_state, make_train_step  # noqa: E402
 
 try:
@@ -238,10 +241,14 @@ def torch_step(name, batch, shape, smoke):
 
 def timed(fns: dict, warmup: int, steps: int) -> dict:
   times = {k: [] for k in fns}
+  names = list(fns)
   for r in range(warmup + steps):
-    for k, f in fns.items():  # interleaved: one step of each per round
+    # interleaved: one step of each per round, the order rotated every round
+    # (what runs right after another framework's step pays for its threads
+    # winding down)
+    for k in names[r % len(names):] + names[:r % len(names)]:
       t0 = time.perf_counter()
-      f()
+      fns[k]()
       if r >= warmup:
         times[k].append(time.perf_counter() - t0)
   return times
@@ -276,7 +283,7 @@ def layer_table(warmup, steps, smoke):
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.1, jnp.float32)
     pad = 'SAME' if k > 1 and k % 2 else 'VALID'
     fns = {}
-    for impl in ('xla', 'cpu'):
+    for impl in ('xla', 'cpu', 'auto'):
       f = jax.jit(jax.grad(lambda x, w, impl=impl, s=s, pad=pad: jnp.sum(
           fast_conv.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=dn,
                                          impl=impl) ** 2), (0, 1)))
@@ -291,9 +298,9 @@ def layer_table(warmup, steps, smoke):
     fns['torch'] = tstep
     t = timed(fns, warmup, steps)
     med = {k_: statistics.median(v) * 1e3 for k_, v in t.items()}
-    rows.append((name, med['xla'], med['cpu'], med['torch']))
-    print(f'| {name} | {med["xla"]:.1f} | {med["cpu"]:.1f} | {med["torch"]:.1f} | '
-          f'{med["cpu"] / med["torch"]:.2f} |', flush=True)
+    rows.append((name, med['xla'], med['cpu'], med['auto'], med['torch']))
+    print(f'| {name} | {med["xla"]:.1f} | {med["cpu"]:.1f} | {med["auto"]:.1f} | '
+          f'{med["torch"]:.1f} | {med["auto"] / med["torch"]:.2f} |', flush=True)
   return rows
 
 
@@ -317,11 +324,13 @@ def main():
     args.batch, args.steps, args.warmup = 8, 1, 1
   shape = (28, 28, 1) if args.smoke else (32, 32, 3)
   tv = f'{torch.__version__} ({torch.get_num_threads()} threads)' if torch else 'absent'
+  dnnl = (f'oneDNN {dnnl_conv.version()}' if dnnl_conv.available() else
+          f'unavailable ({dnnl_conv.unavailable_reason()})')
   print(f'jax {jax.__version__} ({jax.default_backend()}), torch {tv}, batch {args.batch}, '
-        f'{args.steps} timed steps, CPU tuning: {CPU_TUNING}')
+        f'{args.steps} timed steps, CPU tuning: {CPU_TUNING}, oneDNN convolutions: {dnnl}')
   if args.layers and torch is not None:
-    print('| conv layer (batch 128) | XLA fwd+bwd ms | pemn_jax fwd+bwd ms | PyTorch fwd+bwd ms '
-          '| pemn_jax / PyTorch |\n| --- | --- | --- | --- | --- |')
+    print('| conv layer (batch 128) | XLA fwd+bwd ms | pemn_jax XLA-based ms | pemn_jax ms '
+          '| PyTorch ms | pemn_jax / PyTorch |\n| --- | --- | --- | --- | --- | --- |')
     layer_table(args.warmup, args.steps, args.smoke)
   final = []
   for name in args.workloads.split(','):
@@ -329,6 +338,7 @@ def main():
       raise SystemExit(f'unknown workload {name!r}; known: {list(WORKLOADS)}')
     tshape = (32, 32, 3)  # the torch models take CIFAR shapes even in the smoke run
     fns = {'pemn_jax': jax_step(name, 'auto', args.batch, shape, args.smoke),
+           'pemn_jax_cpu': jax_step(name, 'cpu', args.batch, shape, args.smoke),
            'pemn_jax_xla': jax_step(name, 'xla', args.batch, shape, args.smoke),
            'torch': torch_step(name, args.batch, tshape, args.smoke) if torch else None}
     if torch is None:
@@ -337,7 +347,8 @@ def main():
     s = {k: stats(v) for k, v in t.items()}
     for k, (med, lo, hi) in s.items():
       print(f'{name} {k}: median {med:.4f} s, IQR [{lo:.4f}, {hi:.4f}]', flush=True)
-    print(f'{name} XLA-gradient / fast-path: {s["pemn_jax_xla"][0] / s["pemn_jax"][0]:.2f}x')
+    print(f'{name} XLA-gradient / fast-path: {s["pemn_jax_xla"][0] / s["pemn_jax"][0]:.2f}x, '
+          f'XLA-based fast path / fast path: {s["pemn_jax_cpu"][0] / s["pemn_jax"][0]:.2f}x')
     if 'torch' not in s:
       continue
     final.append(f'{name} pemn_jax_s={s["pemn_jax"][0]:.4f} torch_s={s["torch"][0]:.4f} '

@@ -16,15 +16,23 @@ dilation, no feature groups, float32), its gradient is a ``custom_vjp``:
   fresh ``kh * kw``-times larger buffer). Chunks of ~1 MiB of input stay in
   cache and their buffers are reused by the loop.
 
+Where oneDNN is installed (``pip install -e '.[cpu]'``, see
+``pemn_jax.ops.dnnl_conv``) and the process has one CPU device, the k x k
+case is instead oneDNN's forward, input gradient and kernel gradient,
+called through XLA's FFI: about PyTorch's speed (its CPU convolutions are
+oneDNN's). 1x1 kernels stay matrix products (faster than both).
+
 Every other case, and every other backend (GPU/TPU keep XLA's convolutions),
 calls ``lax.conv_general_dilated`` unchanged. The gradients equal XLA's up
-to the order of float additions (``tests/ops/test_conv.py``).
+to the order of float additions (``tests/ops/test_conv.py``,
+``tests/ops/test_dnnl_conv.py``).
 
-``impl``: ``'auto'`` (the fast kernel gradient on CPU), ``'xla'`` (always
-XLA's), ``'cpu'`` (the custom gradient on any backend, for tests). The
-default for calls that name none is ``DEFAULT_IMPL``: the environment
-variable ``PEMN_JAX_CONV`` (e.g. ``PEMN_JAX_CONV=xla`` to compare), else
-``'auto'``; it is read when a step is traced.
+``impl``: ``'auto'`` (on CPU: oneDNN where available on one device, else the
+kernel gradient above), ``'xla'`` (always XLA's), ``'cpu'`` (the XLA-based
+custom gradient on any backend), ``'onednn'`` (oneDNN, an error where it is
+unavailable). The default for calls that name none is ``DEFAULT_IMPL``: the
+environment variable ``PEMN_JAX_CONV`` (e.g. ``PEMN_JAX_CONV=xla`` to
+compare), else ``'auto'``; it is read when a step is traced.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('auto', 'xla', 'cpu')
+from pemn_jax.ops import dnnl_conv
+
+IMPLS = ('auto', 'xla', 'cpu', 'onednn')
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 DEFAULT_IMPL = os.environ.get('PEMN_JAX_CONV', 'auto')
@@ -167,6 +177,16 @@ def fast_path(lhs, rhs, lhs_dilation=None, rhs_dilation=None, dimension_numbers=
           and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape))
 
 
+def _use_onednn(impl: str) -> bool:
+  """oneDNN for a k x k convolution: asked for, or 'auto' on a one-device CPU
+  process where it is available (a custom call is not partitioned by XLA: on
+  a sharded batch it would gather the batch to every device)."""
+  if impl == 'onednn':
+    return True
+  return (impl == 'auto' and jax.default_backend() == 'cpu' and jax.device_count() == 1
+          and dnnl_conv.available())
+
+
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                          feature_group_count: int = 1, batch_group_count: int = 1,
@@ -178,7 +198,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
     lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
     dimension_numbers, feature_group_count, batch_group_count, precision,
     preferred_element_type: as ``lax.conv_general_dilated``.
-    impl: ``'auto'``, ``'xla'`` or ``'cpu'``; None: ``DEFAULT_IMPL`` (see the
+    impl: ``'auto'``, ``'xla'``, ``'cpu'`` or ``'onednn'``; None: ``DEFAULT_IMPL`` (see the
       module docstring).
     out_sharding: as ``lax.conv_general_dilated`` (given: XLA's path).
   Returns:
@@ -192,6 +212,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
     if rhs.shape[:2] == (1, 1) and not any(v for p in pads for v in p):
       return pointwise(lhs, rhs, strides)
     if all(v >= 0 for p in pads for v in p):
+      if _use_onednn(DEFAULT_IMPL if impl is None else impl):
+        return dnnl_conv.conv(lhs, rhs, strides, pads)
       return _conv_nhwc(lhs, rhs, strides, pads)
   kwargs = {} if out_sharding is None else {'out_sharding': out_sharding}
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,

@@ -8,8 +8,13 @@ from flax import linen as nn
 from jax import lax
 
 from pemn_jax.ops import conv as C
+from pemn_jax.ops import dnnl_conv
 
 DN = ('NHWC', 'HWIO', 'NHWC')
+# 'onednn' where its wheels are installed (the test extra installs them; then
+# a failure to build it fails its tests here rather than skipping them)
+IMPLS = ['cpu', pytest.param('onednn', marks=pytest.mark.skipif(
+    not dnnl_conv._installed(), reason="oneDNN is not installed (pip install -e '.[cpu]')"))]
 
 CASES = [  # (N, H, W, Cin, Cout, kh, kw, strides, padding)
     (4, 8, 8, 3, 5, 3, 3, (1, 1), 'SAME'),
@@ -29,22 +34,26 @@ def _loss(conv, x, w, strides, padding, proj):
   return jnp.sum(proj * conv(x, w, strides, padding, dimension_numbers=DN) ** 2) / 3
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case', CASES, ids=str)
-def test_values_and_gradients_equal_xla(case):
+def test_values_and_gradients_equal_xla(case, impl):
   n, h, w_, cin, cout, kh, kw, strides, padding = case
   rng = np.random.default_rng(sum(case[:7]))
   x = jnp.asarray(rng.standard_normal((n, h, w_, cin)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)), jnp.float32)
-  assert C.fast_path(x, w, dimension_numbers=DN, impl='cpu')
+  assert C.fast_path(x, w, dimension_numbers=DN, impl=impl)
   ours = jax.jit(lambda x, w: C.conv_general_dilated(x, w, strides, padding,
-                                                     dimension_numbers=DN, impl='cpu'))
+                                                     dimension_numbers=DN, impl=impl))
   ref = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
-  if (kh, kw) == (1, 1):
-    np.testing.assert_allclose(ours(x, w), ref, rtol=1e-5, atol=1e-5)  # a matrix product
+  if (kh, kw) == (1, 1) or impl == 'onednn':  # a matrix product / oneDNN's sums
+    np.testing.assert_allclose(ours(x, w), ref, rtol=1e-5, atol=1e-5 * float(jnp.max(abs(ref))))
   else:
     np.testing.assert_array_equal(ours(x, w), ref)  # the forward is XLA's
+  hlo = ours.lower(x, w).as_text()
+  pointwise = (kh, kw) == (1, 1) and (isinstance(padding, str) or not np.any(padding))
+  assert ('PemnDnnlConvFwd' in hlo) == (impl == 'onednn' and not pointwise)
   proj = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
-  f = lambda *a, **k: C.conv_general_dilated(*a, **k, impl='cpu')  # noqa: E731
+  f = lambda *a, **k: C.conv_general_dilated(*a, **k, impl=impl)  # noqa: E731
   g_ours = jax.jit(jax.grad(lambda x, w: _loss(f, x, w, strides, padding, proj), (0, 1)))(x, w)
   g_ref = jax.grad(lambda x, w: _loss(lax.conv_general_dilated, x, w, strides, padding, proj),
                    (0, 1))(x, w)
@@ -102,13 +111,14 @@ def test_other_convolutions_take_xla_path():
       x, w, (1, 1), 'SAME', rhs_dilation=(2, 2), dimension_numbers=DN))
 
 
-def test_flax_conv_with_the_drop_in_matches_and_vmaps():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_flax_conv_with_the_drop_in_matches_and_vmaps(impl):
   """nn.Conv(conv_general_dilated=...) gives nn.Conv's values and gradients,
   also under vmap (ablations stack states)."""
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((4, 9, 9, 3)), jnp.float32)
   fast = nn.Conv(6, (3, 3), (2, 2), padding=1,
-                 conv_general_dilated=lambda *a, **k: C.conv_general_dilated(*a, **k, impl='cpu'))
+                 conv_general_dilated=lambda *a, **k: C.conv_general_dilated(*a, **k, impl=impl))
   plain = nn.Conv(6, (3, 3), (2, 2), padding=1)
   params = jax.vmap(lambda k: plain.init(k, x))(jax.random.split(jax.random.key(0), 3))
   loss = lambda m: lambda p: jnp.sum(jnp.tanh(m.apply(p, x)))  # noqa: E731

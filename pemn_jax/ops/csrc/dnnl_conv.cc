@@ -1,0 +1,194 @@
+// oneDNN 2-D convolutions (NHWC input, HWIO kernel, float32) as XLA FFI handlers:
+// forward, input gradient (backward data) and kernel gradient (backward weights).
+// Built and loaded by pemn_jax/ops/dnnl_conv.py; see its docstring.
+//
+// Each handler takes (a, b) buffers and writes one result; the attributes are the
+// strides and the explicit padding (top, bottom, left, right). Primitives are built
+// once per geometry and kept; every execution gets its own scratchpad (user mode), so
+// concurrent executions of one primitive (XLA may run independent thunks at once)
+// share nothing mutable.
+
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+struct Prims {
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_d_pd;
+  dnnl::convolution_backward_data bwd_d;
+  dnnl::convolution_backward_weights::primitive_desc bwd_w_pd;
+  dnnl::convolution_backward_weights bwd_w;
+  memory::desc x_md, w_md, y_md;  // the callers' layouts: NHWC, HWIO, NHWC
+};
+
+std::mutex cache_mu;
+std::map<Key, std::shared_ptr<Prims>> cache;
+
+// x: (n, h, w, c); kernel (kh, kw, c, k); y: (n, oh, ow, k).
+std::shared_ptr<Prims> Get(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                           ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
+                           int64_t pb, int64_t pl, int64_t pr) {
+  Key key{x[0], x[1], x[2], x[3], w[0], w[1], w[3], sh, sw, pt, pb, pl, pr};
+  std::lock_guard<std::mutex> lock(cache_mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto& eng = Engine();
+  auto p = std::make_shared<Prims>();
+  p->x_md = memory::desc({x[0], x[3], x[1], x[2]}, dt::f32, tag::nhwc);
+  p->y_md = memory::desc({y[0], y[3], y[1], y[2]}, dt::f32, tag::nhwc);
+  p->w_md = memory::desc({w[3], w[2], w[0], w[1]}, dt::f32, tag::hwio);
+  memory::desc w_any({w[3], w[2], w[0], w[1]}, dt::f32, tag::any);
+  memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  p->fwd_pd = dnnl::convolution_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, p->x_md,
+      w_any, p->y_md, strides, pad_l, pad_r, attr);
+  p->fwd = dnnl::convolution_forward(p->fwd_pd);
+  p->bwd_d_pd = dnnl::convolution_backward_data::primitive_desc(
+      eng, dnnl::algorithm::convolution_direct, p->x_md, w_any, p->y_md, strides, pad_l, pad_r,
+      p->fwd_pd, attr);
+  p->bwd_d = dnnl::convolution_backward_data(p->bwd_d_pd);
+  p->bwd_w_pd = dnnl::convolution_backward_weights::primitive_desc(
+      eng, dnnl::algorithm::convolution_direct, p->x_md, w_any, p->y_md, strides, pad_l, pad_r,
+      p->fwd_pd, attr);
+  p->bwd_w = dnnl::convolution_backward_weights(p->bwd_w_pd);
+  cache[key] = p;
+  return p;
+}
+
+// A scratchpad of the size the primitive asks for, owned by the caller.
+struct Scratch {
+  std::vector<char> bytes;
+  memory mem;
+  explicit Scratch(const memory::desc& md)
+      : bytes(md.get_size() + 64), mem(md, Engine(), Aligned()) {}
+  void* Aligned() {
+    auto a = reinterpret_cast<std::uintptr_t>(bytes.data());
+    return reinterpret_cast<void*>((a + 63) & ~std::uintptr_t(63));
+  }
+};
+
+// The kernel in the layout the primitive wants (reordered from HWIO if it differs).
+memory KernelIn(const memory::desc& want, const memory& plain, dnnl::stream& s) {
+  if (want == plain.get_desc()) return plain;
+  memory other(want, Engine());
+  dnnl::reorder(plain, other).execute(s, const_cast<memory&>(plain), other);
+  return other;
+}
+
+template <typename F>
+ffi::Error Guard(F f) {
+  try {
+    f();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("pemn_jax dnnl_conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+static ffi::Error FwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                          int64_t pb, int64_t pl, int64_t pr) {
+  return Guard([&] {
+    auto p = Get(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+    auto& eng = Engine();
+    dnnl::stream s(eng);
+    memory xm(p->x_md, eng, x.typed_data()), ym(p->y_md, eng, y->typed_data());
+    memory wm = KernelIn(p->fwd_pd.weights_desc(), memory(p->w_md, eng, w.typed_data()), s);
+    Scratch scratch(p->fwd_pd.scratchpad_desc());
+    p->fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
+                       {DNNL_ARG_SCRATCHPAD, scratch.mem}});
+    s.wait();
+  });
+}
+
+static ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                              ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
+                              int64_t pb, int64_t pl, int64_t pr) {
+  return Guard([&] {
+    auto p = Get(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+    auto& eng = Engine();
+    dnnl::stream s(eng);
+    memory dym(p->y_md, eng, dy.typed_data()), dxm(p->x_md, eng, dx->typed_data());
+    memory wm = KernelIn(p->bwd_d_pd.weights_desc(), memory(p->w_md, eng, w.typed_data()), s);
+    Scratch scratch(p->bwd_d_pd.scratchpad_desc());
+    p->bwd_d.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm},
+                         {DNNL_ARG_DIFF_SRC, dxm}, {DNNL_ARG_SCRATCHPAD, scratch.mem}});
+    s.wait();
+  });
+}
+
+static ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                 ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
+                                 int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Guard([&] {
+    auto p = Get(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+    auto& eng = Engine();
+    dnnl::stream s(eng);
+    memory xm(p->x_md, eng, x.typed_data()), dym(p->y_md, eng, dy.typed_data());
+    memory dwplain(p->w_md, eng, dw->typed_data());
+    auto want = p->bwd_w_pd.diff_weights_desc();
+    bool same = want == p->w_md;
+    memory dwm = same ? dwplain : memory(want, eng);
+    Scratch scratch(p->bwd_w_pd.scratchpad_desc());
+    p->bwd_w.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
+                         {DNNL_ARG_DIFF_WEIGHTS, dwm}, {DNNL_ARG_SCRATCHPAD, scratch.mem}});
+    if (!same) dnnl::reorder(dwm, dwplain).execute(s, dwm, dwplain);
+    s.wait();
+  });
+}
+
+#define PEMN_BIND                                                                    \
+  ffi::Ffi::Bind()                                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                  \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                  \
+      .Attr<int64_t>("sh")                                                           \
+      .Attr<int64_t>("sw")                                                           \
+      .Attr<int64_t>("pt")                                                           \
+      .Attr<int64_t>("pb")                                                           \
+      .Attr<int64_t>("pl")                                                           \
+      .Attr<int64_t>("pr")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDnnlConvFwd, FwdImpl, PEMN_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDnnlConvBwdData, BwdDataImpl, PEMN_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDnnlConvBwdWeights, BwdWeightsImpl, PEMN_BIND);
+
+// The oneDNN version the library was built against, for diagnostics.
+extern "C" const char* PemnDnnlVersion() {
+  static std::string v = [] {
+    auto* ver = dnnl_version();
+    return std::to_string(ver->major) + "." + std::to_string(ver->minor) + "." +
+           std::to_string(ver->patch);
+  }();
+  return v.c_str();
+}

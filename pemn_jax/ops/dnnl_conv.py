@@ -1,0 +1,239 @@
+"""oneDNN convolutions on XLA:CPU, called through XLA's FFI.
+
+XLA:CPU's convolutions (Eigen) run at 1.4-3x the time of oneDNN's (PyTorch's
+CPU convolutions) on the ResNet shapes; this module calls oneDNN itself for
+the plain 2-D case (NHWC input, HWIO kernel, float32, explicit non-negative
+padding): forward, input gradient and kernel gradient, as a ``custom_vjp``
+whose three parts are XLA FFI custom calls (``csrc/dnnl_conv.cc``).
+
+It is optional. It needs oneDNN's CPU build and headers, installed by
+``pip install -e '.[cpu]'`` (the ``onednn-cpu-gomp`` and
+``onednn-devel-cpu-gomp`` wheels, Linux x86-64), and a C++17 compiler
+(``$CXX``, else ``g++``): on first use the handlers are compiled against
+JAX's FFI headers into ``$PEMN_JAX_CACHE_DIR`` (default
+``~/.cache/pemn_jax``), keyed by the source, jaxlib and oneDNN versions, and
+reused after. Without them ``available()`` is False, says why
+(``unavailable_reason()``), and ``pemn_jax.ops.conv`` keeps its XLA-based
+path. Check a machine with:
+
+    python -m pemn_jax.ops.dnnl_conv
+
+``pemn_jax.ops.conv`` uses it (``impl='auto'``) on the CPU backend when this
+process has a single device: XLA cannot partition a custom call, so on a
+sharded batch it would gather the whole batch to every device first.
+Results equal XLA's convolutions up to the order of float additions
+(``tests/ops/test_dnnl_conv.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name('csrc') / 'dnnl_conv.cc'
+RUNTIME, HEADERS = 'onednn-cpu-gomp', 'onednn-devel-cpu-gomp'
+TARGETS = {'fwd': 'PemnDnnlConvFwd', 'bwd_data': 'PemnDnnlConvBwdData',
+           'bwd_weights': 'PemnDnnlConvBwdWeights'}
+
+
+class Unavailable(RuntimeError):
+  """oneDNN convolutions cannot be used here (the message says why)."""
+
+
+def _dist_file(dist: str, suffix: str) -> Path:
+  try:
+    files = importlib.metadata.distribution(dist).files or []
+  except importlib.metadata.PackageNotFoundError:
+    raise Unavailable(f"the {dist} package is not installed (pip install -e '.[cpu]')") from None
+  for f in files:
+    if str(f).endswith(suffix):
+      return Path(f.locate()).resolve()
+  raise Unavailable(f'the {dist} package has no file ending in {suffix}')
+
+
+def cache_dir() -> Path:
+  """Where compiled handlers are kept: ``$PEMN_JAX_CACHE_DIR``, else
+  ``~/.cache/pemn_jax``."""
+  return Path(os.environ.get('PEMN_JAX_CACHE_DIR') or Path.home() / '.cache' / 'pemn_jax')
+
+
+def build() -> Path:
+  """The compiled handler library, compiled first if not cached.
+
+  Returns:
+    Its path.
+  Raises:
+    Unavailable: oneDNN, its headers or a compiler is missing, or the
+      compilation failed (the compiler's message included).
+  """
+  if not sys.platform.startswith('linux'):
+    raise Unavailable(f'built for Linux only (this is {sys.platform})')
+  lib = _dist_file(RUNTIME, 'libdnnl.so.3')
+  header = _dist_file(HEADERS, 'include/dnnl.hpp')
+  cxx = shutil.which(os.environ.get('CXX', 'g++'))
+  if cxx is None:
+    raise Unavailable(f'no C++ compiler ({os.environ.get("CXX", "g++")}) on PATH')
+  ffi_include = Path(jax.ffi.include_dir())
+  import jaxlib
+  key = hashlib.sha256(b'\0'.join([
+      SOURCE.read_bytes(), jaxlib.__version__.encode(), str(lib).encode(),
+      str(lib.stat().st_size).encode(), cxx.encode()])).hexdigest()[:16]
+  out = cache_dir() / 'ffi' / f'libpemn_dnnl_conv-{key}.so'
+  if out.exists():
+    return out
+  # compiled under a temporary name, then renamed: processes building at once
+  # each write their own file and the last rename wins (they are identical)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
+    os.close(fd)
+  except OSError as e:
+    raise Unavailable(f'cannot write the compiled handlers to {out.parent} ({e}); set '
+                      'PEMN_JAX_CACHE_DIR to a writable directory') from None
+  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', str(SOURCE), '-o', tmp,
+         f'-I{ffi_include}', f'-I{header.parent}', f'-L{lib.parent}', '-l:libdnnl.so.3',
+         f'-Wl,-rpath,{lib.parent}']
+  try:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if p.returncode:
+      raise Unavailable(f'compiling {SOURCE.name} failed ({" ".join(cmd)}):\n{p.stderr[-2000:]}')
+    os.replace(tmp, out)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    raise Unavailable(f'compiling {SOURCE.name} failed: {e}') from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+  try:
+    path = build()
+    # oneDNN's OpenMP threads sleep, not spin, between calls: spinning, they
+    # take the cores from XLA's own threads running the ops in between (and
+    # from another OpenMP runtime in the process, e.g. PyTorch's). Read once,
+    # when libgomp loads; a value the user set is kept.
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    try:
+      lib = ctypes.CDLL(str(path))
+    except OSError as e:
+      raise Unavailable(f'loading {path} failed: {e}') from None
+    for name in TARGETS.values():
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
+    lib.PemnDnnlVersion.restype = ctypes.c_char_p
+    return lib, ''
+  except Unavailable as e:
+    if _installed():  # installed but unusable: worth one warning (not installed: an option off)
+      warnings.warn(f'pemn_jax: oneDNN convolutions are installed but unusable ({e}); '
+                    'convolutions use the XLA-based path', RuntimeWarning, stacklevel=3)
+    return None, str(e)
+
+
+def _installed() -> bool:
+  try:
+    importlib.metadata.distribution(HEADERS)
+    importlib.metadata.distribution(RUNTIME)
+    return True
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
+def available() -> bool:
+  """Whether oneDNN convolutions can run here (builds them on the first call)."""
+  return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+  """'' when available, else why not."""
+  return _load()[1]
+
+
+def version() -> str:
+  """The oneDNN version the handlers run on ('' when unavailable)."""
+  lib, _ = _load()
+  return lib.PemnDnnlVersion().decode() if lib is not None else ''
+
+
+def _call(target: str, shape, a, b, strides, pads):
+  (pt, pb), (pl, pr) = pads
+  fn = jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
+                        vmap_method='sequential')
+  i64 = np.int64
+  return fn(a, b, sh=i64(strides[0]), sw=i64(strides[1]), pt=i64(pt), pb=i64(pb), pl=i64(pl),
+            pr=i64(pr))
+
+
+def out_shape(x_shape, w_shape, strides, pads) -> tuple[int, int, int, int]:
+  n, h, w, _ = x_shape
+  kh, kw, _, k = w_shape
+  return (n, (h + sum(pads[0]) - kh) // strides[0] + 1,
+          (w + sum(pads[1]) - kw) // strides[1] + 1, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]):
+  """A 2-D convolution by oneDNN: ``lax.conv_general_dilated(x, w, strides,
+  pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))``.
+
+  Args:
+    x: (N, H, W, C) float32.
+    w: (kh, kw, C, K) float32.
+    strides: (sh, sw).
+    pads: ((top, bottom), (left, right)), each >= 0.
+  Returns:
+    (N, Ho, Wo, K) float32; differentiable (reverse mode) in ``x`` and ``w``.
+  Raises:
+    Unavailable: when ``available()`` is False.
+  """
+  return _forward(x, w, strides, pads)
+
+
+def _forward(x, w, strides, pads):
+  if not available():
+    raise Unavailable(f'oneDNN convolutions are unavailable: {unavailable_reason()}')
+  if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    raise TypeError(f'dnnl_conv.conv takes float32, got {x.dtype} and {w.dtype}')
+  if any(p < 0 for pp in pads for p in pp):
+    raise ValueError(f'dnnl_conv.conv takes non-negative padding, got {pads}')
+  return _call('fwd', out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads)
+
+
+def _conv_fwd(x, w, strides, pads):
+  return _forward(x, w, strides, pads), (x, w)
+
+
+def _conv_bwd(strides, pads, res, g):
+  x, w = res
+  dx = _call('bwd_data', x.shape, g, w, strides, pads)
+  dw = _call('bwd_weights', w.shape, x, g, strides, pads)
+  return dx, dw
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def main():
+  ok = available()
+  if ok:
+    print(f'oneDNN convolutions: available (oneDNN {version()}, {build()})')
+  else:
+    print(f'oneDNN convolutions: unavailable: {unavailable_reason()}')
+  return 0 if ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
