@@ -126,6 +126,26 @@ def image_rng(seed: int, step: int, position: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), 1 << 20, int(step), int(position)])
 
 
+def _crop_flip(images, ops, seed, step, positions):
+  """Crop and/or flip only: each image's draws as ``augment_uint8`` makes
+  them, then the whole batch in one gather."""
+  n, h, w, _ = images.shape
+  positions = list(positions)
+  if len(positions) != n:
+    raise ValueError(f'{n} images but {len(positions)} positions')
+  dy, dx, flip = np.zeros(n, np.intp), np.zeros(n, np.intp), np.zeros(n, bool)
+  for k, pos in enumerate(positions):
+    rng = image_rng(seed, step, pos)
+    if 'crop' in ops:
+      dy[k], dx[k] = rng.integers(0, 9, size=2)
+    if 'flip' in ops:
+      flip[k] = rng.random() < 0.5
+  src = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0))) if 'crop' in ops else images
+  rows = dy[:, None] + np.arange(h)                             # (n, h)
+  cols = dx[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))  # (n, w)
+  return src[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 def augment_uint8(images: np.ndarray, ops, seed: int, step: int, positions,
                   options=None) -> np.ndarray:
   """The uint8 ops (everything but ``erase``) on a batch (N, H, W, C).
@@ -141,6 +161,8 @@ def augment_uint8(images: np.ndarray, ops, seed: int, step: int, positions,
   """
   o = {**DEFAULTS, **(options or {})}
   h, w, ch = images.shape[1:]
+  if set(ops) <= {'crop', 'flip'}:
+    return _crop_flip(images, ops, seed, step, positions)
   out = np.empty_like(images)
   if 'crop' in ops:  # padded once for the batch (per image: 40% of a crop+flip batch's time)
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))

@@ -69,8 +69,13 @@ class Pipeline:
     return slice(lo, lo + self.local_batch)
 
   def _normalize(self, images):
-    x = images.astype(np.float32) / 255.0
-    return (x - self.ds.mean) / self.ds.std
+    # (x / 255 - mean) / std in float32, in place: the same bits as the
+    # expression, a third of the time (no temporaries)
+    x = images.astype(np.float32)
+    x /= np.float32(255.0)
+    x -= self.ds.mean
+    x /= self.ds.std
+    return x
 
   def order(self, epoch: int) -> np.ndarray:
     """The examples of ``epoch`` in visiting order (the last epoch's is kept:

@@ -80,6 +80,23 @@ def test_flip_and_crop():
                for dy in range(9) for dx in range(9))
 
 
+def test_crop_then_flip_follows_each_images_draws():
+  """The draws are (dy, dx) then the flip coin, from the image's own
+  generator: the batch is what one image at a time gives (kept across
+  versions, so augmented runs see the same batches)."""
+  batch = np.stack([_img(i) for i in range(20)])[:, :, :30]  # non-square
+  out = aug.augment_uint8(batch, ('crop', 'flip'), 3, 11, range(5, 25))
+  for k, x in enumerate(batch):
+    rng = aug.image_rng(3, 11, 5 + k)
+    dy, dx = rng.integers(0, 9, size=2)
+    want = np.pad(x, ((4, 4), (4, 4), (0, 0)))[dy:dy + 32, dx:dx + 30]
+    if rng.random() < 0.5:
+      want = want[:, ::-1]
+    np.testing.assert_array_equal(out[k], want)
+  with pytest.raises(ValueError, match='20 images but 3 positions'):
+    aug.augment_uint8(batch, ('crop', 'flip'), 3, 11, range(3))
+
+
 def test_random_erasing_matches_its_definition():
   x = np.ones((400, 32, 32, 3), np.float32)
   out = aug.erase(x.copy(), seed=0, step=0, positions=range(400), p=0.25)
