@@ -126,6 +126,14 @@ def image_rng(seed: int, step: int, position: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), 1 << 20, int(step), int(position)])
 
 
+def _crop_flip_draws(rng, ops) -> tuple[int, int, bool]:
+  """An image's crop offsets, then its flip coin, drawn first from its
+  generator (in this order: the batches of augmented runs depend on it)."""
+  dy, dx = rng.integers(0, 9, size=2) if 'crop' in ops else (0, 0)
+  flip = 'flip' in ops and rng.random() < 0.5
+  return int(dy), int(dx), bool(flip)
+
+
 def _crop_flip(images, ops, seed, step, positions):
   """Crop and/or flip only: each image's draws as ``augment_uint8`` makes
   them, then the whole batch in one gather."""
@@ -135,11 +143,7 @@ def _crop_flip(images, ops, seed, step, positions):
     raise ValueError(f'{n} images but {len(positions)} positions')
   dy, dx, flip = np.zeros(n, np.intp), np.zeros(n, np.intp), np.zeros(n, bool)
   for k, pos in enumerate(positions):
-    rng = image_rng(seed, step, pos)
-    if 'crop' in ops:
-      dy[k], dx[k] = rng.integers(0, 9, size=2)
-    if 'flip' in ops:
-      flip[k] = rng.random() < 0.5
+    dy[k], dx[k], flip[k] = _crop_flip_draws(image_rng(seed, step, pos), ops)
   src = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0))) if 'crop' in ops else images
   rows = dy[:, None] + np.arange(h)                             # (n, h)
   cols = dx[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))  # (n, w)
@@ -168,10 +172,10 @@ def augment_uint8(images: np.ndarray, ops, seed: int, step: int, positions,
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
   for k, (img, pos) in enumerate(zip(images, positions, strict=True)):
     rng = image_rng(seed, step, pos)
+    dy, dx, flip = _crop_flip_draws(rng, ops)
     if 'crop' in ops:
-      dy, dx = rng.integers(0, 9, size=2)
       img = padded[k, dy:dy + h, dx:dx + w]
-    if 'flip' in ops and rng.random() < 0.5:
+    if flip:
       img = img[:, ::-1]
     if 'randaugment' in ops or 'jitter' in ops:
       pil = _to_pil(np.ascontiguousarray(img))

@@ -3,9 +3,10 @@
 The trainer dispatches a step asynchronously and would then build the next
 batch on the Python thread; ``Prefetcher`` builds batches ``depth`` steps
 ahead on one background thread instead (reading, augmenting, normalizing
-and placing them on the devices: numpy and the transfers release the GIL),
-so the step, not Python, bounds the throughput. Batches come out in step
-order, each exactly ``fn(step)``: what the trainer computes is unchanged.
+and placing them on the devices), so building a batch overlaps the step
+wherever spare cores exist (on 2 cores it gains little: see
+docs/cpu_speed.md). Batches come out in step order, each exactly
+``fn(step)``: what the trainer computes is unchanged.
 """
 
 from __future__ import annotations
