@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from pemn_jax import cpu_tuning  # noqa: E402
+from pemn_jax.kernels import cpu_tuning  # noqa: E402
 
 cpu_tuning.configure()
 
@@ -69,7 +69,7 @@ def main(argv=None):
     from pemn_jax.data import sources
     c = variants[0].config
     for split in ('train', 'test'):
-      sources.load(c.dataset, split, c.data_dir or None, c.source_dir or None)
+      sources.load(c.dataset, split, c.data_dir, c.source_dir)
     t0 = time.time()
     swept = run_sweep(args.config, sweeps, os.path.join(tmp, 'sweep'), say=lambda m: None,
                       plots=False, overrides=sets)

@@ -49,7 +49,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from pemn_jax import cpu_tuning  # noqa: E402
+from pemn_jax.kernels import cpu_tuning  # noqa: E402
 
 cpu_tuning.configure()
 
@@ -192,7 +192,7 @@ def claim_pemn(run: Runner, a):
 
 
 def claim_pruning(run: Runner, a):
-  from pemn_jax.export.run import export_run
+  from pemn_jax.export.model_file import export_run
   ep = a.epochs
   net = run.net
   # CIFAR: the two ends of the range only (one ResNet-20 epoch is ~3 min here).
@@ -326,7 +326,7 @@ def last_metric(run_dir, name):
 
 def claim_de(run: Runner, a):
   from pemn_jax.evaluate import evaluate_artifact
-  from pemn_jax.evolve.run import evolve
+  from pemn_jax.evolve.compress import evolve
   ep = a.epochs
   teachers = run.sweep('de_teachers', f'configs/dense.py:model=mlp,dataset={run.dataset},'
                        f'epochs={ep}', [run.seeds])

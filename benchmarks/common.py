@@ -6,7 +6,7 @@ import os
 import time
 
 from pemn_jax.evaluate import evaluate_artifact
-from pemn_jax.export.run import export_run
+from pemn_jax.export.model_file import export_run
 from pemn_jax.train.loop import train_and_evaluate
 
 
@@ -22,8 +22,8 @@ def train_export_evaluate(config, tmp: str, name: str, float_codecs=('f32',)) ->
   for codec in float_codecs:
     path = os.path.join(tmp, f'{name}.{codec}.pemn')
     exp = export_run(wd, path, float_codec=codec, params_dir=None)
-    ev = evaluate_artifact(path, config.dataset, config.data_dir or None,
-                           config.source_dir or None)
+    ev = evaluate_artifact(path, config.dataset, config.data_dir,
+                           config.source_dir)
     size = os.path.getsize(path)
     rows.append({'method': name, 'float_codec': codec, 'num_params': exp['num_params'],
                  'compression': 4 * exp['num_params'] / size, 'file_bytes': size,

@@ -52,11 +52,12 @@ def population_speed(workdir, population, reps, calibration):
   from pemn_jax.data import sources
   from pemn_jax.data.pipeline import Pipeline
   from pemn_jax.evolve.search import Evolution
-  from pemn_jax.export.run import load_run
-  from pemn_jax.params.base import flatten
-  config, _, model, param, ts = load_run(workdir)
-  teacher = jax.jit(param.materialize)(ts.state, ts.seed)
-  ds = sources.load(config.dataset, 'train', config.data_dir or None)
+  from pemn_jax.pytrees import flatten
+  from pemn_jax.train.run import restore
+  run = restore(workdir)
+  config, model, param, ts = run.config, run.model, run.param, run.train_state
+  teacher = run.params()
+  ds = sources.load(config.dataset, 'train', config.data_dir)
   images = jnp.asarray(Pipeline(ds, calibration, 0).batch(0)[0])
   evo = Evolution(model, ts.model_state, images, teacher, population)
   out = {}
@@ -96,7 +97,7 @@ def main():
   ap.add_argument('--smoke', action='store_true', help='tiny teacher, tiny search at 50%% sparsity')
   args = ap.parse_args()
   from pemn_jax.evaluate import evaluate_artifact
-  from pemn_jax.evolve.run import evolve, test_accuracy
+  from pemn_jax.evolve.compress import evolve, test_accuracy
   from pemn_jax.train.loop import train_and_evaluate
   if args.smoke:
     args.datasets, args.reps, args.sparsity = args.datasets[:1], 1, 0.5

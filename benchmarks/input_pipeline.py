@@ -27,14 +27,15 @@ import statistics
 import tempfile
 import time
 
-from pemn_jax import cpu_tuning
+from pemn_jax.kernels import cpu_tuning
 
 cpu_tuning.configure()  # before JAX's CPU backend starts (the trainer's main does the same)
 
 import jax  # noqa: E402
 
 from pemn_jax.config import base_config  # noqa: E402
-from pemn_jax.train.loop import setup, train_and_evaluate  # noqa: E402
+from pemn_jax.train.loop import train_and_evaluate  # noqa: E402
+from pemn_jax.train.run import Run  # noqa: E402
 from pemn_jax.train.step import make_train_step  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def config_for(name: str, steps: int, log_every: int, prefetch: int, smoke: bool
 
 def step_alone(config, steps: int) -> float:
   """Images/s of the jitted train step on one device-resident batch."""
-  run = setup(config)
+  run = Run.build(config)
   ts = jax.jit(lambda k: run.init_state(k, config.seed))(jax.random.key(config.seed))
   step = jax.jit(make_train_step(run.model, run.param, run.tx, run.layout.materialize),
                  donate_argnums=0)

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from pemn_jax import models
-from pemn_jax import params as P
+from pemn_jax import params as param_lib
 from pemn_jax.train import create_train_state, make_train_step
 
 METHODS = {
@@ -70,7 +70,7 @@ def main():
     labels = jnp.arange(args.batch) % 10
     runs = {}
     for m in methods:
-      param = P.build(METHODS[m], target)
+      param = param_lib.build(METHODS[m], target)
       tx = optax.adamw(1e-3, weight_decay=5e-4)
       ts = create_train_state(param, tx, jax.random.key(0), models.init_model_state(model, shape))
       step = jax.jit(make_train_step(model, param, tx), donate_argnums=0)

@@ -53,16 +53,18 @@ def make_config(module, arg, args, epochs):
 
 def run_one(dataset, model_name, args, tmp):
   from pemn_jax.evaluate import evaluate_artifact
-  from pemn_jax.export.run import export_run, load, load_run
+  from pemn_jax.export.model_file import export_run, load
   from pemn_jax.train.loop import train_and_evaluate
+  from pemn_jax.train.run import restore
   epochs = args.epochs if dataset != 'cifar10' else args.cifar_epochs
   base = f'model={model_name},dataset={dataset}'
   dense_wd = os.path.join(tmp, f'{dataset}_{model_name}_dense')
   t0 = time.time()
   dense = train_and_evaluate(make_config('dense', base, args, epochs), dense_wd)
   dense_s = time.time() - t0
-  _, meta, dmodel, dparam, dts = load_run(dense_wd)
-  shape = tuple(meta['input_shape'])
+  dense_run = restore(dense_wd)
+  dmodel, dparam, dts = dense_run.model, dense_run.param, dense_run.train_state
+  shape = dense_run.input_shape
   dparams = dparam.materialize(dts.state, dts.seed)
   dense_flops = forward_flops(dmodel, dparams, dts.model_state, shape)
   rows = []
@@ -80,7 +82,7 @@ def run_one(dataset, model_name, args, tmp):
     _, smodel, sparams, sstate = load(path)
     import jax
 
-    from pemn_jax.params.base import flatten
+    from pemn_jax.pytrees import flatten
     n_sliced = sum(x.size for x in jax.tree.leaves(sparams))
     kernels = lambda tree: sum(v.size for k, v in flatten(tree).items()  # noqa: E731
                                if k.endswith('kernel'))

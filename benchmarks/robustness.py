@@ -64,8 +64,8 @@ def final_state(workdir):
   import jax
   import numpy as np
 
-  from pemn_jax.export.run import load_run
-  ts = load_run(workdir)[-1]
+  from pemn_jax.train.run import restore
+  ts = restore(workdir).train_state
   return [np.asarray(x) for x in jax.tree.leaves(ts.state)]
 
 
@@ -79,7 +79,7 @@ def model_files(n, tmp, rng):
   import numpy as np
 
   from pemn_jax.export import artifact
-  from pemn_jax.export.run import export_run, load
+  from pemn_jax.export.model_file import export_run, load
   from pemn_jax.train.loop import train_and_evaluate
   wd = os.path.join(tmp, 'mf')
   train_and_evaluate(config(8), wd)
@@ -219,7 +219,7 @@ BAD = [('seed', 2**40), ('seed', -3), ('optimizer.lr', float('inf')), ('optimize
        ('optimizer.momentum', 1.0), ('optimizer.name', 'rmsprop'), ('optimizer.schedule', 'step'),
        ('optimizer.decay_epochs', -1.0), ('optimizer.warmup_steps', -5),
        ('optimizer.grad_clip', float('inf')), ('batch_size', 0), ('batch_size', -32),
-       ('eval_batch_size', 0), ('num_steps', -1), ('num_epochs', 0.0),
+       ('eval_batch_size', 0), ('num_steps', -1), ('num_steps', 0), ('num_epochs', 0.0),
        ('num_epochs', float('inf')), ('train_limit', 5), ('test_limit', -1), ('log_every', 0),
        ('checkpoint_every', 0), ('keep_checkpoints', 0), ('dataset', 'svhn'),
        ('model', 'alexnet'), ('augment', 'cutmix'), ('augment_options.erase', 1.5),

@@ -56,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from pemn_jax import models  # noqa: E402
-from pemn_jax import params as P  # noqa: E402
+from pemn_jax import params as param_lib  # noqa: E402
 from pemn_jax.train.optim import make_optimizer  # noqa: E402
 from pemn_jax.train.sharding import Layout, bytes_per_device, make_mesh  # noqa: E402
 from pemn_jax.train.step import create_train_state, make_train_step  # noqa: E402
@@ -70,12 +70,12 @@ METHODS = {
              'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 1e-3}},
 }
 LAYOUTS = {
-    'replicated': dict(mesh={'data': -1, 'fsdp': 1}, state='replicate', params='replicate',
+    'replicated': dict(mesh={'data': -1, 'fsdp': 1}, state='replicated', params='replicated',
                        generate='replicated'),
     'fsdp': dict(mesh={'data': 1, 'fsdp': -1}, state='fsdp', params='fsdp', generate='sharded'),
     # Data parallel, replicated state, but per-device generation: what generation alone saves.
-    'replicated_state_sharded_gen': dict(mesh={'data': -1, 'fsdp': 1}, state='replicate',
-                                         params='replicate', generate='sharded'),
+    'replicated_state_sharded_gen': dict(mesh={'data': -1, 'fsdp': 1}, state='replicated',
+                                         params='replicated', generate='sharded'),
     # FSDP state, but every weight generated on every device: what generation adds to FSDP.
     'fsdp_replicated_gen': dict(mesh={'data': 1, 'fsdp': -1}, state='fsdp', params='fsdp',
                                 generate='replicated'),
@@ -86,7 +86,7 @@ DEFAULT_LAYOUTS = 'replicated,fsdp'
 def compiled_memory(model, spec, layout_name, n, batch, image_shape):
   """(persistent, peak, N): bytes per device of the compiled train step."""
   target = models.abstract_params(model, image_shape)
-  param = P.build(spec, target, model=model, total_steps=1000)
+  param = param_lib.build(spec, target, model=model, total_steps=1000)
   opt = {'name': 'adamw', 'lr': 1e-3, 'weight_decay': 0.0, 'momentum': 0.9, 'nesterov': False,
          'schedule': 'cosine', 'warmup_steps': 0, 'grad_clip': 0.0, 'decay_epochs': 0.0}
   tx, _ = make_optimizer(ml_collections.ConfigDict(opt), 1000, 100)

@@ -14,9 +14,9 @@ Workloads (batch 128 of 32x32x3, random data, one optimizer step each):
 Both sides run in this process, interleaved one step each per round (so load
 changes hit both alike); medians and interquartile ranges of ``--steps``
 timed steps after ``--warmup``. pemn_jax is timed three times: as it runs
-by default (``pemn_jax.ops.conv`` 'auto': oneDNN's convolutions through
+by default (``pemn_jax.kernels.conv`` 'auto': oneDNN's convolutions through
 XLA's FFI where ``pip install -e '.[cpu]'`` installed them, see
-``pemn_jax.ops.dnnl_conv``), with its XLA-based kernel gradient
+``pemn_jax.kernels.dnnl_conv``), with its XLA-based kernel gradient
 (``PEMN_JAX_CONV=cpu``) and with XLA's own convolution gradients
 (``PEMN_JAX_CONV=xla``), so each gain is measured in the same run. PyTorch (CPU build, ``pip install
 torch==2.13.0``) is needed by this benchmark only, never by the library.
@@ -36,7 +36,7 @@ import argparse
 import statistics
 import time
 
-from pemn_jax import cpu_tuning
+from pemn_jax.kernels import cpu_tuning
 
 CPU_TUNING = cpu_tuning.configure()  # before JAX's CPU backend starts
 
@@ -46,9 +46,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from pemn_jax import models  # noqa: E402
-from pemn_jax import params as P  # noqa: E402
-from pemn_jax.ops import conv as fast_conv  # noqa: E402
-from pemn_jax.ops import dnnl_conv  # noqa: E402
+from pemn_jax import params as param_lib  # noqa: E402
+from pemn_jax.kernels import conv as fast_conv  # noqa: E402
+from pemn_jax.kernels import dnnl_conv  # noqa: E402
 from pemn_jax.train import create_train_state, make_train_step  # noqa: E402
 
 try:
@@ -206,7 +206,7 @@ def jax_step(name, impl, batch, shape, smoke):
   spec = WORKLOADS[name]
   model = models.get('lenet5' if smoke else spec['model'])
   target = models.abstract_params(model, shape)
-  param = P.build(spec['param'], target)
+  param = param_lib.build(spec['param'], target)
   tx = spec['tx']()
   ts = create_train_state(param, tx, jax.random.key(0), models.init_model_state(model, shape))
   images = jax.random.normal(jax.random.key(1), (batch, *shape))

@@ -10,22 +10,21 @@ weight decay 1e-4, one-cycle -- no single SGD lr trains both of them well
     python -m pemn_jax.main --config configs/dense.py:model=lenet5,dataset=mnist,prune=magnitude,sparsity=0.9 --workdir /tmp/pruned
 """
 
-from pemn_jax.config import base_config, dataset_defaults, parse_arg
-from pemn_jax.models import uses_batch_norm
+from pemn_jax.config import Unset, base_config, dataset_defaults, parse_arg, uses_batch_norm
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, model='lenet5', dataset='fashion_mnist', epochs=10.0, batch=128, lr=0.0,
+  a = parse_arg(arg, model='lenet5', dataset='fashion_mnist', epochs=10.0, batch=128, lr=Unset(float),
                 prune='', sparsity=0.9, allocation='global', skip_first=True)
   c = base_config()
   dataset_defaults(c, a.dataset)
   c.model = a.model
   c.param = {'name': 'dense'}
-  if uses_batch_norm(a.model):
-    c.optimizer.update(name='sgd', lr=a.lr or 0.1, momentum=0.9, weight_decay=5e-4,
+  if uses_batch_norm(c):
+    c.optimizer.update(name='sgd', lr=0.1 if a.lr is None else a.lr, momentum=0.9, weight_decay=5e-4,
                        schedule='cosine')
   else:
-    c.optimizer.update(name='adamw', lr=a.lr or 5e-3, weight_decay=1e-4, schedule='onecycle')
+    c.optimizer.update(name='adamw', lr=5e-3 if a.lr is None else a.lr, weight_decay=1e-4, schedule='onecycle')
   # Pruning baselines (pemn_jax/train/pruning.py): magnitude = train -> prune
   # at half the run -> fine-tune (Han et al.); gmp = Zhu & Gupta.
   c.prune.update(criterion=a.prune, sparsity=a.sparsity, allocation=a.allocation,

@@ -17,12 +17,12 @@ conv/linear layer masked, batch norm non-affine (``rest='fixed'``), SGD momentum
     python -m pemn_jax.main --config configs/edge_popup.py:kind=supermask --workdir /tmp/sm
 """
 
-from pemn_jax.config import base_config, dataset_defaults, parse_arg
+from pemn_jax.config import Unset, base_config, dataset_defaults, parse_arg
 
 
 def get_config(arg=None):
   a = parse_arg(arg, kind='edge_popup', keep=0.5, model='lenet5', dataset='fashion_mnist',
-                epochs=10.0, batch=128, lr=0.0, wd=-1.0, weights='signed_constant',
+                epochs=10.0, batch=128, lr=Unset(float), wd=Unset(float), weights='signed_constant',
                 eval='sample', eval_samples=8)
   c = base_config()
   dataset_defaults(c, a.dataset)
@@ -32,8 +32,8 @@ def get_config(arg=None):
   if a.kind == 'supermask':
     c.param.update(eval=a.eval, eval_samples=a.eval_samples)
   supermask = a.kind == 'supermask'
-  lr = a.lr or (200.0 if supermask else 0.1)
-  wd = a.wd if a.wd >= 0 else (0.0 if supermask else 1e-4)
+  lr = (200.0 if supermask else 0.1) if a.lr is None else a.lr
+  wd = a.wd if a.wd is not None else (0.0 if supermask else 1e-4)
   c.optimizer.update(name='sgd', lr=lr, momentum=0.9, weight_decay=wd, schedule='cosine')
   c.batch_size = a.batch
   c.num_epochs = a.epochs

@@ -20,26 +20,25 @@ by the same *relative* amount whatever its constant. Measured on MNIST in
 docs/fidelity.md.
 """
 
-from pemn_jax.config import base_config, dataset_defaults, parse_arg
-from pemn_jax.models import uses_batch_norm
+from pemn_jax.config import Unset, base_config, dataset_defaults, parse_arg, uses_batch_norm
 
 
 def get_config(arg=None):
   a = parse_arg(arg, dof=0.01, model='lenet5', dataset='fashion_mnist', epochs=10.0, batch=128,
-                lr=0.1, lr_no_bn=3e-3, decay_epochs=0.0, generate='@stages', mask=0.0)
+                lr=0.1, lr_no_bn=3e-3, decay_epochs=Unset(float), generate='@stages', mask=Unset(float))
   c = base_config()
   dataset_defaults(c, a.dataset)
   c.model = a.model
   ring = {'name': 'ring', 'dof': a.dof, 'rest': 'train', 'select': a.generate, 'fan': 'out',
           'ring_std': (2 / 4608) ** 0.5, 'assign': 'global'}
-  c.param = {'name': 'masked', 'keep': a.mask, 'source': ring} if a.mask else ring
-  if not uses_batch_norm(a.model):
+  c.param = {'name': 'masked', 'keep': a.mask, 'source': ring} if a.mask is not None else ring
+  if not uses_batch_norm(c):
     c.optimizer.update(name='adamw', lr=a.lr_no_bn, weight_decay=1e-4, schedule='cosine')
   else:
     # Reference: lr * 0.1 ** (epoch / 45) over 90 epochs; here the same shape
     # over the run: 10x down every decay_epochs (default: half the run).
     c.optimizer.update(name='sgd', lr=a.lr, momentum=0.9, weight_decay=1e-4,
-                       schedule='exponential', decay_epochs=a.decay_epochs or a.epochs / 2)
+                       schedule='exponential', decay_epochs=a.epochs / 2 if a.decay_epochs is None else a.decay_epochs)
   c.batch_size = a.batch
   c.num_epochs = a.epochs
   c.eval_every = 2000

@@ -45,7 +45,7 @@ def main():
 
   from pemn_jax.config import base_config
   from pemn_jax.evaluate import evaluate_artifact
-  from pemn_jax.export.run import export_run
+  from pemn_jax.export.model_file import export_run
   from pemn_jax.train.loop import train_and_evaluate
 
   c = base_config()

@@ -13,13 +13,13 @@ run one group after another. --set key=value sets a config key in every
 variant. Each variant is a run directory under --workdir
 (export / evaluate it like any run); results.csv, results.md, sweep.png and
 curves.png summarize the sweep. The same command resumes a stopped sweep
-without redoing finished variants. Exit status: 0 done, 2 bad sweep / config /
-data / checkpoint / workdir, 3 a variant diverged.
+without redoing finished variants; SIGTERM/SIGINT checkpoint every variant
+of the group in training and exit 0. Exit status (pemn_jax/cli.py): 0 done or
+stopped with its state saved, 2 bad sweep / config / data / checkpoint /
+workdir, 3 a variant diverged.
 """
 
 from __future__ import annotations
-
-import sys
 
 from absl import app, flags
 
@@ -37,30 +37,20 @@ flags.mark_flags_as_required(['config', 'workdir', 'sweep'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from pemn_jax import cpu_tuning
+  from pemn_jax.kernels import cpu_tuning
   cpu_tuning.configure()
   import tensorflow_datasets as tfds
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)
   tfds.disable_progress_bar()
-  from pemn_jax.config import ConfigError
-  from pemn_jax.data.sources import DataError
+  from pemn_jax.cli import exit_statuses
   from pemn_jax.sweep import run_sweep
-  from pemn_jax.train.checkpoint import CheckpointError
-  from pemn_jax.train.loop import DivergenceError
-  from pemn_jax.train.workdir import WorkdirError
 
-  try:
+  with exit_statuses():
     run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value,
               say=lambda msg: print(msg, flush=True), plots=_PLOTS.value,
-              max_group=_MAX_GROUP.value, overrides=_SET.value)
-  except (ConfigError, DataError, CheckpointError, WorkdirError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except DivergenceError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(3)
+              max_group=_MAX_GROUP.value, overrides=_SET.value)  # None if stopped: exit 0
 
 
 if __name__ == '__main__':

@@ -8,7 +8,8 @@ import ml_collections
 
 from pemn_jax import models
 from pemn_jax.data import augment as aug
-from pemn_jax.data.sources import DATASETS
+from pemn_jax.data.sources import DATASETS, image_shape
+from pemn_jax.pytrees import plain
 from pemn_jax.train.optim import OPTIMIZERS, SCHEDULES
 from pemn_jax.train.pruning import ALLOCATIONS, CRITERIA
 from pemn_jax.train.sharding import ShardingError, check_config
@@ -18,14 +19,26 @@ class ConfigError(ValueError):
   """A config key or value that cannot be used."""
 
 
+def _unset(kind):
+  """A config value that is None (use the default) until set to a ``kind``."""
+  return ml_collections.config_dict.placeholder(kind)
+
+
+# Values older pemn_jax configs used for "the default" (stored in checkpoints
+# and sweep results): read as None.
+LEGACY_DEFAULTS = {'data_dir': '', 'source_dir': '', 'train_limit': 0, 'test_limit': 0,
+                   'num_steps': 0, 'stop_at_step': 0, 'data_seed': -1}
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key a training config has (configs/*.py start from this)."""
   c = ml_collections.ConfigDict()
   c.dataset = 'fashion_mnist'   # see pemn_jax.data.sources.DATASETS
-  c.data_dir = ''               # TFDS data dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  c.source_dir = ''             # local files to prepare from ('' = the dataset's usual place)
-  c.train_limit = 0             # use only the first N training examples (0 = all)
-  c.test_limit = 0              # evaluate on the first N test examples (0 = all)
+  # None: the default (a key typed so that --config.KEY=VALUE can set it).
+  c.data_dir = _unset(str)      # TFDS data dir (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.source_dir = _unset(str)    # local files to prepare from (None: the dataset's usual place)
+  c.train_limit = _unset(int)   # use only the first N training examples (None: all)
+  c.test_limit = _unset(int)    # evaluate on the first N test examples (None: all)
   c.augment = ''                # ops: crop,flip,randaugment,jitter,erase; presets cifar, pemn
   c.augment_options = ml_collections.ConfigDict(
       {'ra_ops': 2, 'ra_magnitude': 12, 'jitter': 0.2, 'erase': 0.2})
@@ -46,8 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 128            # global batch, split over all devices
   c.eval_batch_size = 1000
   c.num_epochs = 1.0            # used when num_steps == 0
-  c.num_steps = 0
-  c.stop_at_step = 0            # checkpoint and exit at this step (0 = run to the end)
+  c.num_steps = _unset(int)     # None: num_epochs of the training split
+  c.stop_at_step = _unset(int)  # checkpoint and exit at this step (None: run to the end)
   c.log_every = 100
   c.eval_every = 0              # 0 = only at the end
   c.checkpoint_every = 1000
@@ -55,15 +68,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.verify_checkpoints = True   # read every checkpoint back and check its digest
   c.seed = 0                    # uint32: data order, init, and every generated weight
-  c.data_seed = -1              # data order and augmentation instead (-1: config.seed);
+  c.data_seed = _unset(int)     # data order and augmentation instead (None: config.seed);
                                 # a sweep fixes it so its variants see the same batches
   # Devices per mesh axis (-1: the rest) and where arrays live; see
   # pemn_jax/train/sharding.py. Data parallel by default; FSDP:
   # mesh.fsdp=N (or -1) with sharding.state='fsdp' (and params='fsdp').
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
   c.sharding = ml_collections.ConfigDict(
-      {'state': 'replicate',   # preset or [(regex over train-state paths, rule)]
-       'params': 'replicate',  # the same over materialized-param paths
+      {'state': 'replicated',   # preset or [(regex over train-state paths, rule)]
+       'params': 'replicated',  # the same over materialized-param paths
        'generate': 'auto'},    # auto | sharded | replicated: generated arrays per device
       type_safe=False)
   return c
@@ -115,13 +128,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints',
               'checkpoint_every'):
     need(_int(c[key]) and c[key] > 0, key, c[key], 'must be an integer > 0')
-  for key in ('num_steps', 'stop_at_step', 'eval_every', 'train_limit', 'test_limit', 'seed',
-              'prefetch'):
+  for key in ('eval_every', 'seed', 'prefetch'):
     need(_int(c[key]) and c[key] >= 0, key, c[key], 'must be an integer >= 0')
+  for key in ('num_steps', 'stop_at_step', 'train_limit', 'test_limit'):
+    need(c[key] is None or (_int(c[key]) and c[key] > 0), key, c[key],
+         'must be an integer > 0, or None (the default)')
+  for key in ('data_dir', 'source_dir'):
+    need(c[key] is None or (isinstance(c[key], str) and c[key]), key, c[key],
+         'must be a path, or None (the default)')
   need(c.seed < 2**32, 'seed', c.seed, 'must be < 2**32 (a uint32)')
-  need(_int(c.data_seed) and -1 <= c.data_seed < 2**32, 'data_seed', c.data_seed,
-       'must be -1 (config.seed) or an integer in [0, 2**32)')
-  need(not 0 < c.train_limit < c.batch_size, 'train_limit', c.train_limit,
+  need(c.data_seed is None or (_int(c.data_seed) and 0 <= c.data_seed < 2**32), 'data_seed',
+       c.data_seed, 'must be None (config.seed) or an integer in [0, 2**32)')
+  need(c.train_limit is None or c.train_limit >= c.batch_size, 'train_limit', c.train_limit,
        f'is smaller than one batch (batch_size={c.batch_size})')
   need(isinstance(c.verify_checkpoints, bool), 'verify_checkpoints', c.verify_checkpoints,
        'must be true or false')
@@ -165,6 +183,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
        "pruning baselines train dense weights: use param.name='dense'")
 
 
+def without_legacy(config: dict) -> dict:
+  """A stored config (a plain dict) with the values older pemn_jax wrote
+  for "the default" (``LEGACY_DEFAULTS``) read as None."""
+  return {**config, **{k: None for k, v in LEGACY_DEFAULTS.items()
+                       if k in config and config[k] == v and type(config[k]) is type(v)}}
+
+
 def _leaves(tree, prefix=''):
   """(dotted key, value) of every leaf of a nested dict (list items included)."""
   if isinstance(tree, dict):
@@ -177,15 +202,6 @@ def _leaves(tree, prefix=''):
     yield prefix[:-1], tree
 
 
-def _plain(x):
-  """JSON-comparable: tuples as lists, recursively."""
-  if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  return x
-
-
 def config_differences(stored: dict, current: dict) -> list[str]:
   """The keys (dotted) where a resumed run's config differs from the one its
   checkpoint was written with, ``RESUMABLE_KEYS`` aside; keys an older
@@ -196,10 +212,10 @@ def config_differences(stored: dict, current: dict) -> list[str]:
       if isinstance(v, dict) and v:
         out.update(flat(v, f'{prefix}{k}.'))
       else:
-        out[f'{prefix}{k}'] = _plain(v)
+        out[f'{prefix}{k}'] = plain(v)
     return out
   base = flat(base_config().to_dict())
-  old, new = {**base, **flat(stored)}, {**base, **flat(current)}
+  old, new = {**base, **flat(without_legacy(stored))}, {**base, **flat(current)}
   diffs = []
   for k in sorted(set(old) | set(new)):
     if k in RESUMABLE_KEYS or k.split('.')[0] in RESUMABLE_KEYS:
@@ -217,25 +233,86 @@ def _int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
+BOOLEANS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0': False}
+
+
+def parse_bool(value: str) -> bool:
+  """``true/yes/1`` or ``false/no/0`` (any case); ValueError otherwise. The one
+  way config arguments, sweeps and ``--set`` read booleans."""
+  try:
+    return BOOLEANS[value.strip().lower()]
+  except KeyError:
+    raise ValueError(f'{value!r} is not a boolean (true/false, yes/no, 1/0)') from None
+
+
+def convert(raw: str, kind: type, what: str):
+  """``raw`` (command-line text) as a ``kind``: a bool by ``parse_bool``, an
+  int (``1e3`` too, not ``0.5``), a finite float or a string. The one
+  conversion behind config arguments, ``--sweep`` and ``--set`` values.
+
+  Raises:
+    ConfigError: naming ``what`` and the value.
+  """
+  try:
+    if kind is bool:
+      return parse_bool(raw)
+    if kind in (int, float):
+      value = float(raw)
+      if not math.isfinite(value) or (kind is int and not value.is_integer()):
+        raise ValueError(raw)
+      return kind(value)
+    if kind is str:
+      return raw
+  except ValueError:
+    raise ConfigError(f'{what}={raw!r}: not a {kind.__name__}') from None
+  raise ConfigError(f'{what}: a {kind.__name__} value cannot be given as text')
+
+
+class Unset:
+  """A ``get_config`` argument without a default value: None unless given,
+  then converted to ``kind``."""
+
+  def __init__(self, kind: type):
+    self.kind = kind
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """``'model=resnet20,dataset=cifar10'`` -> ConfigDict over ``defaults``
-  (values converted to each default's type; unknown keys rejected)."""
-  out = ml_collections.ConfigDict(defaults)
-  if not arg:
-    return out
-  for item in arg.split(','):
+  """``'model=resnet20,dataset=cifar10'`` -> ConfigDict over ``defaults``.
+
+  Args:
+    arg: ``key=value`` pairs, comma-separated (or None).
+    **defaults: each argument's default value, whose type converts a given
+      value (booleans by ``parse_bool``); ``Unset(kind)`` for an argument
+      that is None unless given.
+  Returns:
+    The arguments.
+  Raises:
+    ConfigError: an unknown key or a value of the wrong type.
+  """
+  kinds = {k: v.kind if isinstance(v, Unset) else type(v) for k, v in defaults.items()}
+  out = {k: None if isinstance(v, Unset) else v for k, v in defaults.items()}
+  for item in (arg.split(',') if arg else []):
     if '=' not in item:
       raise ConfigError(f'config argument {item!r} is not key=value (known keys: '
                         f'{sorted(defaults)})')
     key, value = item.split('=', 1)
     if key not in defaults:
       raise ConfigError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
-    kind = type(defaults[key])
-    try:
-      out[key] = (value.lower() in ('1', 'true', 'yes')) if kind is bool else kind(value)
-    except ValueError:
-      raise ConfigError(f'config argument {key}={value!r} is not a {kind.__name__}') from None
-  return out
+    out[key] = convert(value, kinds[key], f'config argument {key}')
+  return ml_collections.ConfigDict(out)
+
+
+def uses_batch_norm(c: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model (with its kwargs, on its dataset's images)
+  normalizes with batch norm: derived from the model (``models.uses_batch_norm``).
+
+  Raises:
+    ConfigError: the model cannot be built.
+  """
+  try:
+    return models.uses_batch_norm(c.model, image_shape(c.dataset), **c.model_kwargs.to_dict())
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'config.model={c.model!r}: {e}') from None
 
 
 def dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:

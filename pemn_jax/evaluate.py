@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
 _ART = flags.DEFINE_string('artifact', None, 'Model file (.pemn).', required=True)
@@ -32,43 +30,29 @@ def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split=
     batch_size: evaluation batch size.
     model: for a file made with a user model, its constructor or import path.
   Returns:
-    ``{'accuracy', 'examples', 'dataset'}``.
+    ``{'accuracy', 'loss', 'examples', 'dataset'}``.
   """
-  import jax
-
   from pemn_jax.data import sources
   from pemn_jax.data.pipeline import Pipeline
-  from pemn_jax.export.run import load
-  from pemn_jax.train.step import eval_batch
+  from pemn_jax.export.model_file import load
+  from pemn_jax.train.step import evaluate_params
 
   header, model, params, model_state = load(path, model=model)
   ds = sources.load(dataset or header['dataset'], split, data_dir, source_dir)
   if tuple(ds.image_shape) != tuple(header['input_shape']):
     raise ValueError(f'dataset images are {ds.image_shape}, the model takes '
                      f'{tuple(header["input_shape"])}')
-
-  @jax.jit
-  def step(images, labels, weights):
-    return eval_batch(model, lambda rng: params, model_state, images, labels, weights)
-
-  correct = total = 0.0
-  for images, labels, weights in Pipeline(ds, batch_size, 0, training=False).eval_batches():
-    c, t, _ = step(images, labels, weights)
-    correct, total = correct + float(c), total + float(t)
-  return {'accuracy': correct / total, 'examples': int(total), 'dataset': ds.name}
+  out = evaluate_params(model, params, model_state, Pipeline(ds, batch_size, 0, training=False))
+  return {**out, 'dataset': ds.name}
 
 
 def main(argv):
   del argv
-  from pemn_jax.data.sources import DataError
-  from pemn_jax.export.artifact import ArtifactError
+  from pemn_jax.cli import exit_statuses
 
-  try:
+  with exit_statuses(also=(ValueError,)):
     out = evaluate_artifact(_ART.value, _DATASET.value, _DATA_DIR.value, _SOURCE_DIR.value,
                             _SPLIT.value, _BATCH.value, _MODEL.value)
-  except (ArtifactError, DataError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   print(f'{_ART.value}: {out["dataset"]} {_SPLIT.value} accuracy={out["accuracy"]:.4f} '
         f'({out["examples"]} examples)')
 

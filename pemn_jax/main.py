@@ -20,9 +20,6 @@ has the SLURM, TPU-VM, GKE/xpk and local scripts.
 
 from __future__ import annotations
 
-import os
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -49,47 +46,25 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from pemn_jax import cpu_tuning
-  cpu_tuning.configure()  # before JAX's CPU backend starts; see pemn_jax/cpu_tuning.py
+  from pemn_jax.kernels import cpu_tuning
+  cpu_tuning.configure()  # before JAX's CPU backend starts; see pemn_jax/kernels/cpu_tuning.py
   import jax
   import tensorflow_datasets as tfds
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)
   tfds.disable_progress_bar()
-  from pemn_jax.train.multihost import LaunchError, initialize, lost_peer
-  try:
+  from pemn_jax.cli import exit_statuses
+  from pemn_jax.train.multihost import initialize
+
+  with exit_statuses():
     started = initialize(_HEARTBEAT.value, _INIT_TIMEOUT.value, coordinator=_COORD.value,
                          num_processes=_NPROC.value, process_id=_PID.value,
                          distributed=_DIST.value, local_device_ids=_DEVICE_IDS.value)
-  except LaunchError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  if jax.process_count() > 1 and jax.process_index() == 0:
-    print(started, flush=True)
-  from pemn_jax.config import ConfigError
-  from pemn_jax.data.sources import DataError
-  from pemn_jax.train.checkpoint import CheckpointError
-  from pemn_jax.train.loop import DivergenceError, train_and_evaluate
-  from pemn_jax.train.workdir import WorkdirError
-
-  try:
+    if jax.process_count() > 1 and jax.process_index() == 0:
+      print(started, flush=True)
+    from pemn_jax.train.loop import train_and_evaluate  # after jax.distributed starts
     out = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError, WorkdirError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except DivergenceError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(3)
-  except Exception as e:
-    if not lost_peer(e):
-      raise
-    first = str(e).strip().split('\n')[0][:300]
-    print(f'error: process {jax.process_index()} lost contact with another process of this '
-          f'{jax.process_count()}-process job ({first}). Another process most likely died: its '
-          'log says why. The checkpoints in the workdir are kept; run the same command again to '
-          'resume from the last one.', file=sys.stderr, flush=True)
-    os._exit(4)  # the runtime's shutdown would wait for the dead process
   if jax.process_index() != 0:
     return
   if 'test_accuracy' in out:

@@ -12,7 +12,7 @@ from pemn_jax import models
 
 def tiny_target(shapes: dict[str, tuple[int, ...]]):
   """A params target from ``{'Layer/kernel': shape}`` (ShapeDtypeStructs)."""
-  from pemn_jax.params.base import unflatten
+  from pemn_jax.pytrees import unflatten
   return unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
 
 
@@ -103,3 +103,13 @@ def tiny_config(mnist_slice, **overrides):
     else:
       c[k] = v
   return c
+
+
+def saved_train_state(workdir):
+  """The newest checkpoint's whole train state as orbax saved it (nested dicts
+  and lists of arrays, read without a target): the optimizer state included,
+  which ``restore`` does not read."""
+  import orbax.checkpoint as ocp
+  d = __import__('pathlib').Path(workdir) / 'checkpoints'
+  step = max(int(p.name) for p in d.iterdir() if p.name.isdigit())
+  return ocp.PyTreeCheckpointer().restore(str(d / str(step) / 'state'))

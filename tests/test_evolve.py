@@ -10,7 +10,7 @@ from pemn_jax import models
 from pemn_jax.evolve import quantize as Q
 from pemn_jax.evolve import search as S
 from pemn_jax.export import artifact, codecs
-from pemn_jax.params.base import flatten
+from pemn_jax.pytrees import flatten
 
 
 @pytest.fixture(scope='module')
@@ -60,7 +60,7 @@ def test_generations_meet_the_target_exactly_and_zeros_stay_zero(small):
   assert masks[path].sum() == want
   # Distillation keeps them at zero too.
   batches = [jax.random.normal(jax.random.key(i), (16, 28, 28, 1)) for i in range(5)]
-  p2 = S.distill(model, {}, params, p, masks, batches, lr=1e-2)
+  p2 = S.Distiller(model, {}, params, lr=1e-2)(p, masks, batches)
   assert np.all(np.asarray(flatten(p2)[path])[~masks[path]] == 0)
   assert not np.array_equal(np.asarray(flatten(p2)['Dense_1/kernel']),
                             np.asarray(flatten(p)['Dense_1/kernel']))
@@ -135,8 +135,8 @@ def teacher_run(mnist_slice, tmp_path_factory):
 def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(teacher_run, tmp_path):
   import shutil
 
-  from pemn_jax.evolve.run import evolve
-  from pemn_jax.export.run import load
+  from pemn_jax.evolve.compress import evolve
+  from pemn_jax.export.model_file import load
   shutil.copytree(teacher_run, tmp_path / 'run')
   out = evolve(str(tmp_path / 'run'), str(tmp_path / 'de.pemn'), sparsity=0.8, population=4,
                calibration=64, finetune_steps=5, say=lambda *_: None)
@@ -156,7 +156,7 @@ def test_fine_tuning_between_generations_and_a_rerun_with_other_settings(teacher
   import os
   import shutil
 
-  from pemn_jax.evolve.run import evolve
+  from pemn_jax.evolve.compress import evolve
   run = str(tmp_path / 'run')
   shutil.copytree(teacher_run, run)
   kw = dict(sparsity=0.8, population=4, calibration=64, finetune_steps=3, say=lambda *_: None)

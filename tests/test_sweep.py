@@ -3,6 +3,7 @@ single runs; interrupted sweeps resume without redoing finished variants."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,10 +12,10 @@ import pytest
 from conftest import REPO
 
 from pemn_jax.config import ConfigError
-from pemn_jax.export.run import load_run
 from pemn_jax.sweep import expand, group, parse_sweeps, run_sweep
 from pemn_jax.sweep.report import summarize
 from pemn_jax.train.loop import train_and_evaluate
+from pemn_jax.train.run import restore
 
 CONFIG = '''
 from pemn_jax.config import base_config, parse_arg
@@ -72,7 +73,7 @@ def _same_as_single_runs(config, sweeps, workdir, tmp_path, check=None, rtol=2e-
     assert r['test_accuracy'] == pytest.approx(out['test_accuracy'], abs=0.011), v.name
     assert r['test_loss'] == pytest.approx(out['test_loss'], rel=10 * rtol), v.name
     # The variant's directory is an ordinary run: its state loads as the single run's.
-    sw, al = load_run(os.path.join(workdir, v.name))[-1], load_run(single)[-1]
+    sw, al = restore(os.path.join(workdir, v.name)).train_state, restore(single).train_state
     for part in ('state', 'model_state'):
       a = np.concatenate([np.ravel(x) for x in _leaves(getattr(sw, part))] + [np.zeros(1)])
       b = np.concatenate([np.ravel(x) for x in _leaves(getattr(al, part))] + [np.zeros(1)])
@@ -153,11 +154,12 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_variants(config_f
   # A variant exports to a model file holding exactly its network.
   import jax
 
-  from pemn_jax.export.run import export_run, load
+  from pemn_jax.export.model_file import export_run, load
   out = str(tmp_path / 'variant.pemn')
   variant_dir = os.path.join(wd, resumed[-1]['variant'])
   export_run(variant_dir, out)
-  _, _, _, param, ts = load_run(variant_dir)
+  r = restore(variant_dir)
+  param, ts = r.param, r.train_state
   want = param.materialize(ts.state, ts.seed)
   got = load(out)[2]
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
@@ -166,6 +168,34 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_variants(config_f
   said.clear()
   run_sweep(config_file, sweeps, wd, plots=False, say=said.append)
   assert any('4 already finished; 0 group(s) to train' in m for m in said)
+
+
+def test_a_sweep_stopped_by_sigterm_saves_and_its_rerun_equals_an_uninterrupted_one(
+    config_file, tmp_path):
+  # A sweep trains through the trainer's own loop: SIGTERM mid-group saves
+  # every variant of the group at that step and stops the sweep cleanly.
+  sweeps = ['arg.ratio=0.01,0.1', 'seed=0,1']  # two groups of two
+  straight = run_sweep(config_file, sweeps, str(tmp_path / 'straight'), plots=False,
+                       say=lambda m: None)
+
+  def term_in_group_2(msg):
+    if msg.startswith('[group 2/2') and ' step 3/' in msg:
+      signal.raise_signal(signal.SIGTERM)  # delivered to the loop's handler (main thread)
+  wd = str(tmp_path / 'sweep')
+  said = []
+  assert run_sweep(config_file, sweeps, wd, plots=False,
+                   say=lambda m: (said.append(m), term_in_group_2(m))) is None
+  assert any('checkpoint saved at step 3' in m for m in said), said
+  second = [v.name for v in expand(config_file, parse_sweeps(sweeps)) if 'ratio=0.1,' in v.name]
+  for name in second:
+    assert not os.path.exists(os.path.join(wd, name, 'result.json'))
+    assert '3' in os.listdir(os.path.join(wd, name, 'checkpoints'))
+  resumed = run_sweep(config_file, sweeps, wd, plots=False, say=lambda m: None)
+  for a, b in zip(straight, resumed, strict=True):
+    assert a['variant'] == b['variant']
+    assert a['test_accuracy'] == b['test_accuracy'] and a['test_loss'] == b['test_loss']
+    np.testing.assert_array_equal(_losses(os.path.join(str(tmp_path / 'straight'), a['variant'])),
+                                  _losses(os.path.join(wd, b['variant'])))
 
 
 def test_grouping(config_file):

@@ -31,6 +31,13 @@ STANDARD = {
 # (Datasets of variable image size, e.g. imagenet2012, need a resize/crop
 # pipeline this trainer does not have yet: not offered.)
 DATASETS = sorted(LOCAL) + [f'tfds:{n}' for n in sorted(STANDARD)]
+IMAGE_SHAPES = {'mnist': (28, 28, 1), 'fashion_mnist': (28, 28, 1), 'cifar10': (32, 32, 3),
+                'tfds:cifar10': (32, 32, 3), 'tfds:cifar100': (32, 32, 3)}
+
+
+def image_shape(name: str, default=(32, 32, 3)) -> tuple[int, ...]:
+  """A dataset's image shape, known without opening it (``default`` if not)."""
+  return IMAGE_SHAPES.get(name, default)
 
 
 class DataError(ValueError):

@@ -12,8 +12,6 @@ teacher and of the file.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run (the teacher).', required=True)
@@ -43,15 +41,11 @@ def main(argv):
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)
-  from pemn_jax.config import ConfigError
-  from pemn_jax.data.sources import DataError
+  from pemn_jax.cli import exit_statuses
   from pemn_jax.evaluate import evaluate_artifact
-  from pemn_jax.evolve.run import evolve, test_accuracy
-  from pemn_jax.export.artifact import ArtifactError
-  from pemn_jax.train.checkpoint import CheckpointError
-  from pemn_jax.train.workdir import WorkdirError
+  from pemn_jax.evolve.compress import evolve, test_accuracy
 
-  try:
+  with exit_statuses(also=(ValueError,)):
     out = evolve(_WORKDIR.value, _OUT.value, _METHOD.value, _SPARSITY.value, _POP.value,
                  _CALIB.value, tau=_TAU.value, finetune_steps=_FT.value, budget_kl=_KL.value,
                  budget_acc=_ACC.value, min_bits=_MINB.value, seed=_SEED.value,
@@ -62,10 +56,6 @@ def main(argv):
       return
     teacher = test_accuracy(_WORKDIR.value)
     ev = evaluate_artifact(_OUT.value)
-  except (ConfigError, DataError, CheckpointError, WorkdirError, ArtifactError,
-          ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   print(f'wrote {_OUT.value}: {out["file_bytes"]} bytes, {out["compression"]:.1f}x smaller than '
         f'the dense float32 params; sparsity {out["sparsity"]:.4f}, {out["avg_bits"]:.2f} bits '
         f'per survivor; test accuracy {ev["accuracy"]:.4f} (teacher {teacher:.4f}, drop '

@@ -14,11 +14,7 @@ divergence from the teacher, or the accuracy drop), greedily: from 8 bits,
 repeatedly lower by one bit the layer where that costs the least fitness per
 bit saved, among the moves that stay within the budget.
 
-(Qwix, the maintained JAX quantization library, quantizes a model's matmuls
-and convolutions for serving, on integer grids calibrated by absmax / minmax /
-rms. This is storage quantization: non-uniform codebooks (k-means, log), levels
-fitted to the survivors of a pruned layer with zeros stored apart, entropy
-coding of the symbols. None of that is in Qwix, so it is not used here.)
+Why not Qwix: docs/directed_evolution.md.
 """
 
 from __future__ import annotations

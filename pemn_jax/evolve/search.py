@@ -35,7 +35,7 @@ import optax
 
 from pemn_jax.ops.hashing import mix
 from pemn_jax.ops.topk import topk_mask
-from pemn_jax.params.base import flatten, unflatten
+from pemn_jax.pytrees import flatten, unflatten
 
 
 def kl_fn(model, model_state, images, teacher_logp):
@@ -181,12 +181,6 @@ class Distiller:
     for images in batches:
       params, opt = self._step(params, opt, images, self.teacher, self.model_state, mask_tree)
     return params
-
-
-def distill(model, model_state, teacher_params, params, masks: dict, batches, lr: float = 1e-4):
-  """Fine-tunes the survivors on ``batches`` (an iterable of images) toward the
-  teacher's softmax; zeroed weights stay exactly zero. Returns the params."""
-  return Distiller(model, model_state, teacher_params, lr)(params, masks, batches)
 
 
 def magnitude_masks(params, targets: dict[str, int]) -> dict[str, np.ndarray]:

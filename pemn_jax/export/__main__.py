@@ -9,8 +9,6 @@ statistics) to --params_dir (default: OUT + '.params').
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
@@ -28,18 +26,14 @@ _SLICE = flags.DEFINE_bool('slice', False, 'A gated (polarization) run: freeze t
 
 def main(argv):
   del argv
+  from pemn_jax.cli import exit_statuses
   from pemn_jax.export import artifact
-  from pemn_jax.export.run import export_run
-  from pemn_jax.surgery import SliceError
-  from pemn_jax.train.checkpoint import CheckpointError
+  from pemn_jax.export.model_file import export_run
 
   params_dir = _OUT.value + '.params' if _PARAMS.value is None else (_PARAMS.value or None)
-  try:
+  with exit_statuses(also=(ValueError,)):
     out = export_run(_WORKDIR.value, _OUT.value, _FLOAT.value, _MASK.value, params_dir,
-                     _SLICE.value)
-  except (CheckpointError, artifact.ArtifactError, SliceError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+                     _SLICE.value, say=print)
   print(f'wrote {_OUT.value}: {out["file_bytes"]} bytes (dense float32: '
         f'{4 * out["num_params"]} bytes)' + (f'; dense params: {params_dir}' if params_dir else ''))
   if _REPORT.value:

@@ -26,6 +26,7 @@ import struct
 import numpy as np
 
 from pemn_jax.export import codecs, schema
+from pemn_jax.params.sections import is_mask
 
 MAGIC = b'PEMNJAX\x00'
 FORMAT_VERSION = 2  # 2: rANS masks (version 1's bitwise arithmetic code is not read)
@@ -34,10 +35,6 @@ _PREFIX = struct.Struct('<8sII')
 
 class ArtifactError(ValueError):
   """A model file that cannot be read (truncated, corrupt, other version)."""
-
-
-def _is_mask(name: str) -> bool:
-  return name.startswith('mask/') or '/mask/' in name
 
 
 def _encode_float_section(x, float_codec):
@@ -139,7 +136,7 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
       offset += len(blob)
       continue
     x = np.asarray(arrays[name])
-    if _is_mask(name):
+    if is_mask(name):
       bits = x.astype(bool)
       cands = codecs.MASK_CODECS if mask_codec == 'auto' else (mask_codec,)
       enc = {c: codecs.encode_mask(bits, c) for c in cands}
@@ -241,7 +238,7 @@ def decode_sections(path: str, header: dict, body: bytes, base: int,
 
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(header, arrays) of a model file, for inspection; loading a model for use
-  goes through ``pemn_jax.export.run.load``, which also checks every section
+  goes through ``pemn_jax.export.model_file.load``, which also checks every section
   against what the model needs. Raises ArtifactError naming what is wrong."""
   header, body, base = read_header(path)
   return header, decode_sections(path, header, body, base)

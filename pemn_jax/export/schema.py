@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pemn_jax.export import codecs
+
 MAX_HEADER_BYTES = 1 << 20
 MAX_DEPTH = 16
 MAX_SECTIONS = 100_000
@@ -19,10 +21,10 @@ MAX_LIST = 4096
 MAX_INT = 1 << 16          # model_kwargs integers (widths, depths, ...)
 MAX_ELEMENTS = 1 << 31     # any one section
 
-FLOAT_CODECS = ('f32', 'f16', 'bf16')
-MASK_CODECS = ('bits', 'rans')
-INDEX_CODECS = ('bits', 'rans', 'u32')
-QUANT_METHODS = ('uniform', 'kmeans', 'log')
+FLOAT_CODECS = tuple(codecs.FLOAT_CODECS)
+MASK_CODECS = codecs.MASK_CODECS
+INDEX_CODECS = (*MASK_CODECS, 'u32')
+QUANT_METHODS = codecs.QUANT_METHODS
 TOP_LEVEL = {
     'format': str, 'pemn_jax_version': str, 'jax_version': str, 'model': str,
     'model_kwargs': dict, 'num_classes': int, 'input_shape': list, 'param': dict, 'seed': int,

@@ -15,12 +15,14 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import re
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from pemn_jax.kernels import conv
 from pemn_jax.models.convmixer import ConvMixer
 from pemn_jax.models.layers import DepthwiseConv
 from pemn_jax.models.mlp import MLP, LeNet5
@@ -81,15 +83,28 @@ def is_known(name: str) -> bool:
   """A registry name or a well-formed import path."""
   return name in REGISTRY or bool(IMPORT_PATH.match(name))
 
-# Registry models whose every hidden layer is followed by batch norm (so the
-# scale of their kernels does not change the function they compute).
-BATCH_NORM = frozenset({'resnet8', 'resnet20', 'resnet32', 'resnet56', 'resnet18', 'convmixer',
-                        'convmixer_256_6', 'convmixer_256_8'})
+def uses_batch_norm(model, input_shape=(32, 32, 3), **kwargs) -> bool:
+  """Whether a model normalizes its layers with batch norm (the presets give
+  such models their SGD recipe), read off the model itself: its variables
+  have a ``batch_stats`` collection (Linen ``BatchNorm``, NNX ``BatchStat``).
+
+  Args:
+    model: a model, or its registry name / import path.
+    input_shape: an example's shape (to trace the model's init).
+    **kwargs: the constructor's arguments (with a name).
+  Returns:
+    True when it keeps batch statistics.
+  """
+  if isinstance(model, str):
+    return _uses_batch_norm(model, tuple(input_shape), json.dumps(kwargs, sort_keys=True))
+  with conv.forced('xla'):  # traced without starting a backend (config files run early)
+    return 'batch_stats' in abstract_variables(model, tuple(input_shape))
 
 
-def uses_batch_norm(name: str) -> bool:
-  """Whether registry model ``name`` normalizes its layers with batch norm."""
-  return name in BATCH_NORM
+@functools.lru_cache(maxsize=64)
+def _uses_batch_norm(name: str, input_shape, kwargs: str) -> bool:
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(kwargs).items()}
+  return uses_batch_norm(get(name, **kwargs), input_shape)
 
 
 def get(name: str, num_classes: int = 10, **kwargs):
@@ -152,7 +167,7 @@ def abstract_variables(model, input_shape):
       orders[col] = list(traverse_util.flatten_dict(tree))
     return variables
 
-  shapes = jax.eval_shape(init, jax.random.key(0), _dummy(input_shape))
+  shapes = jax.eval_shape(lambda: init(jax.random.key(0), _dummy(input_shape)))
   out = {}
   for col, tree in shapes.items():
     flat = traverse_util.flatten_dict(tree)
@@ -187,7 +202,7 @@ def init_model_state(model, input_shape, key=None):
   return jax.jit(f)(key)
 
 
-__all__ = ['BATCH_NORM', 'REGISTRY', 'ConvMixer', 'DepthwiseConv', 'LeNet5', 'LeNet5NNX', 'MLP',
+__all__ = ['REGISTRY', 'ConvMixer', 'DepthwiseConv', 'LeNet5', 'LeNet5NNX', 'MLP',
            'NNXModel', 'ResNet', 'ResNetNNX', 'ViT', 'abstract_params', 'abstract_variables',
            'build', 'cifar_resnet', 'get', 'import_object', 'init_model_state', 'is_known',
            'register', 'resnet18', 'uses_batch_norm']

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from flax import linen as nn
 
-from pemn_jax.models.gates import Factor, Gate, GateStructure
+from pemn_jax.gating.modules import Factor, Gate, GateStructure
 from pemn_jax.models.layers import BatchNorm, Conv, DepthwiseConv, he_normal
 
 

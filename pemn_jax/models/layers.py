@@ -9,11 +9,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from pemn_jax.ops.conv import conv_general_dilated
+from pemn_jax.kernels import conv
+from pemn_jax.kernels.conv import conv_general_dilated
 
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
-# nn.Conv / nnx.Conv whose kernel gradient is pemn_jax.ops.conv's on CPU (XLA's elsewhere).
+# nn.Conv / nnx.Conv whose kernel gradient is pemn_jax.kernels.conv's on CPU (XLA's elsewhere).
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 NnxConv = functools.partial(nnx.Conv, conv_general_dilated=conv_general_dilated)
 
@@ -50,6 +51,8 @@ class DepthwiseConv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', he_normal, (k, k, 1, c), jnp.float32)
     impl = self.impl
+    if impl == 'auto' and conv.default_impl() == 'xla':
+      impl = 'xla'
     if impl == 'auto':
       impl = 'shift' if jax.default_backend() == 'cpu' else 'xla'
     if impl == 'shift':

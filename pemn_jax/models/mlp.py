@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from flax import linen as nn
 
-from pemn_jax.models.gates import Factor, Gate, GateStructure, _check_open
+from pemn_jax.gating.modules import Factor, Gate, GateStructure, _check_open
 from pemn_jax.models.layers import Conv, he_normal
 
 

@@ -1,22 +1,14 @@
 """Flax NNX models in pemn_jax: an ``nnx.Module`` seen as init/apply over
 plain dicts, as the rest of the library sees Linen modules.
 
-``NNXModel(Constructor, **kwargs)`` holds the constructor (called as
-``Constructor(**kwargs, rngs=nnx.Rngs(key))``). ``init(key, x)`` builds the
-module and ``nnx.split``s its state into collections:
-
-* ``params``: the ``nnx.Param`` variables -- what parameterizations generate,
-  in the order the module's ``__init__`` defines them (named selections such
-  as ``'@stages'`` read that order);
-* ``batch_stats``: ``nnx.BatchStat`` (BatchNorm statistics);
-* ``nnx_state``: everything else (RNG counters and keys -- keys stored as raw
-  key data, so checkpoints and model files hold plain arrays).
-
-``apply(variables, x, train=..., mutable=...)`` merges them back
-(``nnx.merge``), switches the module to ``train()`` or ``eval()`` (BatchNorm's
-running averages, dropout) and calls it; with ``mutable`` it also returns the
-updated non-param collections, which the train step carries. Nothing else in
-the library knows whether a model is Linen or NNX.
+``NNXModel(Constructor, **kwargs)``'s ``init(key, x)`` builds the module
+(``Constructor(**kwargs, rngs=nnx.Rngs(key))``) and ``nnx.split``s it into
+collections: ``params`` (the ``nnx.Param`` variables, in the order
+``__init__`` defines them), ``batch_stats`` (``nnx.BatchStat``) and
+``nnx_state`` (everything else; keys as raw key data). ``apply(variables, x,
+train=..., mutable=...)`` merges them back, switches ``train()``/``eval()``,
+calls it and (with ``mutable``) returns the updated non-param collections.
+Nothing else in the library knows whether a model is Linen or NNX.
 """
 
 from __future__ import annotations
@@ -26,7 +18,7 @@ import inspect
 import jax
 from flax import nnx
 
-from pemn_jax.params.base import flatten, unflatten
+from pemn_jax.pytrees import flatten, unflatten
 
 
 def _definition_order(module, prefix=()) -> list[str]:

@@ -48,9 +48,3 @@ def as_seed(seed):
     seed = int(seed) & 0xFFFFFFFF
   return jnp.asarray(seed, _U32)
 
-
-def random_signs(seed, leaf: str, n: int, salt: int = 0x5167):
-  """n values in {-1, +1} (float32), a pure function of (seed, leaf, index)."""
-  j = jnp.arange(n, dtype=_U32)
-  bits = mix(as_seed(seed), path_id(leaf), salt, j) >> 31
-  return 1.0 - 2.0 * bits.astype(jnp.float32)

@@ -75,11 +75,6 @@ def permute_indices(j, n: int, seed, leaf: str | int = 0, rounds: int = DEFAULT_
   return _cycle_walk(jnp.asarray(j, _U32), _U32(n), keys, _U32(int(wl)), _U32(int(wr)))
 
 
-def permutation(n: int, seed, leaf: str | int = 0, rounds: int = DEFAULT_ROUNDS):
-  """The whole permutation ``[pi(0), ..., pi(n-1)]`` as a uint32 array."""
-  return permute_indices(jnp.arange(n, dtype=_U32), n, seed, leaf, rounds)
-
-
 def permute_segments(segments: Segments, leaves: Sequence[str | int], seed,
                      rounds: int = DEFAULT_ROUNDS, ids=None):
   """For each segment i, ``pi_i(local index)``: the same values as

@@ -55,6 +55,3 @@ class Segments:
     """Flat array -> list of arrays of the given shapes (static slices)."""
     return [flat[int(s):int(s) + int(n)].reshape(shape)
             for s, n, shape in zip(self.starts, self.sizes, shapes, strict=True)]
-
-  def concat(self, arrays):
-    return jnp.concatenate([a.reshape(-1) for a in arrays])

@@ -79,25 +79,3 @@ def straight_through(hard, soft):
   """Exactly ``hard`` in the forward pass (``soft - soft`` is exactly 0, so a
   0/1 mask stays exactly 0/1); the gradient flows to ``soft`` unchanged."""
   return jax.lax.stop_gradient(hard) + (soft - jax.lax.stop_gradient(soft))
-
-
-def edge_popup_mask(scores, keep: float):
-  """Edge-popup mask: top-k of ``|scores|``; straight-through gradient to
-  ``|scores|`` (and so ``sign(scores)`` times it to ``scores``)."""
-  a = jnp.abs(scores)
-  return straight_through(topk_mask(jax.lax.stop_gradient(a), keep), a)
-
-
-def segment_topk_mask(values, segments, kept):
-  """``topk_mask`` of every segment of a flat array (``kept``: the static
-  per-segment counts); returns the flat 0/1 mask."""
-  return segments.concat([
-      topk_mask(values[int(s):int(s) + int(n)], kept=k)
-      for s, n, k in zip(segments.starts, segments.sizes, kept, strict=True)])
-
-
-def segment_edge_popup_mask(scores, segments, keeps):
-  """Edge-popup masks of all segments of a flat score array."""
-  a = jnp.abs(scores)
-  kept = [num_kept(int(n), k) for n, k in zip(segments.sizes, keeps, strict=True)]
-  return straight_through(segment_topk_mask(jax.lax.stop_gradient(a), segments, kept), a)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
-from pemn_jax.params.base import KERNELS, Parameterization, Split, flatten, unflatten
+from pemn_jax.gating.param import Gated
+from pemn_jax.params.base import KERNELS, Composed, Parameterization, Split
 from pemn_jax.params.dense import Dense
-from pemn_jax.params.gates import Gated
 from pemn_jax.params.masks import Masked
 from pemn_jax.params.prototype import Prototype, rp_length
 from pemn_jax.params.ring import Ring
@@ -99,6 +99,5 @@ def resolved_spec(param: Parameterization) -> dict:
   return spec
 
 
-__all__ = ['KERNELS', 'REGISTRY', 'Dense', 'Gated', 'Masked', 'Parameterization', 'Prototype',
-           'Ring',
-           'Split', 'build', 'flatten', 'register', 'resolved_spec', 'rp_length', 'unflatten']
+__all__ = ['KERNELS', 'REGISTRY', 'Composed', 'Dense', 'Gated', 'Masked', 'Parameterization',
+           'Prototype', 'Ring', 'Split', 'build', 'register', 'resolved_spec', 'rp_length']

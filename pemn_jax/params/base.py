@@ -1,23 +1,12 @@
-"""The parameterization protocol and the helpers every method shares.
-
-A parameterization is built from a *target* -- the model's params pytree of
-shapes (``jax.eval_shape(model.init, ...)['params']``) -- and offers
-
-* ``init(key) -> state``: only what is trained (a pytree of float arrays);
-* ``materialize(state, seed, rng=None) -> params``: pure, jittable,
-  differentiable w.r.t. ``state`` and deterministic in ``seed``;
-* ``regularizer(state, seed, step) -> scalar``: an extra loss term (0 by
-  default); ``metrics(state, seed, step) -> {name: scalar}`` to log;
-* ``project(state)``: applied after every optimizer update (constraints);
-* ``eval_rngs(seed)``: None, or the keys of the sampled networks an
-  expected-value evaluation averages (stochastic methods);
-* ``storage_bits() -> dict``: what a compact file of this model must hold.
+"""The parameterization protocol (``Parameterization``: init, materialize,
+regularizer, metrics, project, export; see its methods) and what every method
+shares: leaf selection, initialization rules, ``Split`` (generated leaves +
+the rest) and ``Composed`` (a method over another one's params).
 
 Leaves are addressed by their '/'-joined path (``'Conv_0/kernel'``) and chosen
-with a *selection*: a regular expression (``re.search``) or one of the named
-selections in ``NAMED_SELECTIONS`` (``'@kernels'``, ``'@stages'``), which are
-resolved against the model's *creation order* of leaves (the order
-``model.init`` returns them in: execution order for compact Flax modules).
+with a *selection* (``select_paths``): a regular expression, a named
+selection (``'@kernels'``, ``'@stages'``: resolved against the model's
+*creation order* of leaves), or a list of paths.
 """
 
 from __future__ import annotations
@@ -34,6 +23,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from pemn_jax.ops.hashing import as_seed, path_id
+from pemn_jax.params import sections
+from pemn_jax.pytrees import flatten, unflatten
 
 PyTree = Any
 KERNELS = r'(^|/)kernel$'
@@ -44,16 +35,6 @@ NAMED_SELECTIONS = ('@kernels', '@stages')
 FANS = ('in', 'out')
 EMBEDDINGS = ('pos_embedding', 'cls', 'embedding')
 RESTS = ('train', 'fixed')
-
-
-def flatten(tree: Mapping) -> dict[str, Any]:
-  """Nested dict -> ``{'a/b/c': leaf}`` in deterministic (sorted) order."""
-  flat = traverse_util.flatten_dict(tree, sep='/') if tree else {}
-  return dict(sorted(flat.items()))
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  return traverse_util.unflatten_dict(dict(flat), sep='/') if flat else {}
 
 
 def size(shape) -> int:
@@ -110,11 +91,6 @@ def init_leaves(leaves: Mapping[str, Any], key, gain: float = 2.0) -> dict[str, 
     else:
       out[p] = (jnp.ones if p.rsplit('/', 1)[-1] == 'scale' else jnp.zeros)(v.shape, v.dtype)
   return out
-
-
-def init_leaf(path: str, shape, dtype, key, gain: float = 2.0):
-  """``init_leaves`` for a single leaf."""
-  return init_leaves({path: jax.ShapeDtypeStruct(tuple(shape), dtype)}, key, gain)[path]
 
 
 def leaf_key(seed, path: str):
@@ -262,15 +238,25 @@ class Parameterization(abc.ABC):
 
   def hyperparams(self) -> dict:
     """The numeric values behind this parameterization's ``traced`` options
-    (and its source's, under ``'source'``), computed here in Python exactly as
-    the untraced code computes them.
+    (``own_hyperparams``) and its source's (under ``'source'``), computed
+    here in Python exactly as the untraced code computes them.
 
     Returns:
       A pytree of numpy scalars/arrays (empty when nothing can be traced).
     """
+    h = self.own_hyperparams()
     src = getattr(self, 'source', None)
-    h = src.hyperparams() if isinstance(src, Parameterization) else {}
-    return {'source': h} if h else {}
+    src = src.hyperparams() if isinstance(src, Parameterization) else {}
+    return {**h, 'source': src} if src else h
+
+  def own_hyperparams(self) -> dict:
+    """This class's part of ``hyperparams()`` (none by default)."""
+    return {}
+
+  def use_hyperparams(self, own: dict):
+    """Takes this class's part of ``hyperparams()`` (possibly traced) instead
+    of its options; called on a copy by ``with_hyperparams``."""
+    raise NotImplementedError(f'{type(self).__name__} has no traced options')
 
   def with_hyperparams(self, hyper) -> Parameterization:
     """A shallow copy that uses ``hyper`` (``hyperparams()``'s structure, e.g.
@@ -286,6 +272,9 @@ class Parameterization(abc.ABC):
     out = copy.copy(self)
     if 'source' in hyper:
       out.source = self.source.with_hyperparams(hyper['source'])
+    own = {k: v for k, v in hyper.items() if k != 'source'}
+    if own:
+      out.use_hyperparams(own)
     return out
 
   def num_trainable(self) -> int:
@@ -353,11 +342,86 @@ class Split(Parameterization):
   def export(self, state, seed):
     out = dict(self.export_generated(state, seed))
     if self.rest == 'train':
-      out.update({f'rest/{p}': v for p, v in flatten(state['rest']).items()})
+      out.update(sections.nest(sections.REST, flatten(state['rest'])))
     return out
 
   def from_export(self, arrays, seed):
     flat = self.generate_from_export(arrays, seed)
-    rest = {p[5:]: v for p, v in arrays.items() if p.startswith('rest/')}
-    flat.update(self.rest_params(unflatten(rest), seed))
+    flat.update(self.rest_params(unflatten(sections.part(sections.REST, arrays)), seed))
     return self._assemble(flat)
+
+
+class Composed(Parameterization):
+  """A parameterization composed over another one, its ``source`` (built
+  first, on ``source_target(target)``), as optax chains transformations.
+
+  Its state is ``{'source': the source's state, **own}``. The regularizer,
+  logged metrics, projection, model-file sections, storage and traced
+  hyperparameters are the source's plus its own parts, which subclasses give
+  by overriding the ``own_*`` methods; ``init``, ``materialize`` and
+  ``apply_export`` (params from the source's rebuilt params and the file's
+  own sections) are theirs to write.
+
+  Args:
+    source: the built source parameterization.
+    target: the model's params (default: the source's).
+  """
+
+  takes_source = True
+
+  def __init__(self, source: Parameterization, target=None):
+    if not isinstance(source, Parameterization):
+      raise TypeError(f'{type(self).__name__} needs a Parameterization as source, got '
+                      f'{type(source)}')
+    super().__init__(source.target if target is None else target)
+    self.source = source
+
+  def own_regularizer(self, state, seed, step) -> jax.Array | None:
+    """This class's loss term (None: none)."""
+    del state, seed, step
+    return None
+
+  def own_metrics(self, state, seed, step) -> dict[str, jax.Array]:
+    del state, seed, step
+    return {}
+
+  def own_project(self, state) -> dict:
+    """This class's part of the state after an update (all but ``'source'``)."""
+    return {k: v for k, v in state.items() if k != sections.SOURCE}
+
+  def own_export(self, state, seed) -> dict[str, jax.Array]:
+    """This class's model-file sections (the source's are added under ``source/``)."""
+    del state, seed
+    return {}
+
+  def own_storage_bits(self) -> dict[str, int]:
+    return {}
+
+  @abc.abstractmethod
+  def apply_export(self, source_params, arrays, seed) -> PyTree:
+    """Params from the source's rebuilt params and this class's own sections."""
+
+  def regularizer(self, state, seed, step=0):
+    src = self.source.regularizer(state[sections.SOURCE], seed, step)
+    own = self.own_regularizer(state, seed, step)
+    return src if own is None else own + src
+
+  def metrics(self, state, seed, step=0):
+    return {**self.source.metrics(state[sections.SOURCE], seed, step),
+            **self.own_metrics(state, seed, step)}
+
+  def project(self, state):
+    return {**self.own_project(state),
+            sections.SOURCE: self.source.project(state[sections.SOURCE])}
+
+  def export(self, state, seed):
+    out = sections.nest(sections.SOURCE, self.source.export(state[sections.SOURCE], seed))
+    out.update(self.own_export(state, seed))
+    return out
+
+  def from_export(self, arrays, seed):
+    source_params = self.source.from_export(sections.part(sections.SOURCE, arrays), seed)
+    return self.apply_export(source_params, arrays, seed)
+
+  def storage_bits(self):
+    return {**self.source.storage_bits(), **self.own_storage_bits()}

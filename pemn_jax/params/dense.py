@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pemn_jax.params.base import Parameterization, flatten, init_leaves, size, unflatten
+from pemn_jax.params import sections
+from pemn_jax.params.base import Parameterization, init_leaves, size
+from pemn_jax.pytrees import flatten, unflatten
 
 
 class Dense(Parameterization):
@@ -23,10 +25,10 @@ class Dense(Parameterization):
     return unflatten({p: flat[p].astype(v.dtype) for p, v in self.leaves.items()})
 
   def export(self, state, seed=0):
-    return {f'params/{p}': v for p, v in flatten(state).items()}
+    return sections.nest(sections.PARAMS, flatten(state))
 
   def from_export(self, arrays, seed=0):
-    return self.materialize(unflatten({p[7:]: v for p, v in arrays.items()}), seed)
+    return self.materialize(unflatten(sections.part(sections.PARAMS, arrays)), seed)
 
   def storage_bits(self):
     return {'floats': 32 * sum(size(v.shape) for v in self.leaves.values())}

@@ -22,8 +22,6 @@ fixed (edge-popup).
 
 from __future__ import annotations
 
-import copy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,24 +29,17 @@ import numpy as np
 from pemn_jax.ops.segments import Segments
 from pemn_jax.ops.spmd import shard_flat
 from pemn_jax.ops.topk import num_kept, straight_through, topk_mask
-from pemn_jax.params.base import (
-  KERNELS,
-  Parameterization,
-  fan_in,
-  flatten,
-  leaf_key,
-  size,
-  unflatten,
-)
+from pemn_jax.params import sections
+from pemn_jax.params.base import KERNELS, Composed, Parameterization, fan_in, leaf_key, size
+from pemn_jax.pytrees import flatten, unflatten
 
 KINDS = ('edge_popup', 'supermask')
 EVALS = ('sample', 'threshold', 'expected')
 
 
-class Masked(Parameterization):
+class Masked(Composed):
   """Per-leaf learned masks composed over another parameterization."""
 
-  takes_source = True
   default_source = {'name': 'prototype', 'mode': 'dense'}
   traced = ('keep',)
   _kept = None  # per-leaf kept counts from with_hyperparams (traced), else from keep
@@ -56,9 +47,7 @@ class Masked(Parameterization):
   def __init__(self, source: Parameterization, keep: float = 0.5, select: str = KERNELS,
                kind: str = 'edge_popup', eval: str = 'sample', eval_samples: int = 8,
                eval_seed: int = 0):
-    if not isinstance(source, Parameterization):
-      raise TypeError(f'Masked needs a Parameterization as source, got {type(source)}')
-    super().__init__(source.target)
+    super().__init__(source)
     if kind not in KINDS:
       raise ValueError(f'mask kind must be one of {KINDS}, got {kind!r}')
     if kind == 'edge_popup' and not 0.0 < keep <= 1.0:
@@ -67,7 +56,7 @@ class Masked(Parameterization):
       raise ValueError(f'mask eval must be one of {EVALS}, got {eval!r}')
     if not isinstance(eval_samples, int) or not 1 <= eval_samples <= 1024:
       raise ValueError(f'mask eval_samples must be an integer in [1, 1024], got {eval_samples!r}')
-    self.source, self.keep, self.kind, self.selection = source, float(keep), kind, select
+    self.keep, self.kind, self.selection = float(keep), kind, select
     self.eval, self.eval_samples, self.eval_seed = eval, eval_samples, int(eval_seed)
     self.masked = self.select(select)
     if not self.masked:
@@ -87,21 +76,16 @@ class Masked(Parameterization):
   def selected(self):
     return list(self.masked)
 
-  def hyperparams(self) -> dict:
+  def own_hyperparams(self) -> dict:
     """Edge-popup's per-leaf kept counts ``n - int((1 - keep) n)`` (Python
     floats, as the untraced masks count them) under ``'kept'``."""
-    h = super().hyperparams()
-    if self.kind == 'edge_popup':
-      h['kept'] = {p: np.int32(num_kept(int(n), self.keep))
-                   for p, n in zip(self.masked, self.segments.sizes, strict=True)}
-    return h
+    if self.kind != 'edge_popup':
+      return {}
+    return {'kept': {p: np.int32(num_kept(int(n), self.keep))
+                     for p, n in zip(self.masked, self.segments.sizes, strict=True)}}
 
-  def with_hyperparams(self, hyper) -> Parameterization:
-    out = super().with_hyperparams(hyper)
-    if 'kept' in hyper:
-      out = out if out is not self else copy.copy(self)
-      out._kept = hyper['kept']
-    return out
+  def use_hyperparams(self, own: dict):
+    self._kept = own['kept']
 
   def _eval_key(self, seed):
     return jax.random.fold_in(leaf_key(seed, 'mask/eval'), self.eval_seed)
@@ -155,28 +139,16 @@ class Masked(Parameterization):
     source_params = self.source.materialize(state['source'], seed, src_rng)
     return self._apply(source_params, self.masks(state, mask_rng, seed))
 
-  def export(self, state, seed):
-    out = {f'source/{k}': v for k, v in self.source.export(state['source'], seed).items()}
-    out.update({f'mask/{p}': m > 0.5 for p, m in self.masks(state, None, seed).items()})
-    return out
+  def own_export(self, state, seed):
+    masks = {p: m > 0.5 for p, m in self.masks(state, None, seed).items()}
+    return sections.nest(sections.MASK, masks)
 
-  def from_export(self, arrays, seed):
-    src = {k[7:]: v for k, v in arrays.items() if k.startswith('source/')}
-    masks = {k[5:]: jnp.asarray(v, jnp.float32) for k, v in arrays.items() if k.startswith('mask/')}
+  def apply_export(self, source_params, arrays, seed):
+    masks = {p: jnp.asarray(v, jnp.float32)
+             for p, v in sections.part(sections.MASK, arrays).items()}
     if set(masks) != set(self.masked):
       raise ValueError(f'file has masks for {sorted(masks)}, the model needs {self.masked}')
-    return self._apply(self.source.from_export(src, seed), masks)
+    return self._apply(source_params, masks)
 
-  def regularizer(self, state, seed, step=0):
-    return self.source.regularizer(state['source'], seed, step)
-
-  def metrics(self, state, seed, step=0):
-    return self.source.metrics(state['source'], seed, step)
-
-  def project(self, state):
-    return {**state, 'source': self.source.project(state['source'])}
-
-  def storage_bits(self):
-    bits = dict(self.source.storage_bits())
-    bits['mask_bits'] = sum(size(self.leaves[p].shape) for p in self.masked)
-    return bits
+  def own_storage_bits(self):
+    return {'mask_bits': sum(size(self.leaves[p].shape) for p in self.masked)}

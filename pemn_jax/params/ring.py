@@ -130,13 +130,6 @@ class Ring(Split):
     bits = mix(as_seed(seed), lids, 0x5167, seg.local(ids)) >> 31
     return pos.astype(jnp.int32), 1.0 - 2.0 * bits.astype(jnp.float32), ids
 
-  def indices(self, path: str, seed):
-    """Ring positions and signs of one leaf's elements (flat order)."""
-    pos, sign, _ = self.flat_indices(seed)
-    i = self.generated.index(path)
-    s, n = int(self.segments.starts[i]), int(self.segments.sizes[i])
-    return pos[s:s + n], sign[s:s + n]
-
   def scale(self, path: str) -> float:
     """The constant leaf ``path`` is multiplied by."""
     return init_std(path, self.leaves[path].shape, self.gain, self.fan) / self.ring_std

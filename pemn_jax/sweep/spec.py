@@ -21,14 +21,13 @@ import dataclasses
 import importlib.util
 import itertools
 import json
-import math
 import os
 import re
 
 import ml_collections
 
-from pemn_jax import params as P
-from pemn_jax.config import ConfigError, validate
+from pemn_jax import params as param_lib
+from pemn_jax.config import ConfigError, base_config, convert, validate
 
 OPTIMIZER_TRACED = ('optimizer.lr', 'optimizer.weight_decay')
 
@@ -117,35 +116,24 @@ def _literal(raw: str):
 
 
 def _convert(key: str, raw: str, current):
-  """``raw`` as the type of ``current`` (the config's value at ``key``);
-  tuples and lists are written with ``x`` between items (``300x100``)."""
+  """``raw`` as the type of ``current`` (the config's value at ``key``; a
+  None value is typed by its ``base_config`` field); tuples and lists are
+  written with ``x`` between items (``300x100``)."""
   if current is _MISSING:
     return _literal(raw)
   if isinstance(current, (tuple, list)):
     items = [_convert(key, r, current[0] if current else _MISSING) for r in raw.split('x')]
     return type(current)(items)
+  if current is None:
+    if key not in base_config():
+      return _literal(raw)
+    current_kind = base_config().get_type(key)
+  else:
+    current_kind = type(current)
   try:
-    if isinstance(current, bool):
-      if raw.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
-        raise ValueError(raw)
-      return raw.lower() in ('true', '1', 'yes')
-    if isinstance(current, int):
-      f = float(raw)
-      if not f.is_integer():
-        raise ValueError(raw)
-      return int(f)
-    if isinstance(current, float):
-      value = float(raw)
-      if not math.isfinite(value):
-        raise ValueError(raw)
-      return value
-    if isinstance(current, str):
-      return raw
-  except ValueError:
-    raise ConfigError(f'{key}={raw!r}: not a {type(current).__name__} (the config '
-                      f'has {key}={current!r})') from None
-  raise ConfigError(f'{key}: the config value {current!r} is not a number, bool or '
-                    'string; it cannot be swept')
+    return convert(raw, current_kind, key)
+  except ConfigError as e:
+    raise ConfigError(f'{e} (the config has {key}={current!r})') from None
 
 
 def _get(tree: dict, dotted: str):
@@ -220,7 +208,7 @@ def expand(config_spec: str, sweeps, overrides=()) -> list[Variant]:
 
   base = ml_collections.ConfigDict(apply_sets(load_config(config_spec).to_dict()))
   validate(base)
-  data_seed = base.seed if base.data_seed < 0 else base.data_seed
+  data_seed = base.seed if base.data_seed is None else base.data_seed
   keys = [k for k, _ in sweeps]
   if not sweeps:
     raise ConfigError('give at least one --sweep key=v1,v2,...')
@@ -263,7 +251,7 @@ def expand(config_spec: str, sweeps, overrides=()) -> list[Variant]:
 
 def param_traced_keys(spec: dict, prefix: str = 'param') -> list[str]:
   """Dotted config keys of a param spec that its classes can trace."""
-  cls = P.REGISTRY.get(spec.get('name'))
+  cls = param_lib.REGISTRY.get(spec.get('name'))
   if cls is None:
     return []
   out = [f'{prefix}.{k}' for k in cls.traced if k in spec]

@@ -1,22 +1,13 @@
 """Orbax checkpointing of the train state, verified.
 
-Orbax restores whatever bytes are on disk: it keeps no checksum of array data,
-so one flipped byte restores silently into another state. Here every saved
-state carries a digest computed on device from the in-memory state (one
-uint32 per leaf: a sum of position-keyed hashes of the values' bits), stored
-in the step's JSON metadata, and
-
-* each save is read back and checked once it is complete (at the next save or
-  at close): a step that checks out is *verified*;
-* old steps are deleted by this class, not by orbax: it keeps the newest
-  ``keep`` steps and never deletes the newest verified one;
-* ``restore_latest`` tries steps from newest to oldest, checks each digest,
-  moves steps that fail aside to ``checkpoints/rejected/`` (nothing is
-  deleted) and says so; if none restores, it raises and touches nothing.
-
-The metadata (config, step, best accuracy, the digest itself) carries its own
-SHA-256 (``meta_digest``): a flipped byte there is a corrupt step too, not a
-"different config".
+Orbax keeps no checksum of array data: one flipped byte restores silently
+into another state. Here every saved state carries a digest computed on
+device (one uint32 per leaf: a sum of position-keyed hashes of the values'
+bits) in the step's JSON metadata, which carries its own SHA-256. Each save
+is read back and checked once complete (*verified*); old steps are deleted by
+this class, never the newest verified one; ``restore_latest`` tries steps
+from newest to oldest and moves those that fail to ``checkpoints/rejected/``
+(nothing is deleted); if none restores it raises and touches nothing.
 """
 
 from __future__ import annotations
@@ -93,27 +84,20 @@ def replicated_sharding():
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def with_sharding(abstract, shardings):
-  """ShapeDtypeStructs of ``abstract`` carrying ``shardings`` (one for all
-  leaves, or a matching tree): what orbax restores into."""
-  if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings),
-                        abstract)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
+# The train-state fields a partial restore reads (all but ``opt_state``).
+PARTIAL_FIELDS = ('step', 'state', 'model_state', 'seed')
 
 
-def all_finite(tree) -> bool:
-  """Whether every float leaf of ``tree`` is finite (one scalar to the host)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
-  if not leaves:
-    return True
-  return bool(_all_finite(leaves))
-
-
-@jax.jit
-def _all_finite(leaves):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+def _without_opt_state(got: list, want: list, state) -> tuple[list, list]:
+  """The digests of a train state's leaves (``step``, ``state``,
+  ``opt_state``, ``model_state``, ``seed`` in field order) without the
+  optimizer state's: ``got`` of a state whose ``opt_state`` is None, ``want``
+  recorded with it."""
+  n_state, n_model = len(jax.tree.leaves(state.state)), len(jax.tree.leaves(state.model_state))
+  want = list(want)
+  if len(want) < len(got):
+    return got, want
+  return got, want[:1 + n_state] + want[len(want) - n_model - 1:]
 
 
 class Checkpointer:
@@ -133,9 +117,6 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     self.manager.reload()
     return sorted(self.manager.all_steps())
-
-  def latest_step(self):
-    return self.manager.latest_step()
 
   def save(self, step: int, train_state, meta: dict, force: bool = False):
     """Saves asynchronously; the previous save is verified first."""
@@ -175,12 +156,29 @@ class Checkpointer:
       if s not in keep:
         self.manager.delete(s)
 
-  def restore(self, step: int, abstract_state):
+  def restore(self, step: int, abstract_state, partial: bool = False):
     """Restores ``step`` into the structure/shardings of ``abstract_state`` and
-    checks its digest; CheckpointError if it cannot or does not match."""
+    checks its digest; CheckpointError if it cannot or does not match.
+
+    Args:
+      step: the step.
+      abstract_state: ShapeDtypeStructs (with shardings) of the state.
+      partial: ``abstract_state`` is a train state whose ``opt_state`` is
+        None: every other field is read and checked, the optimizer state is
+        not (what export and evaluation need; no optimizer is built).
+    Returns:
+      ``(state, meta)``.
+    """
+    if partial:
+      item = {k: getattr(abstract_state, k) for k in PARTIAL_FIELDS}
+      state_args = ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)
+    else:
+      state_args = ocp.args.StandardRestore(abstract_state)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      out = self.manager.restore(step, args=ocp.args.Composite(state=state_args,
+                                                               meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - orbax raises many types; all mean the same here
       first_line = str(e).strip().split('\n')[0][:200]
       raise CheckpointError(
@@ -190,15 +188,19 @@ class Checkpointer:
     if meta.get('step', step) != step:
       raise CheckpointError(f'checkpoint directory {step} in {self.directory} holds step '
                             f'{meta.get("step")}: renamed or mixed up')
+    state = (abstract_state.replace(**{k: out.state[k] for k in PARTIAL_FIELDS}) if partial
+             else out.state)
     want = meta.get('digest')
     if want is not None:
-      got = [int(x) for x in jax.device_get(state_digest(out.state))]
+      got = [int(x) for x in jax.device_get(state_digest(state))]
+      if partial:  # the leaves of every field but the optimizer state's, in order
+        got, want = _without_opt_state(got, want, state)
       if got != list(want):
         bad = sum(a != b for a, b in zip(got, want, strict=True)) if len(got) == len(want) \
             else len(got)
         raise CheckpointError(f'checkpoint step {step} in {self.directory} is corrupt: {bad} '
                               'array(s) differ from the digest recorded when it was saved')
-    return out.state, meta
+    return state, meta
 
   def restore_latest(self, abstract_state):
     """(step, state, meta) of the newest step that restores and verifies, or
@@ -222,10 +224,25 @@ class Checkpointer:
       return step, state, meta
     if failures:
       detail = '; '.join(str(e) for _, e in failures[:3])
-      raise CheckpointError(f'no checkpoint in {self.directory} restores ({detail}). The '
+      raise CheckpointError(f'no checkpoint in {self.directory} restores ({detail}). '
+                            + self._layout_hint(steps[-1], abstract_state) + 'The '
                             'checkpoints were left untouched. If they are from another config or '
                             'corrupt, move them away (or use another --workdir) to start over.')
     return 0, None, None
+
+  def _layout_hint(self, step: int, abstract_state) -> str:
+    """Why ``step`` may not fit ``abstract_state`` ('' when nothing is seen)."""
+    try:
+      saved = len(self.restore_meta(step)['digest'])  # one digest per array
+    except (CheckpointError, KeyError, TypeError):
+      return ''
+    if saved == len(jax.tree.leaves(abstract_state)):
+      return ''
+    return (f'Its train state holds {saved} arrays, this run\'s '
+            f'{len(jax.tree.leaves(abstract_state))}: it was written by another pemn_jax '
+            'version (optimizer states before 2026-11-24 held no learning rate) or optimizer, '
+            'and cannot resume training here; export, evaluate and evolve still read its '
+            'trained state. ')
 
   def _reject(self, step: int) -> str:
     dest = os.path.join(self.directory, 'rejected', f'{step}-{int(time.time())}')

@@ -1,22 +1,19 @@
-"""The training loop: sharded jitted steps, eval, metrics, checkpoints, resume.
+"""The one training loop: sharded jitted steps, evaluation, records,
+checkpoints and resume, for one run or for K runs trained side by side.
 
-The loop is method-agnostic: the config's ``param`` spec becomes a
-parameterization and the step differentiates w.r.t. its state only.
-
-Safety: the workdir is locked by one run; a resumed run must have the same
-config as its checkpoints (``config.RESUMABLE_KEYS`` aside); checkpoints are
-verified against a digest and a corrupt one falls back to the newest good
-one; a run whose loss or state turns non-finite stops with DivergenceError
-and never checkpoints the non-finite state.
+It trains a *group*: K runs (``Member``) of one ``Run`` whose configs differ
+only in traced values (seed, learning rate, weight decay, a
+parameterization's ``traced`` options). K = 1 is an ordinary run
+(``train_and_evaluate``); K > 1 stacks the members' train states along a
+leading axis and ``jax.vmap``s the same step over it (``pemn_jax.sweep``).
+Each member's directory, checkpoints, records and results are its own. The
+safety rules (locks, config checks on resume, verified checkpoints,
+divergence, signals): docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import math
-import os
 import signal
 import time
 from typing import Any
@@ -24,62 +21,61 @@ from typing import Any
 import jax
 import numpy as np
 
-from pemn_jax import models
-from pemn_jax import params as P
-from pemn_jax.config import RESUMABLE_KEYS, ConfigError, config_differences, validate
-from pemn_jax.data import sources
-from pemn_jax.data.pipeline import Pipeline
+from pemn_jax.config import ConfigError, validate
 from pemn_jax.data.prefetch import Prefetcher
-from pemn_jax.train.checkpoint import Checkpointer, CheckpointError, all_finite
+from pemn_jax.params.base import Parameterization
+from pemn_jax.pytrees import all_finite
+from pemn_jax.train.checkpoint import Checkpointer
 from pemn_jax.train.multihost import lost_peer
-from pemn_jax.train.optim import (
-  make_optimizer,
-  set_hyperparams,
-  upgrade_opt_state,
-  with_pruning,
-)
-from pemn_jax.train.sharding import Layout, ShardingError, bytes_per_device, device_memory_limit
-from pemn_jax.train.step import create_train_state, eval_batch, make_train_step
+from pemn_jax.train.optim import make_schedule, set_hyperparams
+from pemn_jax.train.run import Run, check_same_config, storage_report
+from pemn_jax.train.sharding import ShardingError, bytes_per_device, device_memory_limit
+from pemn_jax.train.step import eval_batch, eval_sums, make_train_step
+from pemn_jax.train.tracking import DivergenceError, Tracker
 from pemn_jax.train.workdir import WorkdirLock, prepare
 
-
-def legacy_abstract(run: Setup, config, shardings):
-  """The abstract train state (laid out per ``shardings(abstract)``) of a
-  checkpoint written before the optimizer held its hyperparameters
-  (``make_optimizer(inject=False)``)."""
-  tx, _ = make_optimizer(config.optimizer, run.total, run.pipe.steps_per_epoch, inject=False)
-  tx = with_pruning(tx, config.prune, run.total, config.seed, run.param)
-
-  def init(k):
-    return create_train_state(run.param, tx, k,
-                              models.init_model_state(run.model, run.train_ds.image_shape),
-                              config.seed)
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings(abstract))
+__all__ = ['DivergenceError', 'Member', 'Progress', 'train', 'train_and_evaluate']
 
 
-def upgrade_state(fresh, legacy, out_shardings=None):
-  """``legacy`` (a restored older train state) with its optimizer state in
-  the structure of ``fresh`` (a new one of the same run: its hyperparameters
-  are kept)."""
-  return jax.jit(lambda f, t: t.replace(opt_state=upgrade_opt_state(f.opt_state, t.opt_state)),
-                 out_shardings=out_shardings)(fresh, legacy)
+@dataclasses.dataclass
+class Member:
+  """One run the loop trains: its directory, config and parameterization
+  (built on the group's ``Run`` model), and how messages name it."""
+  workdir: str
+  config: Any
+  param: Parameterization
+  label: str = ''
 
 
-def _restore_legacy(ckpt, run, config, fresh, ts_shardings, layout):
-  """(step, state, meta) of the newest older-format checkpoint, upgraded, or
-  None when none restores in that format either."""
-  abstract = legacy_abstract(run, config, layout.state_shardings)
-  try:
-    start, restored, meta = ckpt.restore_latest(abstract)
-  except CheckpointError:
-    return None
-  return start, upgrade_state(fresh, restored, ts_shardings), meta
+class Progress:
+  """What the loop prints (process 0): a single run's lines. A sweep passes
+  its own (``pemn_jax.sweep``)."""
+
+  def __init__(self, say):
+    self.say = say
+
+  def start(self, run: Run, members: list[Member], start: int):
+    if start:
+      return
+    r, c = storage_report(run.param), run.config
+    self.say(f'{c.model} x {c.param.name}: N={r["num_params"]} trainable={r["trainable"]} '
+             f'model_bytes={r["model_bytes"]} dense_bytes={r["dense_bytes"]} steps={run.total} '
+             f'devices={jax.device_count()} processes={jax.process_count()} '
+             f'{run.layout.describe()}')
+
+  def log(self, step: int, total: int, records: list[dict], eta: float):
+    rec = records[0]
+    extra = ''.join(f' {k} {v:.4g}' for k, v in rec.items() if k not in _STANDARD)
+    self.say(f'step {step}/{total} loss {rec["loss"]:.4f} acc {rec["accuracy"]:.4f} '
+             f'lr {rec["lr"]:.3g}{extra} {rec["images_per_s"]:.0f} img/s eta {eta:.0f}s')
+
+  def evaluated(self, step: int, lasts: list[dict]):
+    r = lasts[0]
+    self.say(f'eval step {step}: test accuracy {r["test_accuracy"]:.4f} test loss '
+             f'{r["test_loss"]:.4f} (best {r["best_test_accuracy"]:.4f} at step {r["best_step"]})')
 
 
-class DivergenceError(RuntimeError):
-  """Training produced non-finite values; the last finite checkpoint is kept."""
+_STANDARD = ('step', 'loss', 'accuracy', 'lr', 'images_per_s', 'trainable', 'model_bytes')
 
 
 class _Stop:
@@ -124,81 +120,6 @@ class _Stop:
       signal.signal(s, h)
 
 
-def storage_report(param: P.Parameterization) -> dict:
-  bits = param.storage_bits()
-  return {'dense_bytes': 4 * param.num_params,
-          'model_bytes': int(math.ceil(sum(bits.values()) / 8)),
-          'num_params': param.num_params, 'trainable': param.num_trainable()}
-
-
-def global_batch(sharding, *arrays):
-  """This process's slices of a batch as global arrays laid out per ``sharding``."""
-  return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in arrays)
-
-
-def eval_sums(eval_step, ts, pipe: Pipeline, to_global):
-  """(correct, total, loss) summed over ``pipe``'s evaluation batches, as
-  float64 numpy arrays (scalars, or one per variant of a vmapped sweep)."""
-  correct = total = loss = 0.0
-  for images, labels, weights in pipe.eval_batches():
-    out = eval_step(ts, *to_global(images, labels, weights))
-    correct, total, loss = correct + out[0], total + out[1], loss + out[2]
-  return tuple(np.asarray(jax.device_get(x), np.float64) for x in (correct, total, loss))
-
-
-def evaluate(eval_step, ts, pipe: Pipeline, to_global):
-  correct, total, loss = (float(x) for x in eval_sums(eval_step, ts, pipe, to_global))
-  return {'test_accuracy': correct / total, 'test_loss': loss / total}
-
-
-class Metrics:
-  """metrics.jsonl and TensorBoard event files (``workdir/tensorboard``,
-  through tensorboardX: no TensorFlow), written by process 0. On resume the
-  records after the checkpoint's step (written before a crash) are dropped
-  from metrics.jsonl and purged from TensorBoard's view, so no step appears
-  twice."""
-
-  def __init__(self, workdir: str, is_main: bool):
-    self.path, self.is_main = os.path.join(workdir, 'metrics.jsonl'), is_main
-    self.tb_dir, self.tb = os.path.join(workdir, 'tensorboard'), None
-
-  def open_tensorboard(self, start: int):
-    if self.is_main:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(self.tb_dir, purge_step=start or None, flush_secs=30)
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
-      self.tb = None
-
-  def truncate_after(self, step: int):
-    if not self.is_main or not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      lines = [ln for ln in f if ln.strip()]
-    keep = []
-    for ln in lines:
-      try:
-        if json.loads(ln).get('step', 0) <= step:
-          keep.append(ln)
-      except ValueError:  # a line cut by a crash
-        continue
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
-
-  def write(self, record: dict):
-    if self.is_main:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-      if self.tb is not None:
-        for k, v in record.items():
-          if k != 'step' and isinstance(v, (int, float)):
-            self.tb.add_scalar(k, v, record['step'])
-
-
 def train_and_evaluate(config, workdir: str, model=None) -> dict:
   """Trains per ``config`` in ``workdir``, resuming from its checkpoints.
 
@@ -213,7 +134,7 @@ def train_and_evaluate(config, workdir: str, model=None) -> dict:
     Plain metrics: ``step``, ``stopped`` (stopped before the end), the last
     evaluation's ``test_accuracy``/``test_loss``, ``best_test_accuracy`` and
     ``best_step``, and the storage report. The trained state is in the
-    workdir's checkpoints (``pemn_jax.export.run.load_run``).
+    workdir's checkpoints (``pemn_jax.train.run.restore``).
   Raises:
     ConfigError, DataError, CheckpointError, WorkdirError, DivergenceError.
   """
@@ -223,262 +144,252 @@ def train_and_evaluate(config, workdir: str, model=None) -> dict:
     if lock.unsupported:
       print(f'warning: {workdir} cannot be locked ({lock.unsupported}); make sure no other run '
             'uses it', flush=True)
-    return _train(config, workdir, model)
+    run = Run.build(config, model)
+    return train(run, [Member(workdir, config, run.param)])[0]
 
 
-@dataclasses.dataclass
-class Setup:
-  """What a training run is made of, built from its config (``setup``): the
-  trainer and the sweeps (``pemn_jax.sweep``) start from it."""
-  layout: Layout
-  train_ds: Any
-  pipe: Pipeline            # training batches (order: config.data_seed, else config.seed)
-  test_pipe: Pipeline       # evaluation batches (padded to the devices)
-  model: Any
-  param: P.Parameterization
-  total: int                # training steps
-  tx: Any                   # optax transformation (pruning wrapper included)
-  sched: Any                # learning rate of step
-
-  def init_state(self, key, seed):
-    """The initial ``TrainState`` (not jitted; ``seed`` may be traced)."""
-    return create_train_state(self.param, self.tx, key,
-                              models.init_model_state(self.model, self.train_ds.image_shape),
-                              seed)
+def _say(msg: str):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
-def data_seed(config) -> int:
-  """The seed of the training data order and augmentation draws."""
-  return config.seed if config.data_seed < 0 else config.data_seed
+def train(run: Run, members: list[Member], say=None, progress: Progress | None = None
+          ) -> list[dict]:
+  """Trains ``members`` side by side, each resuming from its checkpoints.
 
-
-def setup(config, model=None, decay: bool | None = None) -> Setup:
-  """Builds a run's data pipelines, model, parameterization and optimizer.
+  Members resuming from different steps (e.g. one whose newest checkpoint
+  was corrupt) continue as separate groups, one after another.
 
   Args:
-    config: a validated training config.
-    model: optionally the model (see ``train_and_evaluate``).
-    decay: include the weight-decay term in the optimizer (``make_optimizer``).
+    run: what the members share (``Run.build`` of the first one's config).
+    members: runs of ``run`` differing only in traced values; their cadence
+      keys (lengths, logging, evaluation, checkpoints) are the first one's.
+    say: messages (default: printed by process 0).
+    progress: what to print at start, log and evaluation steps (default:
+      ``Progress(say)``).
   Returns:
-    A ``Setup``.
+    Each member's result (``train_and_evaluate``'s); ``stopped`` is True for
+    those a signal or ``stop_at_step`` stopped before the end.
   Raises:
-    ConfigError, DataError.
+    ConfigError, DataError, CheckpointError, DivergenceError.
   """
+  say = say or _say
+  progress = progress or Progress(say)
+  cfg = members[0].config
+  ckpts = [Checkpointer(m.workdir, cfg.keep_checkpoints, cfg.verify_checkpoints)
+           for m in members]
+  trackers = [Tracker(m.workdir, storage_report(m.param), make_schedule(
+      m.config.optimizer, run.total, run.pipe.steps_per_epoch), cfg.batch_size,
+      jax.process_index() == 0, m.label) for m in members]
+  # One member: laid out per config.sharding; stacked members: replicated.
+  one = jax.eval_shape(run.init_state, jax.random.key(0), np.uint32(0))
   try:
-    layout = Layout.from_config(config)
+    shardings = (run.layout.state_shardings(one) if len(members) == 1 else
+                 jax.tree.map(lambda _: run.layout.replicated, one))
   except ShardingError as e:
     raise ConfigError(str(e)) from None
-  if config.batch_size % jax.device_count():
-    raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
-                      f'{jax.device_count()} devices')
-  # Evaluation pads its batches (padding weighs 0): round up to the devices.
-  eval_size = -(-config.eval_batch_size // jax.device_count()) * jax.device_count()
+  one = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), one,
+                     shardings)
 
-  load = lambda split: sources.load(config.dataset, split, config.data_dir or None,  # noqa: E731
-                                    config.source_dir or None)
-  pidx, pcount = jax.process_index(), jax.process_count()
-  if pcount > 1:  # process 0 prepares local datasets; the others wait, then read
-    from jax.experimental import multihost_utils
-    if pidx == 0:
-      load('train'), load('test')
-    multihost_utils.sync_global_devices('pemn_jax:data_ready')
-  train_ds, test_ds = load('train'), load('test')
+  def warn(ck, label=''):
+    for msg in ck.messages:
+      say(f'warning: {label + ": " if label else ""}{msg}')
+    ck.messages.clear()
+
   try:
-    pipe = Pipeline(train_ds, config.batch_size, data_seed(config), config.augment, pidx, pcount,
-                    config.train_limit or None, config.augment_options.to_dict())
-  except ValueError as e:
-    raise ConfigError(f'config.batch_size={config.batch_size}: {e}') from None
-  test_pipe = Pipeline(test_ds, eval_size, config.seed, '', pidx, pcount,
-                       config.test_limit or None, training=False)
-
-  if model is None:
-    try:
-      model = models.get(config.model, num_classes=train_ds.num_classes,
-                         **config.model_kwargs.to_dict())
-    except ValueError as e:
-      which = (f'config.model_kwargs={config.model_kwargs.to_dict()!r}'
-               if config.model_kwargs and 'bad options' in str(e) else
-               f'config.model={config.model!r}')
-      raise ConfigError(f'{which}: {e}') from None
-  target = models.abstract_params(model, train_ds.image_shape)
-  total = config.num_steps or max(1, int(config.num_epochs * pipe.steps_per_epoch))
-  try:
-    param = P.build(config.param, target, model=model, total_steps=total)
-    layout.resolve(param)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f'config.param: {e}') from e
-  tx, sched = make_optimizer(config.optimizer, total, pipe.steps_per_epoch, decay)
-  tx = with_pruning(tx, config.prune, total, config.seed, param)
-  return Setup(layout, train_ds, pipe, test_pipe, model, param, total, tx, sched)
+    restored = []
+    for m, ck in zip(members, ckpts, strict=True):
+      if ck.all_steps():
+        check_same_config(ck, m.config, m.workdir)
+      restored.append(ck.restore_latest(one) if ck.all_steps() else (0, None, None))
+      warn(ck, m.label)
+    starts = sorted({s for s, _, _ in restored})
+    if len(starts) > 1:
+      say(f'variants resume from steps {starts}: continuing them as {len(starts)} groups')
+    results: dict[int, dict] = {}
+    for start in starts:
+      idx = [i for i, (s, _, _) in enumerate(restored) if s == start]
+      if any(r['stopped'] for r in results.values()):  # a signal stops the rest too
+        results.update({i: trackers[i].result(start, run.total) for i in idx})
+        continue
+      group = _Group(run, [members[i] for i in idx], [ckpts[i] for i in idx],
+                     [trackers[i] for i in idx], shardings, say, progress)
+      results.update(zip(idx, group.fit(start, [restored[i] for i in idx]), strict=True))
+    return [results[i] for i in range(len(members))]
+  finally:
+    for ck, tr in zip(ckpts, trackers, strict=True):
+      ck.close()
+      warn(ck)
+      tr.close()
 
 
-def _train(config, workdir: str, model=None) -> dict:
-  run = setup(config, model)
-  layout, train_ds, pipe, test_pipe = run.layout, run.train_ds, run.pipe, run.test_pipe
-  model, param, total, tx, sched = run.model, run.param, run.total, run.tx, run.sched
-  repl, data_sharding = layout.replicated, layout.batch
-  pidx, pcount = jax.process_index(), jax.process_count()
+def _stack(trees):
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
-  def init_state(k):
-    return run.init_state(k, config.seed)
 
-  abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-  try:
-    ts_shardings = layout.state_shardings(abstract)
-  except ShardingError as e:
-    raise ConfigError(str(e)) from None
-  need, limit = bytes_per_device(abstract, ts_shardings), device_memory_limit()
-  if limit is not None and need > limit:
-    raise ConfigError(
-        f'the train state needs {need / 2**20:.1f} MiB per device on the mesh '
-        f'{dict(layout.mesh.shape)} with config.sharding.state={config.sharding.state!r}, but a '
-        f'device holds {limit / 2**20:.1f} MiB: use more devices (config.mesh) or shard the '
-        "state (config.sharding.state='fsdp' with config.mesh.fsdp > 1)")
-  ts = jax.jit(init_state, out_shardings=ts_shardings)(jax.random.key(config.seed))
-  is_main = pidx == 0
-  say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-  metrics = Metrics(workdir, is_main)
-  ckpt = Checkpointer(workdir, config.keep_checkpoints, config.verify_checkpoints)
-  start, best = 0, {}  # best test accuracy over evaluations (the PEMN reference reports it)
-  steps = ckpt.all_steps()
-  if steps:
-    stored = ckpt.stored_config()
-    diffs = config_differences(stored, config.to_dict()) if stored is not None else []
-    if diffs:
-      raise ConfigError(f'{workdir} holds checkpoints of another config; differing keys: '
-                        + '; '.join(diffs[:10]) + '. Only these keys may change on resume: '
-                        + ', '.join(RESUMABLE_KEYS) + '. Use another --workdir for a new '
-                        'config.')
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            ts, ts_shardings)
-    try:
-      start, restored, meta = ckpt.restore_latest(abstract)
-    except CheckpointError as e:  # written before the optimizer held its hyperparameters?
-      legacy = _restore_legacy(ckpt, run, config, ts, ts_shardings, layout)
-      if legacy is None:
-        raise e from None
-      start, restored, meta = legacy
-      say(f'note: upgraded the optimizer state of {ckpt.directory} (step {start}) to hold its '
-          'learning rate and weight decay')
-    for msg in ckpt.messages:
-      say(f'warning: {msg}')
-    ckpt.messages.clear()
-    ts, best = restored, dict(meta.get('best', {}))
-    # optimizer.lr may change on resume: the rate held in the optimizer state follows it.
-    # (inside jit: the state may span processes).
-    lr = float(config.optimizer.lr)
-    ts = jax.jit(lambda t: t.replace(opt_state=set_hyperparams(t.opt_state, learning_rate=lr)),
-                 in_shardings=(ts_shardings,), out_shardings=ts_shardings, donate_argnums=0)(ts)
+class _Group:
+  """Members trained as one compiled step (vmapped when more than one)."""
+
+  def __init__(self, run, members, ckpts, trackers, shardings, say, progress):
+    self.run, self.members, self.ckpts, self.trackers = run, members, ckpts, trackers
+    self.say, self.progress, self.k = say, progress, len(members)
+    self.stacked, self.config, self.shardings = self.k > 1, members[0].config, shardings
+    self.hyper = (_stack([m.param.hyperparams() for m in members])
+                  if self.stacked and run.param.hyperparams() else {})
+
+  def _values(self, get, dtype):
+    values = np.array([get(m.config) for m in self.members], dtype)
+    return values if self.stacked else values[0]
+
+  def _init(self):
+    run = self.run
+
+    def init(seed, lr, wd):
+      ts = run.init_state(jax.random.key(seed), seed)
+      return ts.replace(opt_state=set_hyperparams(ts.opt_state, learning_rate=lr,
+                                                  weight_decay=wd))
+    return jax.vmap(init) if self.stacked else init
+
+  def _steps(self):
+    """The jitted train and evaluation steps."""
+    run, layout, model = self.run, self.run.layout, self.run.model
+    # Stacked members generate their params replicated (per-device generation
+    # is a single run's layout).
+    generate = None if self.stacked else layout.materialize
+
+    def train_one(ts, h, images, labels, step):
+      param = run.param.with_hyperparams(h)
+      # the step's key derived inside the step: one dispatch per step, not two
+      rng = jax.random.fold_in(jax.random.key(ts.seed), step)
+      return make_train_step(model, param, run.tx, generate)(ts, images, labels, rng)
+
+    def eval_one(ts, h, images, labels, weights):
+      param = run.param.with_hyperparams(h)
+      make = generate or (lambda p, *a: p.materialize(*a))
+      return eval_batch(model, lambda rng: make(param, ts.state, ts.seed, rng), ts.model_state,
+                        images, labels, weights, param.eval_rngs(ts.seed))
+
+    if self.stacked:
+      train_one = jax.vmap(train_one, in_axes=(0, 0, None, None, None))
+      eval_one = jax.vmap(eval_one, in_axes=(0, 0, None, None, None))
+    repl, data = layout.replicated, layout.batch
+    train_step = jax.jit(train_one, in_shardings=(self.shardings, repl, data, data, repl),
+                         out_shardings=(self.shardings, repl), donate_argnums=0)
+    eval_step = jax.jit(eval_one, in_shardings=(self.shardings, repl, data, data, data),
+                        out_shardings=repl)
+    return train_step, eval_step
+
+  def _initial_state(self, start, restored):
+    init = self._init()
+    seeds = self._values(lambda c: int(c.seed) & 0xFFFFFFFF, np.uint32)
+    lrs = self._values(lambda c: float(c.optimizer.lr), np.float32)
+    wds = self._values(lambda c: float(c.optimizer.weight_decay), np.float32)
+    abstract = jax.eval_shape(init, seeds, lrs, wds)
+    need, limit = bytes_per_device(abstract, self.shardings), device_memory_limit()
+    if limit is not None and need > limit:
+      raise ConfigError(
+          f'the train state needs {need / 2**20:.1f} MiB per device on the mesh '
+          f'{dict(self.run.layout.mesh.shape)} with config.sharding.state='
+          f'{self.config.sharding.state!r}, but a device holds {limit / 2**20:.1f} MiB: use more '
+          "devices (config.mesh) or shard the state (config.sharding.state='fsdp' with "
+          'config.mesh.fsdp > 1)')
+    if not start:
+      return jax.jit(init, out_shardings=self.shardings)(seeds, lrs, wds)
+    states = [s for _, s, _ in restored]
+    ts = jax.device_put(_stack(states), self.run.layout.replicated) if self.stacked else states[0]
+    # optimizer.lr may change on resume: the rate held in the optimizer state
+    # follows it (inside jit: the state may span processes).
+    return jax.jit(lambda t, lr: t.replace(opt_state=set_hyperparams(t.opt_state,
+                                                                     learning_rate=lr)),
+                   in_shardings=(self.shardings, self.run.layout.replicated),
+                   out_shardings=self.shardings, donate_argnums=0)(ts, lrs)
+
+  def _member_metrics(self, ms, i):
+    return [{n: np.reshape(v, (-1,))[i] for n, v in x.items()} for x in ms]
+
+  def _evaluate(self, eval_step, ts, step, write=True) -> list[dict]:
+    correct, count, loss = (np.reshape(x, (-1,)) for x in eval_sums(
+        eval_step, self.run.test_pipe, ts, self.hyper, batch_sharding=self.run.layout.batch))
+    return [tr.evaluated(step, float(correct[i] / count[i]), float(loss[i] / count[i]), write)
+            for i, tr in enumerate(self.trackers)]
+
+  def fit(self, start: int, restored) -> list[dict]:
+    run, cfg, say = self.run, self.config, self.say
+    total = run.total
     if start > total:
-      raise ConfigError(f'the checkpoint in {workdir} is at step {start}, beyond this run\'s '
+      where = self.members[0].workdir if not self.stacked else 'the variants\' workdirs'
+      raise ConfigError(f'the checkpoint in {where} is at step {start}, beyond this run\'s '
                         f'{total} steps (config.num_steps/num_epochs): raise them to continue, '
                         'or use another --workdir')
-    metrics.truncate_after(start)
-    say(f'resumed from step {start} ({ckpt.directory})')
+    for tr, (_, _, meta) in zip(self.trackers, restored, strict=True):
+      tr.resume(start, meta)
+    if start:
+      for m, ck in zip(self.members, self.ckpts, strict=True):
+        say(f'resumed {m.label + " " if m.label else ""}from step {start} ({ck.directory})')
+    ts = self._initial_state(start, restored)
+    train_step, eval_step = self._steps()
+    self.progress.start(run, self.members, start)
+    end = min(total, cfg.stop_at_step) if cfg.stop_at_step else total
+    batch = run.layout.batch
 
-  step_fn = make_train_step(model, param, tx, layout.materialize)
+    def step_inputs(s):  # the inputs of step s: on a background thread with config.prefetch
+      return (*(jax.make_array_from_process_local_data(batch, np.asarray(a))
+                for a in run.pipe.batch(s)), np.uint32(s))
 
-  def train_step_at(ts, images, labels, step):
-    # the step's key derived inside the step: one dispatch per step, not two
-    return step_fn(ts, images, labels, jax.random.fold_in(jax.random.key(config.seed), step))
+    acc, t_last, step, evaluated = [], time.time(), start, False
+    try:
+      with _Stop() as stop, Prefetcher(step_inputs, range(start, end), cfg.prefetch) as inputs:
+        while step < end:
+          ts, m = train_step(ts, self.hyper, *next(inputs))
+          step += 1
+          acc.append(m)
+          if step % cfg.log_every == 0 or step == end:
+            ms, dt = jax.device_get(acc), time.time() - t_last
+            recs = [tr.record(step, self._member_metrics(ms, i), dt)
+                    for i, tr in enumerate(self.trackers)]
+            self.progress.log(step, total, recs, (total - step) * dt / len(ms))
+            acc, t_last = [], time.time()
+          if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            self.progress.evaluated(step, self._evaluate(eval_step, ts, step))
+            evaluated, t_last = True, time.time()
+          stopping = stop.requested(step)
+          if step % cfg.checkpoint_every == 0 or step == end or stopping:
+            self._save(ts, step)
+          if stopping:
+            for ck in self.ckpts:
+              ck.wait()
+            say(f'received signal {stop.signum}: checkpoint saved at step {step}, exiting')
+            break
+    except DivergenceError as e:
+      raise self._diverged(e) from None
+    except Exception as e:
+      if lost_peer(e):  # a peer is gone: collectives (finishing a save) would wait for it
+        for ck in self.ckpts:
+          ck.abandon()
+      raise
+    if step == total and not evaluated:  # resumed at the end: evaluate the restored state
+      self._evaluate(eval_step, ts, step, write=False)
+    return [tr.result(step, total) for tr in self.trackers]
 
-  train_step = jax.jit(train_step_at, in_shardings=(ts_shardings, data_sharding, data_sharding,
-                                                    repl),
-                       out_shardings=(ts_shardings, repl), donate_argnums=0)
+  def _save(self, ts, step: int):
+    if not all_finite((ts.state, ts.opt_state, ts.model_state)):
+      raise self.trackers[0].diverged(step, 'finite, but the state is not')
+    for i, (m, ck, tr) in enumerate(zip(self.members, self.ckpts, self.trackers, strict=True)):
+      one = jax.tree.map(lambda x, i=i: x[i], ts) if self.stacked else ts
+      ck.save(step, one, self.run.meta(m.config, step, tr.best), force=True)
 
-  @functools.partial(jax.jit, in_shardings=(ts_shardings, data_sharding, data_sharding,
-                                            data_sharding), out_shardings=repl)
-  def eval_step(ts, images, labels, weights):
-    return eval_batch(model, lambda rng: layout.materialize(param, ts.state, ts.seed, rng),
-                      ts.model_state, images, labels, weights, param.eval_rngs(ts.seed))
-
-  to_global = functools.partial(global_batch, data_sharding)
-
-  def diverged(at_step, value):
-    return DivergenceError(f'training diverged: the loss is {value} at step {at_step}')
-
-  report = storage_report(param)
-  if not start:
-    say(f'{config.model} x {config.param.name}: N={report["num_params"]} trainable='
-        f'{report["trainable"]} model_bytes={report["model_bytes"]} dense_bytes='
-        f'{report["dense_bytes"]} steps={total} devices={jax.device_count()} processes={pcount} '
-        f'{layout.describe()}')
-  end = min(total, config.stop_at_step) if config.stop_at_step else total
-  acc_metrics, t_last, step = [], time.time(), start
-  last = {}
-  metrics.open_tensorboard(start)
-  def step_inputs(s):  # the inputs of step s: on a background thread with config.prefetch
-    return (*to_global(*pipe.batch(s)), np.uint32(s))
-
-  try:
-    with _Stop() as stop, Prefetcher(step_inputs, range(start, end), config.prefetch) as inputs:
-      while step < end:
-        ts, m = train_step(ts, *next(inputs))
-        step += 1
-        acc_metrics.append(m)
-        if step % config.log_every == 0 or step == end:
-          ms = jax.device_get(acc_metrics)
-          losses = [float(x['loss']) for x in ms]
-          for i, v in enumerate(losses):
-            if not math.isfinite(v):
-              raise diverged(step - len(ms) + i + 1, v)
-          dt = time.time() - t_last
-          # The parameterization's metrics describe its state: the last step's.
-          rec = {'step': step, 'loss': float(np.mean(losses)),
-                 'accuracy': float(np.mean([x['accuracy'] for x in ms])),
-                 **{k: float(ms[-1][k]) for k in ms[-1] if k not in ('loss', 'accuracy')},
-                 'lr': float(sched(step - 1)), 'images_per_s': len(ms) * config.batch_size / dt,
-                 'trainable': report['trainable'], 'model_bytes': report['model_bytes']}
-          eta = (total - step) * dt / len(ms)
-          extra = ''.join(f' {k} {rec[k]:.4g}' for k in ms[0] if k not in ('loss', 'accuracy'))
-          say(f'step {step}/{total} loss {rec["loss"]:.4f} acc {rec["accuracy"]:.4f} '
-              f'lr {rec["lr"]:.3g}{extra} {rec["images_per_s"]:.0f} img/s eta {eta:.0f}s')
-          metrics.write(rec)
-          acc_metrics, t_last = [], time.time()
-        if (config.eval_every and step % config.eval_every == 0) or step == total:
-          last = {'step': step, **evaluate(eval_step, ts, test_pipe, to_global)}
-          if not math.isfinite(last['test_loss']):
-            raise diverged(step, f'{last["test_loss"]} (test)')
-          if last['test_accuracy'] >= best.get('best_test_accuracy', -1.0):
-            best = {'best_test_accuracy': last['test_accuracy'], 'best_step': step}
-          last.update(best)
-          say(f'eval step {step}: test accuracy {last["test_accuracy"]:.4f} test loss '
-              f'{last["test_loss"]:.4f} (best {best["best_test_accuracy"]:.4f} at step '
-              f'{best["best_step"]})')
-          metrics.write(last)
-          t_last = time.time()
-        stopping = stop.requested(step)
-        if step % config.checkpoint_every == 0 or step == end or stopping:
-          if not all_finite((ts.state, ts.opt_state, ts.model_state)):
-            raise diverged(step, 'finite, but the state is not')
-          ckpt.save(step, ts, {'step': step, 'config': config.to_dict(), 'best': best,
-                               'num_classes': train_ds.num_classes,
-                               'input_shape': list(train_ds.image_shape)}, force=True)
-        if stopping:
-          ckpt.wait()
-          say(f'received signal {stop.signum}: checkpoint saved at step {step}, exiting')
-          break
-  except DivergenceError as e:
-    ckpt.close()  # finishes and verifies the last (finite) save
-    last = (ckpt.all_steps() or [None])[-1]
-    kept = (f'the last checkpoint, step {last}, holds finite values and was kept' if last
-            else 'no checkpoint was written')
-    raise DivergenceError(
-        f'{e}; {kept} ({ckpt.directory}). Lower config.optimizer.lr (now '
-        f'{config.optimizer.lr}) or set config.optimizer.grad_clip and run again: it resumes '
-        'from that checkpoint.') from None
-  except Exception as e:
-    if lost_peer(e):  # a peer is gone: collectives (finishing a save) would wait for it
-      ckpt.abandon()
-    raise
-  finally:
-    ckpt.close()
-    metrics.close()
-    for msg in ckpt.messages:
-      say(f'warning: {msg}')
-  if step == total and not last:  # resumed at the end: evaluate the restored state
-    last = {'step': step, **evaluate(eval_step, ts, test_pipe, to_global)}
-    if last['test_accuracy'] >= best.get('best_test_accuracy', -1.0):
-      best = {'best_test_accuracy': last['test_accuracy'], 'best_step': step}
-    last.update(best)
-  return {**last, 'step': step, 'stopped': step < total, **report}
+  def _diverged(self, e: DivergenceError) -> DivergenceError:
+    for ck in self.ckpts:
+      ck.close()  # finishes and verifies the last (finite) save
+    lasts = [(ck.all_steps() or [None])[-1] for ck in self.ckpts]
+    where = self.ckpts[0].directory if len(self.ckpts) == 1 else 'each variant\'s checkpoints'
+    if all(s is None for s in lasts):
+      kept, again = f'no checkpoint was written ({where})', 'run again'
+    else:
+      kept = (f'the last checkpoint, step {lasts[0]}, holds finite values and was kept ({where})'
+              if len(lasts) == 1 else
+              f'the last checkpoints, steps {lasts}, hold finite values and were kept')
+      again = 'run again: it resumes from that checkpoint'
+    return DivergenceError(f'{e}; {kept}. Lower config.optimizer.lr (now '
+                           f'{self.config.optimizer.lr}) or set config.optimizer.grad_clip and '
+                           f'{again}.')

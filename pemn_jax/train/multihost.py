@@ -1,30 +1,17 @@
 """Start-up of a multi-process job on JAX's own runtime (``jax.distributed``).
 
 ``initialize`` decides whether this process is one of several and, if so,
-calls ``jax.distributed.initialize`` before any JAX computation:
-
-* explicit: ``coordinator`` + ``num_processes`` + ``process_id`` (any
-  cluster; ``launch/local.sh`` on one machine);
-* auto-detected (``distributed=None``): SLURM steps with more than one task
-  (``srun``), Open MPI jobs, and GKE TPU workloads (``TPU_WORKER_HOSTNAMES``
-  or ``TPU_PROCESS_ADDRESSES`` listing several hosts, as xpk/JobSet set
-  them) -- JAX's own cluster detection then fills in the coordinator and ids;
-* forced (``distributed=True``): the same detection where no environment
-  variable announces the job (TPU VMs started with ``gcloud ... --worker=all``,
-  which JAX finds through the TPU metadata server);
-* ``distributed=False``: never.
-
-SLURM with one process per node: JAX's detection gives each process a single
-GPU (it assumes one process per GPU); pass ``local_device_ids`` (``'all'``:
-every GPU of the node, counted from ``CUDA_VISIBLE_DEVICES`` or
-``SLURM_GPUS_ON_NODE``).
+calls ``jax.distributed.initialize`` before any JAX computation: explicitly
+(``coordinator`` + ``num_processes`` + ``process_id``), auto-detected
+(``distributed=None``: SLURM steps of several tasks, Open MPI, GKE TPU
+workloads listing several hosts), forced (``distributed=True``: TPU VMs,
+found through the metadata server) or never (``False``). SLURM with one
+process per node: pass ``local_device_ids`` (``'all'``: every GPU of the node).
 
 A process that dies stops sending heartbeats: after ``heartbeat_timeout``
-seconds JAX's coordination service terminates every other process with
-"Terminating process because the JAX distributed service detected fatal
-errors ... another task died"; a collective that loses its peer first fails
-with a ``JaxRuntimeError``, which ``pemn_jax.main`` reports as lost contact
-(exit status 4). Either way no process waits forever.
+seconds JAX's coordination service terminates the others; a collective that
+loses its peer first fails with an error ``lost_peer`` recognizes (exit
+status 4). No process waits forever. Launchers: launch/README.md.
 """
 
 from __future__ import annotations

@@ -58,8 +58,7 @@ def _shape(cfg, total_steps: int, steps_per_epoch: int):
   return sched
 
 
-def make_optimizer(cfg, total_steps: int, steps_per_epoch: int = 1, decay: bool | None = None,
-                   inject: bool = True):
+def make_optimizer(cfg, total_steps: int, steps_per_epoch: int = 1, decay: bool | None = None):
   """The optimizer of ``cfg`` (config.optimizer), its learning rate and weight
   decay held in its state (``optax.inject_hyperparams``): a sweep sets them
   per variant with ``set_hyperparams``, and a resumed run can lower the rate.
@@ -70,20 +69,16 @@ def make_optimizer(cfg, total_steps: int, steps_per_epoch: int = 1, decay: bool 
     decay: include the weight-decay term (default: ``cfg.weight_decay > 0``;
       a sweep over weight decay includes it for every variant -- adding
       ``0 * w`` changes nothing).
-    inject: hold the hyperparameters in the state (False: the same update
-      without the wrapper, as pemn_jax wrote optimizer states before
-      2026-11-24; ``upgrade_opt_state`` converts such a state).
   Returns:
     (optax transformation, schedule of ``cfg.lr``).
   """
   if cfg.name not in OPTIMIZERS:
     raise ValueError(f'config.optimizer.name must be one of {OPTIMIZERS}, got {cfg.name!r}')
-  shape = _shape(cfg, total_steps, steps_per_epoch)
   decay = bool(float(cfg.weight_decay)) if decay is None else bool(decay)
   clip = float(cfg.get('grad_clip', 0.0))
 
   def factory(learning_rate, weight_decay):
-    sched = lambda step: learning_rate * shape(step)  # noqa: E731
+    sched = make_schedule(cfg, total_steps, steps_per_epoch, lr=learning_rate)
     if cfg.name == 'sgd':
       tx = optax.chain(optax.add_decayed_weights(weight_decay) if decay else optax.identity(),
                        optax.sgd(sched, momentum=float(cfg.momentum) or None,
@@ -97,44 +92,15 @@ def make_optimizer(cfg, total_steps: int, steps_per_epoch: int = 1, decay: bool 
       tx = optax.chain(optax.clip_by_global_norm(clip), tx)
     return tx
 
-  if not inject:
-    return factory(float(cfg.lr), float(cfg.weight_decay)), make_schedule(cfg, total_steps,
-                                                                          steps_per_epoch)
   tx = optax.inject_hyperparams(factory)(learning_rate=float(cfg.lr),
                                          weight_decay=float(cfg.weight_decay))
   return tx, make_schedule(cfg, total_steps, steps_per_epoch)
-
-
-def upgrade_opt_state(template, legacy):
-  """An optimizer state of ``make_optimizer(inject=False)`` (older
-  checkpoints) in the structure of ``make_optimizer()``'s.
-
-  Args:
-    template: a state of the injected optimizer (e.g. freshly initialized:
-      its hyperparameters, the config's, are kept).
-    legacy: the restored state without the wrapper.
-  Returns:
-    ``template`` with each injected node's inner state taken from ``legacy``.
-  """
-  if _injected(template):
-    return template._replace(inner_state=legacy)
-  if isinstance(template, tuple) and hasattr(template, '_fields'):
-    return type(template)(*[upgrade_opt_state(t, x) for t, x in zip(template, legacy,
-                                                                    strict=True)])
-  if isinstance(template, (tuple, list)):
-    return type(template)(upgrade_opt_state(t, x) for t, x in zip(template, legacy, strict=True))
-  if isinstance(template, dict):
-    return {k: upgrade_opt_state(template[k], legacy[k]) for k in template}
-  return legacy
 
 
 def _injected(x) -> bool:
   """An ``optax.inject_hyperparams`` state (its class differs across optax
   versions: stateful and stateless variants)."""
   return hasattr(x, 'hyperparams') and hasattr(x, 'inner_state') and hasattr(x, '_replace')
-
-
-HYPERPARAMS = {'optimizer.lr': 'learning_rate', 'optimizer.weight_decay': 'weight_decay'}
 
 
 def set_hyperparams(opt_state, **values):

@@ -28,9 +28,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from pemn_jax.ops.topk import num_kept, topk_mask
+from pemn_jax.pytrees import path_name
 
 CRITERIA = ('magnitude', 'gmp', 'magnitude_at_init', 'random')
 ALLOCATIONS = ('uniform', 'global', 'erk')
@@ -70,8 +72,24 @@ def kept_count(n: int, sparsity: float) -> int:
   return num_kept(n, 1.0 - sparsity) if sparsity > 0 else n
 
 
-def _path(kp) -> str:
-  return '/'.join(str(getattr(k, 'key', k)) for k in kp)
+def magnitude_masks(weights, sparsity: float, allocation: str, fraction) -> list:
+  """Masks keeping the largest |w| of ``weights`` at ``fraction`` (a traced
+  scalar in [0, 1]) of the final ``sparsity``, allocated per ``allocation``.
+  At fraction 1 the kept counts are exactly ``kept_count`` (Python ints)."""
+  def count(n, s):
+    final = kept_count(n, s)
+    ramp = n - jnp.floor(s * fraction * n).astype(jnp.int32)
+    return jnp.where(fraction >= 1.0, final, jnp.clip(ramp, final, n))
+
+  if allocation == 'global':  # one threshold over all pruned weights
+    flat = jnp.concatenate([jnp.abs(w).reshape(-1) for w in weights])
+    m = topk_mask(flat, kept=count(flat.size, sparsity)) > 0
+    starts = np.cumsum([0] + [w.size for w in weights])
+    return [m[a:a + w.size].reshape(w.shape) for a, w in zip(starts, weights, strict=False)]
+  per_leaf = ([sparsity] * len(weights) if allocation == 'uniform' else
+              [1.0 - d for d in erk_densities([w.shape for w in weights], sparsity)])
+  return [topk_mask(jnp.abs(w), kept=count(w.size, s)) > 0
+          for w, s in zip(weights, per_leaf, strict=True)]
 
 
 def prune(tx: optax.GradientTransformation, sparsity: float, criterion: str,
@@ -103,37 +121,8 @@ def prune(tx: optax.GradientTransformation, sparsity: float, criterion: str,
     raise ValueError('pruning selects no leaf')
   paths = list(paths)
 
-  def targets(shapes):
-    """Per-leaf final sparsity (uniform / erk); None for global."""
-    if allocation == 'uniform':
-      return [sparsity] * len(shapes)
-    if allocation == 'erk':
-      return [1.0 - d for d in erk_densities(shapes, sparsity)]
-    return None
-
-  def compute_masks(weights, fraction):
-    """Masks keeping the largest |w| of the pruned leaves at ``fraction`` of
-    the final sparsity (a traced scalar in [0, 1]); list in ``paths`` order.
-    At fraction 1 the kept counts are exactly ``kept_count`` (Python ints)."""
-    def count(n, s):
-      final = kept_count(n, s)
-      ramp = n - jnp.floor(s * fraction * n).astype(jnp.int32)
-      return jnp.where(fraction >= 1.0, final, jnp.clip(ramp, final, n))
-
-    per_leaf = targets([w.shape for w in weights])
-    if per_leaf is None:  # one threshold over all pruned weights
-      flat = jnp.concatenate([jnp.abs(w).reshape(-1) for w in weights])
-      m = topk_mask(flat, kept=count(flat.size, sparsity)) > 0
-      out, start = [], 0
-      for w in weights:
-        out.append(m[start:start + w.size].reshape(w.shape))
-        start += w.size
-      return out
-    return [topk_mask(jnp.abs(w), kept=count(w.size, s)) > 0
-            for w, s in zip(weights, per_leaf, strict=True)]
-
   def select(params):
-    flat = {_path(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {path_name(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     missing = [p for p in paths if p not in flat]
     if missing:
       raise ValueError(f'pruning paths {missing} are not leaves of the params '
@@ -143,16 +132,16 @@ def prune(tx: optax.GradientTransformation, sparsity: float, criterion: str,
   def to_tree(params, masks_list):
     by_path = dict(zip(paths, masks_list, strict=True))
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: by_path.get(_path(kp), jnp.ones((), bool)), params)
+        lambda kp, x: by_path.get(path_name(kp), jnp.ones((), bool)), params)
 
   def init(params):
     weights = select(params)
     if criterion == 'magnitude_at_init':
-      masks = compute_masks(weights, jnp.float32(1.0))
+      masks = magnitude_masks(weights, sparsity, allocation, jnp.float32(1.0))
     elif criterion == 'random':
       keys = jax.random.split(jax.random.key(seed), len(weights))
       noise = [jax.random.uniform(k, w.shape) for k, w in zip(keys, weights, strict=True)]
-      masks = compute_masks(noise, jnp.float32(1.0))
+      masks = magnitude_masks(noise, sparsity, allocation, jnp.float32(1.0))
     else:
       masks = [jnp.ones(w.shape, bool) for w in weights]
     return PruneState(tx.init(params), to_tree(params, masks), jnp.zeros((), jnp.int32))
@@ -169,7 +158,7 @@ def prune(tx: optax.GradientTransformation, sparsity: float, criterion: str,
         due = due | (c == end)
         frac = gmp_sparsity(c, 1.0, begin, end)
       new = optax.apply_updates(params, u)
-      fresh = to_tree(params, compute_masks(select(new), frac))
+      fresh = to_tree(params, magnitude_masks(select(new), sparsity, allocation, frac))
       masks = jax.tree.map(lambda m, f: jnp.where(due, f, m) if m.ndim else m, masks, fresh)
     u = jax.tree.map(lambda m, d, p: jnp.where(m, d, -p), masks, u, params)
     return u, PruneState(inner, masks, state.count + 1)

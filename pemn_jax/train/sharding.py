@@ -1,34 +1,16 @@
 """Meshes, regex sharding rules, and the layout of one training run.
 
 The mesh has two axes, ``('data', 'fsdp')`` (``config.mesh``: devices per
-axis, ``-1`` = the rest). Batches are split over both. Where each array lives
-is decided by rules, as in big_vision and maxtext: a list of ``(regex,
-rule)`` pairs matched (``re.fullmatch``, first match wins, no match =
-replicated) against a leaf's path --
-
-* train-state paths (``config.sharding.state``): ``state/ring``,
-  ``state/rest/Dense_0/bias``, ``opt_state/0/mu/scores/Conv_0/kernel``,
-  ``model_state/batch_stats/BatchNorm_0/mean``, ``step``, ``seed``;
-* materialized-param paths (``config.sharding.params``): ``Conv_0/kernel``
-  -- the layout the step gives the generated params (a sharding constraint
-  inside the jitted step).
-
-On the command line a list is a Python literal:
-``--config.sharding.state="[('.*/scores/.*', 'fsdp')]"``.
-
-A rule is ``'replicate'``; ``'fsdp'`` (split the largest dimension that the
-``fsdp`` axis divides; replicated if none does); or an explicit spec, one
-entry per dimension: a mesh axis name, a list of names, or None. A preset name
-(``'replicate'``, ``'fsdp'``) stands for ``[('.*', preset)]``.
-
-``config.sharding.generate``: ``'sharded'`` computes every generated array
-(RPG ring gathers, PEMN prototypes, mask scores and top-k) in slices, one per
-device (``pemn_jax.ops.spmd``); ``'replicated'`` computes all of it on every
-device; ``'auto'`` is ``'sharded'`` on more than one device when the trained
-state is less than half the size of the params it generates (RPG, prototype
-sources), ``'replicated'`` otherwise (PEMN / edge-popup train N scores: with a
-replicated state, per-device generation only adds gathers — measured in
-docs/scaling.md).
+axis, ``-1`` = the rest); batches are split over both. Where each array lives
+is decided by rules, as in big_vision and maxtext: ``(regex, rule)`` pairs
+matched (``re.fullmatch``, first match wins, no match = replicated) against
+train-state paths (``config.sharding.state``: ``state/ring``,
+``opt_state/0/mu/scores/Conv_0/kernel``, ``model_state/batch_stats/...``) and
+materialized-param paths (``config.sharding.params``: ``Conv_0/kernel``). A
+rule is ``'replicated'``, ``'fsdp'`` (split the largest dimension the ``fsdp``
+axis divides) or an explicit spec per dimension; a preset name stands for
+``[('.*', preset)]``. ``config.sharding.generate`` chooses per-device
+generation (``pemn_jax.ops.spmd``). Details and measurements: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -44,9 +26,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from pemn_jax.ops import spmd
+from pemn_jax.pytrees import path_name
 
 AXES = ('data', 'fsdp')
-PRESETS = {'replicate': (('.*', 'replicate'),), 'fsdp': (('.*', 'fsdp'),)}
+PRESETS = {'replicated': (('.*', 'replicated'),), 'fsdp': (('.*', 'fsdp'),)}
 GENERATE = ('auto', 'sharded', 'replicated')
 
 
@@ -124,7 +107,7 @@ def parse_rules(rules, where: str = 'rules') -> list[tuple[re.Pattern, object]]:
   """Rules as ``[(compiled regex, rule)]``.
 
   Args:
-    rules: a preset name (``'replicate'``, ``'fsdp'``) or a list of
+    rules: a preset name (``'replicated'``, ``'fsdp'``) or a list of
       ``(regex, rule)`` pairs.
     where: what to call the rules in errors (e.g. ``'config.sharding.state'``).
   Returns:
@@ -173,7 +156,7 @@ def spec_for(name: str, shape, rules, mesh, where: str = 'rules') -> PS:
   if rule is None:
     return PS()
   shape = tuple(shape)
-  if rule == 'replicate' or not shape:
+  if rule == 'replicated' or not shape:
     return PS()
   if rule == 'fsdp':
     n = mesh.shape['fsdp']
@@ -193,19 +176,6 @@ def spec_for(name: str, shape, rules, mesh, where: str = 'rules') -> PS:
           f'{where}: {name} of shape {shape} cannot be split as {rule} on the mesh '
           f'{dict(mesh.shape)}: dimension {d} ({shape[d]}) is not divisible by {k}')
   return PS(*rule)
-
-
-def path_name(keypath) -> str:
-  """``'state/rest/Dense_0/kernel'`` for a jax key path."""
-  parts = []
-  for k in keypath:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
 
 
 def tree_shardings(tree, rules, mesh, where: str = 'rules'):
@@ -247,14 +217,13 @@ class Layout:
     generate: ``'auto'``, ``'sharded'`` or ``'replicated'``.
   """
 
-  def __init__(self, mesh, state_rules='replicate', param_rules='replicate',
+  def __init__(self, mesh, state_rules='replicated', param_rules='replicated',
                generate: str = 'auto'):
     if generate not in GENERATE:
       raise ShardingError(f'config.sharding.generate={generate!r} must be one of {GENERATE}')
     self.mesh = mesh
     self.state_rules = parse_rules(state_rules, 'config.sharding.state')
-    self.param_rules = (None if param_rules == 'auto'
-                        else parse_rules(param_rules, 'config.sharding.params'))
+    self.param_rules = parse_rules(param_rules, 'config.sharding.params')
     self.generate = generate
     self.batch = NamedSharding(mesh, PS(AXES))
     self.replicated = NamedSharding(mesh, PS())
@@ -280,8 +249,8 @@ class Layout:
 
   @classmethod
   def from_config(cls, config, devices=None) -> Layout:
-    return cls(make_mesh(config.mesh.to_dict(), devices), _plain(config.sharding.state),
-               _plain(config.sharding.params), config.sharding.generate)
+    return cls(make_mesh(config.mesh.to_dict(), devices), config.sharding.state,
+               config.sharding.params, config.sharding.generate)
 
   def state_shardings(self, abstract_state):
     """NamedShardings of a train state (or its abstract shapes)."""
@@ -299,21 +268,12 @@ class Layout:
     as sharding constraints (inside jit)."""
     with self.generating():
       params = param.materialize(state, seed, rng)
-    if self.param_rules is None:
-      return params
     shardings = self.param_shardings(params)
     return jax.tree.map(jax.lax.with_sharding_constraint, params, shardings)
 
   def describe(self) -> str:
     return (f'mesh {dict(self.mesh.shape)}, generation '
             f'{"sharded" if self.sharded_generation else "replicated"}')
-
-
-def _plain(rules):
-  """Config values (ConfigDict lists / tuples) as plain Python."""
-  if isinstance(rules, str):
-    return rules
-  return [tuple(p) if isinstance(p, (list, tuple)) else p for p in (rules or [])]
 
 
 def check_config(mesh_config, sharding_config) -> None:
@@ -323,8 +283,8 @@ def check_config(mesh_config, sharding_config) -> None:
   fixed = math.prod(v for v in cfg.values()
                     if isinstance(v, int) and not isinstance(v, bool) and v > 0)
   mesh_shape(cfg, fixed)
-  parse_rules(_plain(sharding_config['state']), 'config.sharding.state')
-  parse_rules(_plain(sharding_config['params']), 'config.sharding.params')
+  parse_rules(sharding_config['state'], 'config.sharding.state')
+  parse_rules(sharding_config['params'], 'config.sharding.params')
   if sharding_config['generate'] not in GENERATE:
     raise ShardingError(f'config.sharding.generate={sharding_config["generate"]!r} must be one '
                         f'of {GENERATE}')

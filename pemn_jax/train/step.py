@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -98,6 +99,44 @@ def eval_batch(model, materialize, model_state, images, labels, weights, rngs=No
   nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
   hit = (jnp.argmax(logp, -1) == labels).astype(jnp.float32)
   return jnp.sum(hit * weights), jnp.sum(weights), jnp.sum(nll * weights)
+
+
+def eval_sums(eval_step, pipe, *args, batch_sharding=None):
+  """(correct, total, loss) of ``eval_step(*args, images, labels, weights)``
+  summed over ``pipe``'s evaluation batches: the one evaluation loop behind
+  the trainer, the sweeps, ``pemn_jax.evaluate`` and ``evolve``.
+
+  Args:
+    eval_step: a jitted ``eval_batch`` (scalars, or one per variant).
+    pipe: the evaluation ``Pipeline``.
+    *args: its leading arguments (train state, or params).
+    batch_sharding: lay each process's batch out as a global array per this
+      sharding (default: pass the host arrays).
+  Returns:
+    Float64 numpy arrays (scalars, or one per variant of a vmapped sweep).
+  """
+  correct = total = loss = 0.0
+  for batch in pipe.eval_batches():
+    if batch_sharding is not None:
+      batch = [jax.make_array_from_process_local_data(batch_sharding, np.asarray(a))
+               for a in batch]
+    out = eval_step(*args, *batch)
+    correct, total, loss = correct + out[0], total + out[1], loss + out[2]
+  return tuple(np.asarray(jax.device_get(x), np.float64) for x in (correct, total, loss))
+
+
+def evaluate_params(model, params, model_state, pipe) -> dict:
+  """Accuracy and loss of fixed ``params`` on ``pipe``'s evaluation batches.
+
+  The params are arguments of the jitted step, not constants folded into it.
+
+  Returns:
+    ``{'accuracy', 'loss', 'examples'}``.
+  """
+  step = jax.jit(lambda p, s, *batch: eval_batch(model, lambda rng: p, s, *batch))
+  correct, total, loss = eval_sums(step, pipe, params, model_state)
+  return {'accuracy': float(correct / total), 'loss': float(loss / total),
+          'examples': int(total)}
 
 
 def _materialize(param, state, seed, rng):

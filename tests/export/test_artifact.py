@@ -12,8 +12,9 @@ from conftest import REPO, minimal_header, tiny_config, tree_equal
 
 from pemn_jax.evaluate import evaluate_artifact
 from pemn_jax.export import artifact, codecs
-from pemn_jax.export.run import export_run, load, load_run
+from pemn_jax.export.model_file import export_run, load
 from pemn_jax.train.loop import train_and_evaluate
+from pemn_jax.train.run import restore
 
 PEMN = {'name': 'masked', 'keep': 0.3,
         'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 1e-2}}
@@ -27,12 +28,29 @@ def trained(mnist_slice, tmp_path_factory):
   return wd, out, mnist_slice
 
 
+def test_export_and_restore_build_no_optimizer(trained, tmp_path, monkeypatch):
+  # A run's trained model is read without its optimizer state: exporting (and
+  # evolve / evaluate, which restore the same way) never builds an optimizer.
+  from pemn_jax.train import optim
+  from pemn_jax.train import run as run_lib
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError('an optimizer was built')
+
+  monkeypatch.setattr(optim, 'make_optimizer', no_optimizer)
+  monkeypatch.setattr(run_lib, 'make_optimizer', no_optimizer)
+  wd = trained[0]
+  assert restore(str(wd)).train_state.opt_state is None
+  assert export_run(str(wd), str(tmp_path / 'm.pemn'))['file_bytes'] > 0
+
+
 def test_file_rebuilds_bit_identical_params_and_same_accuracy(trained, tmp_path):
   wd, out, mnist_slice = trained
   path = str(tmp_path / 'model.pemn')
   res = export_run(str(wd), path, params_dir=str(tmp_path / 'params'))
   assert res['file_bytes'] == os.path.getsize(path)
-  _, _, _, param, ts = load_run(str(wd))
+  r = restore(str(wd))
+  param, ts = r.param, r.train_state
   header, _, params, model_state = load(path)
   assert tree_equal(params, jax.jit(param.materialize)(ts.state, ts.seed))
   assert tree_equal(model_state, ts.model_state)

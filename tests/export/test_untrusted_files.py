@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pemn_jax.export import artifact
-from pemn_jax.export.run import export_run, load
+from pemn_jax.export.model_file import export_run, load
 from pemn_jax.train.loop import train_and_evaluate
 
 PREFIX = struct.Struct('<8sII')

@@ -17,7 +17,8 @@ from conftest import load_config
 from flax import traverse_util
 
 from pemn_jax import models
-from pemn_jax import params as P
+from pemn_jax import params as param_lib
+from pemn_jax.pytrees import flatten
 from pemn_jax.train import create_train_state, make_train_step
 
 SPECS = {
@@ -51,7 +52,7 @@ def setup(name, kwargs, shape, spec, batch=4, abstract=False):
     model = models.ResNet(num_classes=10, **kwargs)
   else:
     model = models.get(name, num_classes=10, **kwargs)
-  param = P.build(spec, models.abstract_params(model, shape))
+  param = param_lib.build(spec, models.abstract_params(model, shape))
   tx = optax.adam(1e-2)
   def make():
     model_state = models.init_model_state(model, shape)
@@ -93,7 +94,7 @@ def test_full_size_model_traces(name, spec):
 
 
 def test_standard_parameter_counts():
-  counts = {n: P.Dense(models.abstract_params(models.get(n), s)).num_params
+  counts = {n: param_lib.Dense(models.abstract_params(models.get(n), s)).num_params
             for n, s in FULL.items()}
   assert counts['resnet20'] == 272_474
   assert counts['resnet56'] == 855_770
@@ -123,8 +124,8 @@ def test_convmixer_biases_are_an_option_and_pemn_has_none():
   with_b = models.abstract_params(models.get('convmixer', dim=16, depth=2), (32, 32, 3))
   without = models.abstract_params(models.get('convmixer', dim=16, depth=2, use_bias=False),
                                    (32, 32, 3))
-  assert any(p.endswith('bias') and 'BatchNorm' not in p for p in P.flatten(with_b))
-  assert [p for p in P.flatten(without) if p.endswith('bias') and 'BatchNorm' not in p] == []
+  assert any(p.endswith('bias') and 'BatchNorm' not in p for p in flatten(with_b))
+  assert [p for p in flatten(without) if p.endswith('bias') and 'BatchNorm' not in p] == []
   assert load_config('pemn', 'model=convmixer_256_6').model_kwargs.use_bias is False
 
 

@@ -11,10 +11,11 @@ from conftest import tiny_config, tree_equal
 from flax import linen as nn
 
 from pemn_jax import models
-from pemn_jax import params as P
+from pemn_jax import params as param_lib
 from pemn_jax.evaluate import evaluate_artifact
-from pemn_jax.export.run import export_run, load, load_run
+from pemn_jax.export.model_file import export_run, load
 from pemn_jax.train.loop import train_and_evaluate
+from pemn_jax.train.run import restore
 from pemn_jax.train.step import loss_fn
 
 SPECS = {
@@ -40,7 +41,7 @@ def test_nnx_and_linen_twins_give_the_same_losses_and_gradients(linen, nnx_name,
                                                                  spec):
   a, b = models.get(linen, **kw), models.get(nnx_name, **kw)
   ta, tb = models.abstract_params(a, shape), models.abstract_params(b, shape)
-  pa, pb = P.build(SPECS[spec], ta, model=a), P.build(SPECS[spec], tb, model=b)
+  pa, pb = param_lib.build(SPECS[spec], ta, model=a), param_lib.build(SPECS[spec], tb, model=b)
   assert pa.select('@stages') == pb.select('@stages')  # creation order agrees too
   state = pa.init(jax.random.key(0))
   assert tree_equal(state, pb.init(jax.random.key(0)))
@@ -73,9 +74,9 @@ def test_an_nnx_model_with_batch_norm_trains_resumes_exports_and_evaluates(mnist
   assert losses[-1] < losses[0]  # it trains
   c.stop_at_step = 6
   train_and_evaluate(c, str(tmp_path / 'b'))
-  c.stop_at_step = 0
+  c.stop_at_step = None
   resumed = train_and_evaluate(c, str(tmp_path / 'b'))
-  ta, tb = load_run(str(tmp_path / 'a'))[-1], load_run(str(tmp_path / 'b'))[-1]
+  ta, tb = restore(str(tmp_path / 'a')).train_state, restore(str(tmp_path / 'b')).train_state
   assert tree_equal(ta.state, tb.state) and tree_equal(ta.model_state, tb.model_state)
   assert 'batch_stats' in ta.model_state  # BatchNorm statistics carried through the step
   assert resumed['test_accuracy'] == straight['test_accuracy']

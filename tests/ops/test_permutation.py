@@ -3,9 +3,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pemn_jax.ops import permutation, permute_indices
-from pemn_jax.ops.permutation import permute_segments
+from pemn_jax.ops import permute_indices, permute_segments
 from pemn_jax.ops.segments import Segments
+
+
+def permutation(n, seed, leaf=0):
+  """The whole permutation [pi(0), ..., pi(n-1)]."""
+  return permute_indices(jnp.arange(n, dtype=jnp.uint32), n, seed, leaf)
 
 SIZES = [1, 2, 3, 5, 7, 13, 97, 257, 65537, 4, 8, 64, 1024, 65536, 1_000_003, 2**20]
 
@@ -59,4 +63,4 @@ def test_segments_match_single_permutations():
 
 def test_bad_domain():
   with pytest.raises(ValueError, match='domain'):
-    permutation(0, 1)
+    permute_indices(jnp.arange(1, dtype=jnp.uint32), 0, 1)

@@ -3,9 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pemn_jax.ops import edge_popup_mask, num_kept, topk_mask
-from pemn_jax.ops.segments import Segments
-from pemn_jax.ops.topk import segment_edge_popup_mask, segment_topk_mask
+from pemn_jax.ops import num_kept, straight_through, topk_mask
 
 
 def get_subnet(scores, k):
@@ -58,30 +56,19 @@ def test_topk_ties_and_signs_match_stable_argsort(vals, keep):
   np.testing.assert_array_equal(m, reference_topk(vals.astype(np.float32), k))
 
 
-def test_segmented_matches_per_segment():
-  sizes = [5, 1, 100, 33]
-  seg = Segments(sizes)
-  v = jax.random.normal(jax.random.key(0), (seg.total,))
-  v = v.at[10:20].set(0.5)  # ties
-  keeps = [0.4, 0.5, 0.1, 0.9]
-  flat = np.asarray(segment_topk_mask(v, seg, [num_kept(n, k) for n, k in zip(sizes, keeps)]))
-  for s, n, k in zip(seg.starts, sizes, keeps):
-    np.testing.assert_array_equal(flat[s:s + n], np.asarray(topk_mask(v[s:s + n], k)))
-
-
 def test_edge_popup_straight_through_gradient():
+  def mask(s):  # edge-popup's mask, as params.masks.Masked builds it
+    a = jnp.abs(s)
+    return straight_through(topk_mask(jax.lax.stop_gradient(a), 0.5), a)
+
   s = jnp.array([0.3, -2.0, 0.1, -0.05, 1.5, -0.7])
   w = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
   c = jnp.array([0.5, -1.0, 2.0, 1.0, -3.0, 0.25])  # loss = sum(c * w * mask)
-  loss = lambda s: jnp.sum(c * w * edge_popup_mask(s, 0.5))
+  loss = lambda s: jnp.sum(c * w * mask(s))
   # Forward: the 3 largest |s| are kept: -2.0, 1.5, -0.7.
-  np.testing.assert_array_equal(np.asarray(edge_popup_mask(s, 0.5)), [0, 1, 0, 0, 1, 1])
+  np.testing.assert_array_equal(np.asarray(mask(s)), [0, 1, 0, 0, 1, 1])
   # Backward by hand: dL/ds = c * w * sign(s) for every element (kept or not).
   np.testing.assert_allclose(np.asarray(jax.grad(loss)(s)), np.asarray(c * w * jnp.sign(s)))
-  seg = Segments([6])
-  np.testing.assert_allclose(
-      np.asarray(jax.grad(lambda s: jnp.sum(c * w * segment_edge_popup_mask(s, seg, [0.5])))(s)),
-      np.asarray(c * w * jnp.sign(s)))
 
 
 def test_bad_keep():

@@ -2,8 +2,9 @@ import jax
 import numpy as np
 from conftest import tiny_target, tree_equal
 
-from pemn_jax.params import Dense, flatten
-from pemn_jax.params.base import init_leaf
+from pemn_jax.params import Dense
+from pemn_jax.params.base import init_leaves
+from pemn_jax.pytrees import flatten
 
 
 def test_dense_is_identity_and_inits_by_leaf_name():
@@ -21,5 +22,6 @@ def test_dense_is_identity_and_inits_by_leaf_name():
 
 
 def test_init_leaf_kernel_std():
-  x = init_leaf('k/kernel', (100, 200), np.float32, jax.random.key(0), gain=2.0)
+  x = init_leaves({'k/kernel': jax.ShapeDtypeStruct((100, 200), np.float32)},
+                  jax.random.key(0), gain=2.0)['k/kernel']
   assert abs(float(np.std(np.asarray(x))) / np.sqrt(2 / 100) - 1) < 0.03

@@ -6,7 +6,7 @@ import re
 import pytest
 from conftest import REPO, tiny_config
 
-from pemn_jax import params as P
+from pemn_jax import params as param_lib
 
 
 @pytest.fixture
@@ -17,12 +17,12 @@ def low_rank():
   namespace = {}
   exec(compile(code, 'adding_a_method.md', 'exec'), namespace)  # noqa: S102 - our own doc
   yield namespace['LowRank']
-  del P.REGISTRY['low_rank']
+  del param_lib.REGISTRY['low_rank']
 
 
 def test_the_guides_method_builds_trains_and_exports(low_rank, mnist_slice, tmp_path):
   from pemn_jax.evaluate import evaluate_artifact
-  from pemn_jax.export.run import export_run, load
+  from pemn_jax.export.model_file import export_run, load
   from pemn_jax.train.loop import train_and_evaluate
   c = tiny_config(mnist_slice, param={'name': 'low_rank', 'rank': 4}, **{'optimizer.lr': 0.02})
   out = train_and_evaluate(c, str(tmp_path / 'run'))
@@ -36,6 +36,6 @@ def test_the_guides_method_builds_trains_and_exports(low_rank, mnist_slice, tmp_
   ev = evaluate_artifact(path, 'mnist', mnist_slice['data_dir'], mnist_slice['source_dir'])
   assert ev['accuracy'] == pytest.approx(out['test_accuracy'], abs=1e-9)
   with pytest.raises(ValueError, match='already registered'):
-    P.register('low_rank', low_rank)
+    param_lib.register('low_rank', low_rank)
   with pytest.raises(TypeError, match='not a Parameterization'):
-    P.register('nope', dict)
+    param_lib.register('nope', dict)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from conftest import tiny_target, tree_equal
 
-from pemn_jax import params as P
-from pemn_jax.params import Masked, Prototype, Ring, flatten
+from pemn_jax import params as param_lib
+from pemn_jax.params import Masked, Prototype, Ring
+from pemn_jax.pytrees import flatten
 
 SHAPES = {'a/kernel': (3, 3, 2, 5), 'a/bias': (5,), 'n/scale': (5,), 'fc/kernel': (7, 3)}
 
@@ -82,19 +83,19 @@ def test_supermask_threshold_eval_and_training_samples():
 
 def test_build_and_errors():
   target = tiny_target(SHAPES)
-  m = P.build({'name': 'masked', 'keep': 0.3,
+  m = param_lib.build({'name': 'masked', 'keep': 0.3,
                'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 0.1}}, target)
   assert isinstance(m, Masked) and m.source.mode == 'rp'
   with pytest.raises(ValueError, match='unknown parameterization'):
-    P.build({'name': 'nope'}, target)
+    param_lib.build({'name': 'nope'}, target)
   with pytest.raises(ValueError, match="bad options for parameterization 'ring'"):
-    P.build({'name': 'ring', 'dof': 3, 'colour': 1}, target)
+    param_lib.build({'name': 'ring', 'dof': 3, 'colour': 1}, target)
   with pytest.raises(ValueError, match='keep'):
     Masked(Prototype(target, mode='dense'), keep=1.5)
   with pytest.raises(ValueError, match='kind'):
     Masked(Prototype(target, mode='dense'), kind='magic')
   with pytest.raises(TypeError, match='target'):
-    P.Dense({})
+    param_lib.Dense({})
 
 
 def test_supermask_sampled_eval_is_deterministic_given_its_key():

@@ -4,8 +4,9 @@ import pytest
 from conftest import tiny_target, tree_equal
 
 from pemn_jax import models
-from pemn_jax.params import Prototype, flatten, rp_length
+from pemn_jax.params import Prototype, rp_length
 from pemn_jax.params.base import fan_in
+from pemn_jax.pytrees import flatten
 
 SHAPES = {'a/kernel': (3, 3, 8, 8), 'b/kernel': (3, 3, 8, 8), 'c/kernel': (8, 4), 'c/bias': (4,),
           'd/kernel': (3, 3, 8, 16)}

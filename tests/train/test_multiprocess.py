@@ -175,8 +175,9 @@ def test_a_killed_process_leaves_a_loadable_checkpoint_and_no_hang(prepared, tmp
   assert ('lost contact with another process' in out
           or 'another task died' in out), out[-3000:]
   assert waited < 60, waited
-  from pemn_jax.export.run import load_run
-  config, meta, _, _, ts = load_run(str(wd))
+  from pemn_jax.train.run import restore
+  r = restore(str(wd))
+  ts = r.train_state
   assert int(ts.step) >= 8 and int(ts.step) % 4 == 0
   # ... and the run resumes from it in one process.
   rc, out = launch([*args[:-1], f'--config.num_steps={int(ts.step) + 2}'])

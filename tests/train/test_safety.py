@@ -3,6 +3,7 @@ another config's checkpoints, a shared workdir, bad configs and workdirs."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +15,11 @@ import pytest
 from conftest import REPO, tiny_config, tree_equal
 
 from pemn_jax.config import ConfigError, base_config, validate
-from pemn_jax.export.run import export_run, load_run
+from pemn_jax.export.model_file import export_run
 from pemn_jax.train import checkpoint as ck
 from pemn_jax.train.checkpoint import CheckpointError
 from pemn_jax.train.loop import DivergenceError, train_and_evaluate
+from pemn_jax.train.run import restore
 from pemn_jax.train.workdir import WorkdirError
 
 PEMN = {'name': 'masked', 'keep': 0.5, 'source': {'name': 'prototype', 'mode': 'rp',
@@ -48,7 +50,7 @@ def test_a_flipped_byte_is_detected_and_the_run_falls_back_to_the_newest_good_st
   data[len(data) // 2] ^= 0x01  # one bit of the largest array file
   open(target, 'wb').write(bytes(data))
   corrupt = bytes(data)
-  c.stop_at_step = 0
+  c.stop_at_step = None
   c.keep_checkpoints = 1
   capsys.readouterr()
   out = train_and_evaluate(c, str(tmp_path / 'run'))
@@ -61,8 +63,8 @@ def test_a_flipped_byte_is_detected_and_the_run_falls_back_to_the_newest_good_st
   moved = os.path.join(ckdir, 'rejected', rejected[0], os.path.relpath(target, ckdir / '16'))
   assert open(moved, 'rb').read() == corrupt
   # Resumed from step 8 and retrained 9..24: the same state as the straight run.
-  assert tree_equal(load_run(str(tmp_path / 'run'))[-1].state,
-                    load_run(str(tmp_path / 'straight'))[-1].state)
+  assert tree_equal(restore(str(tmp_path / 'run')).train_state.state,
+                    restore(str(tmp_path / 'straight')).train_state.state)
 
 
 def test_a_corrupt_config_in_the_metadata_is_a_corrupt_step_not_another_config(
@@ -76,7 +78,7 @@ def test_a_corrupt_config_in_the_metadata_is_a_corrupt_step_not_another_config(
   text = meta.read_bytes()
   assert b'"eval_batch_size"' in text
   meta.write_bytes(text.replace(b'"eval_batch_size"', b'"evil_batch_size"', 1))
-  c.stop_at_step = 0
+  c.stop_at_step = None
   capsys.readouterr()
   out = train_and_evaluate(c, str(tmp_path / 'run'))
   printed = capsys.readouterr().out
@@ -149,7 +151,7 @@ def test_divergence_stops_keeps_the_last_finite_checkpoint_and_exits_3(mnist_sli
     train_and_evaluate(c, str(tmp_path))
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
   assert steps and steps[-1] < 60
-  ts = load_run(str(tmp_path))[-1]
+  ts = restore(str(tmp_path)).train_state
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ts.state))
   export_run(str(tmp_path), str(tmp_path / 'ok.pemn'), params_dir=None)  # finite: exports
   # The CLI: a clear message and exit status 3; lr=inf is refused up front.
@@ -170,7 +172,7 @@ def test_divergence_stops_keeps_the_last_finite_checkpoint_and_exits_3(mnist_sli
 def test_another_configs_checkpoints_are_refused_naming_the_keys(mnist_slice, tmp_path):
   c = tiny_config(mnist_slice, param=PEMN, num_steps=8, **{'optimizer.lr': 0.05})
   train_and_evaluate(c, str(tmp_path))
-  stored = load_run(str(tmp_path))[0].to_dict()
+  stored = restore(str(tmp_path)).config.to_dict()
   for key, value, named in [('param', dict(PEMN, keep=0.3), 'param.keep'),
                             ('dataset', 'fashion_mnist', 'dataset'),
                             ('seed', 7, 'seed'), ('augment', 'flip', 'augment')]:
@@ -179,7 +181,7 @@ def test_another_configs_checkpoints_are_refused_naming_the_keys(mnist_slice, tm
     with pytest.raises(ConfigError, match=named.replace('.', r'\.') + ': checkpoint'):
       train_and_evaluate(d, str(tmp_path))
   # The stored config was not overwritten; allowed keys (length, cadence, lr) may change.
-  assert load_run(str(tmp_path))[0].to_dict() == stored
+  assert restore(str(tmp_path)).config.to_dict() == stored
   d = tiny_config(mnist_slice, param=PEMN, num_steps=12, log_every=2, eval_every=6,
                   **{'optimizer.lr': 0.01})
   assert train_and_evaluate(d, str(tmp_path))['step'] == 12
@@ -297,10 +299,10 @@ def test_a_resumed_run_trains_at_its_new_learning_rate(mnist_slice, tmp_path):
   # lower config.optimizer.lr (to get past a divergence) must use the new one.
   c = tiny_config(mnist_slice, num_steps=8, stop_at_step=4, checkpoint_every=4)
   train_and_evaluate(c, str(tmp_path))
-  at4 = load_run(str(tmp_path))[-1]
+  at4 = restore(str(tmp_path)).train_state
   c = tiny_config(mnist_slice, num_steps=8, checkpoint_every=4, **{'optimizer.lr': 1e-30})
   train_and_evaluate(c, str(tmp_path))
-  at8 = load_run(str(tmp_path))[-1]
+  at8 = restore(str(tmp_path)).train_state
   assert int(at8.step) == 8
   # Adam's steps are ~lr in size: at 1e-30 no float32 weight moves.
   assert tree_equal(at4.state, at8.state)
@@ -309,32 +311,29 @@ def test_a_resumed_run_trains_at_its_new_learning_rate(mnist_slice, tmp_path):
   assert lrs and max(lrs) < 1e-29
 
 
-def test_checkpoints_from_before_the_held_hyperparameters_still_load(mnist_slice, tmp_path,
-                                                                     monkeypatch):
+def test_checkpoints_of_another_optimizer_layout_are_refused_for_training_but_export(
+    mnist_slice, tmp_path):
   # Checkpoints written before 2026-11-24 hold the optimizer state without
-  # inject_hyperparams' wrapper: they must still resume, export and evaluate.
-  import pemn_jax.train.loop as loop
-  from pemn_jax.train import optim
-  straight = tmp_path / 'straight'
-  c = tiny_config(mnist_slice, param=PEMN, num_steps=8, checkpoint_every=4,
+  # inject_hyperparams' wrapper. Training cannot resume them (refused, naming
+  # why, nothing touched); export and evaluation read their trained state.
+  import optax
+
+  from pemn_jax.train.checkpoint import Checkpointer
+  from pemn_jax.train.run import Run
+  c = tiny_config(mnist_slice, param=PEMN, num_steps=8, checkpoint_every=4, stop_at_step=4,
                   **{'optimizer.lr': 0.05})
-  train_and_evaluate(c, str(straight))
-  orig = optim.make_optimizer
-  monkeypatch.setattr(loop, 'make_optimizer',
-                      lambda *a, inject=True, **k: orig(*a, inject=False, **k))
-  old = tmp_path / 'old'
-  c.stop_at_step = 4
-  train_and_evaluate(c, str(old))
-  monkeypatch.setattr(loop, 'make_optimizer', orig)
-  # The old format really was written (orbax's tree metadata names no hyperparams).
-  assert 'hyperparams' not in (old / 'checkpoints' / '4' / 'state' / '_METADATA').read_text()
-  assert 'hyperparams' in (straight / 'checkpoints' / '4' / 'state' / '_METADATA').read_text()
-  assert int(load_run(str(old))[-1].step) == 4
-  c.stop_at_step = 0
-  train_and_evaluate(c, str(old))  # resumes through the upgrade
-  a, b = load_run(str(straight))[-1], load_run(str(old))[-1]
-  assert int(b.step) == 8
-  np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in jax.tree.leaves(a.state)]),
-                             np.concatenate([np.ravel(x) for x in jax.tree.leaves(b.state)]),
-                             rtol=1e-6, atol=1e-7)
-  assert export_run(str(old), str(tmp_path / 'old.pemn'))['file_bytes'] > 0
+  train_and_evaluate(c, str(tmp_path))
+  ts = restore(str(tmp_path)).train_state
+  ts = ts.replace(opt_state=optax.adamw(0.05).init(ts.state))  # the older layout
+  shutil.rmtree(tmp_path / 'checkpoints')
+  ck = Checkpointer(str(tmp_path), 3)
+  ck.save(4, ts, Run.build(c).meta(c, 4, {}))
+  ck.close()
+  assert 'hyperparams' not in (tmp_path / 'checkpoints' / '4' / 'state' / '_METADATA').read_text()
+  c.stop_at_step = None
+  with pytest.raises(CheckpointError, match='(?s)another pemn_jax version.*export, evaluate and '
+                     'evolve still read its trained state.*left untouched'):
+    train_and_evaluate(c, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
+  assert tree_equal(restore(str(tmp_path)).train_state.state, ts.state)
+  assert export_run(str(tmp_path), str(tmp_path / 'old.pemn'))['file_bytes'] > 0

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
-from pemn_jax import params as P
+from pemn_jax import params as param_lib
 from pemn_jax.config import ConfigError, base_config, validate
 from pemn_jax.train import sharding as S
 
@@ -36,12 +36,12 @@ def test_fsdp_rule_splits_the_largest_divisible_dimension():
   assert spec('bias', (10,), 'fsdp', fsdp=4) == P()          # nothing divisible: replicated
   assert spec('step', (), 'fsdp', fsdp=4) == P()             # scalars: replicated
   assert spec('k', (784, 300), 'fsdp', fsdp=1) == P()        # a size-1 axis: replicated
-  assert spec('k', (784, 300), 'replicate', fsdp=4) == P()
+  assert spec('k', (784, 300), 'replicated', fsdp=4) == P()
 
 
 def test_rules_match_in_order_and_explicit_specs_are_checked():
   P = jax.sharding.PartitionSpec
-  rules = [('.*/scores/.*', 'fsdp'), ('.*kernel', (None, 'data')), ('.*', 'replicate')]
+  rules = [('.*/scores/.*', 'fsdp'), ('.*kernel', (None, 'data')), ('.*', 'replicated')]
   assert spec('state/scores/Dense_0/kernel', (784, 300), rules, fsdp=2) == P('fsdp', None)
   assert spec('state/rest/Dense_0/kernel', (784, 300), rules, data=4) == P(None, 'data')
   assert spec('state/rest/Dense_0/bias', (300,), rules, data=4) == P()
@@ -85,7 +85,7 @@ def test_config_validation_names_the_sharding_key():
   with pytest.raises(ConfigError, match='config.mesh.fsdp=0'):
     validate(c)
   c = base_config()
-  c.sharding.state = [('.*scores.*', 'fsdp'), ('.*', 'replicate')]
+  c.sharding.state = [('.*scores.*', 'fsdp'), ('.*', 'replicated')]
   c.mesh.fsdp, c.mesh.data = -1, 1
   validate(c)
 
@@ -100,7 +100,7 @@ def test_bytes_per_device_of_a_sharded_tree():
 MULTI_DEVICE_CHECKS = r'''
 import math, re, sys
 import jax, jax.numpy as jnp, numpy as np, optax
-from pemn_jax import models, params as P
+from pemn_jax import models, params as param_lib
 from pemn_jax.train.sharding import Layout, make_mesh
 from pemn_jax.train.step import create_train_state, make_train_step
 assert jax.device_count() == 4, jax.device_count()
@@ -122,14 +122,14 @@ SPECS = {
   'dense': {'name': 'dense'},
 }
 LAYOUTS = {
-  'data_parallel': Layout(make_mesh({'data': -1, 'fsdp': 1}), 'replicate', 'replicate',
+  'data_parallel': Layout(make_mesh({'data': -1, 'fsdp': 1}), 'replicated', 'replicated',
                           'sharded'),
   'fsdp': Layout(make_mesh({'data': 1, 'fsdp': -1}), 'fsdp', 'fsdp', 'sharded'),
-  'mixed': Layout(make_mesh({'data': 2, 'fsdp': 2}), 'fsdp', 'auto', 'sharded'),
+  'mixed': Layout(make_mesh({'data': 2, 'fsdp': 2}), 'fsdp', 'replicated', 'sharded'),
 }
 failures = []
 for name, spec in SPECS.items():
-  param = P.build(spec, target, model=model, total_steps=10)
+  param = param_lib.build(spec, target, model=model, total_steps=10)
   state = param.init(jax.random.key(1))
   seed, rng = jnp.uint32(7), jax.random.key(3)
   weights = jax.tree.map(lambda x: jax.random.normal(jax.random.key(9), x.shape),
@@ -161,7 +161,7 @@ for name, spec in SPECS.items():
           failures.append(f'{name}/{lname}/rng={with_rng}: grads differ (relative {err:.2g})')
 
 # The compiled train step of RPG: generation works on per-device slices.
-param = P.build({'name': 'ring', 'dof': 0.02}, target, model=model, total_steps=10)
+param = param_lib.build({'name': 'ring', 'dof': 0.02}, target, model=model, total_steps=10)
 T = param.num_generated
 tx = optax.adam(1e-3)
 def compiled(layout):
@@ -179,8 +179,8 @@ def compiled(layout):
 def int_arrays(text, n):
   return len(re.findall(rf'[us]32\[{n}(,1)?\]', text))
 mesh4 = make_mesh({'data': -1, 'fsdp': 1})
-sharded = compiled(Layout(mesh4, 'replicate', 'replicate', 'sharded'))
-replicated = compiled(Layout(mesh4, 'replicate', 'replicate', 'replicated'))
+sharded = compiled(Layout(mesh4, 'replicated', 'replicated', 'sharded'))
+replicated = compiled(Layout(mesh4, 'replicated', 'replicated', 'replicated'))
 local = math.ceil(T / 4)
 hs, hr = sharded.as_text(), replicated.as_text()
 print(f'T={T} sharded: u32/s32[T] arrays {int_arrays(hs, T)}, [T/4] {int_arrays(hs, local)}; '
@@ -198,7 +198,7 @@ if not ms.temp_size_in_bytes < mr.temp_size_in_bytes:
 
 # FSDP: the state is split; each device holds a quarter of a big leaf.
 layout = Layout(make_mesh({'data': 1, 'fsdp': -1}), 'fsdp', 'fsdp', 'sharded')
-dparam = P.build({'name': 'dense'}, target, model=model, total_steps=10)
+dparam = param_lib.build({'name': 'dense'}, target, model=model, total_steps=10)
 abstract = jax.eval_shape(lambda k: create_train_state(dparam, tx, k, {}, 0), jax.random.key(0))
 sh = layout.state_shardings(abstract)
 ts = jax.jit(lambda k: create_train_state(dparam, tx, k, {}, 0),
@@ -232,8 +232,8 @@ def test_auto_generation_follows_the_size_of_the_trained_state():
   (RPG), not where it is as large (PEMN's scores), and never on one device."""
   target = {'Dense_0': {'kernel': jax.ShapeDtypeStruct((64, 32), jnp.float32),
                         'bias': jax.ShapeDtypeStruct((32,), jnp.float32)}}
-  ring = P.build({'name': 'ring', 'dof': 0.1}, target, total_steps=10)
-  pemn = P.build({'name': 'masked', 'keep': 0.5,
+  ring = param_lib.build({'name': 'ring', 'dof': 0.1}, target, total_steps=10)
+  pemn = param_lib.build({'name': 'masked', 'keep': 0.5,
                   'source': {'name': 'prototype', 'mode': 'rp', 'ratio': 0.01}},
                  target, total_steps=10)
   assert 2 * ring.num_trainable() < ring.num_params <= pemn.num_trainable()
@@ -245,6 +245,6 @@ def test_auto_generation_follows_the_size_of_the_trained_state():
 
 
 def test_layout_on_one_device_changes_nothing():
-  layout = S.Layout(S.make_mesh(), 'replicate', 'replicate', 'auto')
+  layout = S.Layout(S.make_mesh(), 'replicated', 'replicated', 'auto')
   assert layout.flat is None and not layout.sharded_generation
   assert math.prod(layout.mesh.shape.values()) == jax.device_count()

@@ -10,13 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config, tree_equal
+from conftest import REPO, saved_train_state, tiny_config, tree_equal
 
 from pemn_jax.config import ConfigError, base_config, validate
 from pemn_jax.data.sources import DataError
-from pemn_jax.export.run import load_run
 from pemn_jax.train.checkpoint import CheckpointError
 from pemn_jax.train.loop import train_and_evaluate
+from pemn_jax.train.run import restore
 
 METHODS = {
     'dense': {'name': 'dense'},
@@ -53,15 +53,16 @@ def test_each_method_trains_end_to_end(method, mnist_slice, tmp_path):
 def test_resume_gives_identical_params(mnist_slice, tmp_path):
   c = tiny_config(mnist_slice, param=METHODS['pemn_rp'], **{'optimizer.lr': 0.05})
   train_and_evaluate(c, str(tmp_path / 'a'))
-  straight = load_run(str(tmp_path / 'a'))[-1]
+  straight = restore(str(tmp_path / 'a')).train_state
   c.stop_at_step = 12
   first = train_and_evaluate(c, str(tmp_path / 'b'))
   assert first['stopped'] and first['step'] == 12
-  c.stop_at_step = 0
+  c.stop_at_step = None
   train_and_evaluate(c, str(tmp_path / 'b'))
-  resumed = load_run(str(tmp_path / 'b'))[-1]
+  resumed = restore(str(tmp_path / 'b')).train_state
   assert tree_equal(straight.state, resumed.state)
-  assert tree_equal(straight.opt_state, resumed.opt_state)
+  assert tree_equal(saved_train_state(tmp_path / 'a')['opt_state'],
+                    saved_train_state(tmp_path / 'b')['opt_state'])
   assert int(resumed.step) == 24
 
 
@@ -69,15 +70,16 @@ def test_prefetch_depth_changes_nothing_and_may_change_on_resume(mnist_slice, tm
   # supermask: the one method whose steps draw from the per-step key
   c = tiny_config(mnist_slice, param=METHODS['supermask'], prefetch=0, **{'optimizer.lr': 0.05})
   train_and_evaluate(c, str(tmp_path / 'inline'))
-  inline = load_run(str(tmp_path / 'inline'))[-1]
+  inline = restore(str(tmp_path / 'inline')).train_state
   c.prefetch, c.stop_at_step = 2, 12
   assert train_and_evaluate(c, str(tmp_path / 'ahead'))['step'] == 12
-  c.prefetch, c.stop_at_step = 5, 0
+  c.prefetch, c.stop_at_step = 5, None
   train_and_evaluate(c, str(tmp_path / 'ahead'))
-  ahead = load_run(str(tmp_path / 'ahead'))[-1]
+  ahead = restore(str(tmp_path / 'ahead')).train_state
   assert int(ahead.step) == 24
   assert tree_equal(inline.state, ahead.state)
-  assert tree_equal(inline.opt_state, ahead.opt_state)
+  assert tree_equal(saved_train_state(tmp_path / 'inline')['opt_state'],
+                    saved_train_state(tmp_path / 'ahead')['opt_state'])
   losses = lambda wd: [r['loss'] for r in read_metrics(wd) if 'loss' in r]  # noqa: E731
   assert losses(tmp_path / 'inline') == losses(tmp_path / 'ahead')
 
@@ -92,7 +94,7 @@ def test_best_and_final_accuracy_are_reported_and_survive_resume(mnist_slice, tm
   assert [r['step'] for r in evals] == [4, 8, 12]
   best = max(evals, key=lambda r: (r['test_accuracy'], r['step']))
   assert first['best_test_accuracy'] == best['test_accuracy']
-  c.stop_at_step = 0
+  c.stop_at_step = None
   out = train_and_evaluate(c, str(tmp_path))
   evals = [r for r in read_metrics(tmp_path) if 'test_accuracy' in r]
   assert [r['step'] for r in evals] == [4, 8, 12, 16, 20, 24]
@@ -216,7 +218,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_untouched(mnist_slice, tmp
         fh.seek(0)
         fh.write(bytes(b ^ 0x5A for b in data[:64]))
   before = _digest(ckdir)
-  c.num_steps, c.stop_at_step = 16, 0
+  c.num_steps, c.stop_at_step = 16, None
   with pytest.raises(CheckpointError, match='step 8.*left untouched'):
     train_and_evaluate(c, str(tmp_path))
   assert _digest(ckdir) == before

@@ -1,42 +1,27 @@
-"""Convolutions with a faster kernel gradient on XLA:CPU.
+"""Convolutions on XLA:CPU at PyTorch's speed; XLA's own elsewhere.
 
 ``conv_general_dilated`` is a drop-in for ``jax.lax.conv_general_dilated``
 (Flax's ``nn.Conv`` / ``nnx.Conv`` take it as ``conv_general_dilated=``). On
-the CPU backend, for the plain 2-D case (NHWC input, HWIO kernel, no
-dilation, no feature groups, float32), its gradient is a ``custom_vjp``:
+the CPU backend, for the plain 2-D case (NHWC, HWIO, no dilation or groups,
+float32): 1x1 kernels without padding are one matrix product
+(``pointwise``); k x k kernels are oneDNN's forward and gradients
+(``pemn_jax.kernels.dnnl_conv``: where installed, on a one-device process),
+else XLA's forward and input gradient with a custom kernel gradient
+(``kernel_grad``: shifted matrix products over ~1 MiB batch chunks; XLA:CPU's
+own runs at a tenth of the matmul rate). Everything else calls
+``lax.conv_general_dilated``; gradients equal XLA's up to the order of float
+additions (tests/kernels/). Measurements: docs/cpu_speed.md.
 
-* forward and input gradient: XLA's own convolutions (as fast as PyTorch's
-  on CPU, measured in ``benchmarks/vs_pytorch.py``);
-* 1x1 kernels without padding: one matrix product (``pointwise``);
-* kernel gradient: ``kh * kw`` matrix products of the shifted (strided)
-  input window against the output gradient, accumulated over batch chunks
-  in a ``lax.scan``. XLA:CPU's own kernel gradient (a convolution with the
-  batch as its reduction) runs at about a tenth of the machine's matmul rate;
-  materializing im2col patches instead is slower still (every call writes a
-  fresh ``kh * kw``-times larger buffer). Chunks of ~1 MiB of input stay in
-  cache and their buffers are reused by the loop.
-
-Where oneDNN is installed (``pip install -e '.[cpu]'``, see
-``pemn_jax.ops.dnnl_conv``) and the process has one CPU device, the k x k
-case is instead oneDNN's forward, input gradient and kernel gradient,
-called through XLA's FFI: about PyTorch's speed (its CPU convolutions are
-oneDNN's). 1x1 kernels stay matrix products (faster than both).
-
-Every other case, and every other backend (GPU/TPU keep XLA's convolutions),
-calls ``lax.conv_general_dilated`` unchanged. The gradients equal XLA's up
-to the order of float additions (``tests/ops/test_conv.py``,
-``tests/ops/test_dnnl_conv.py``).
-
-``impl``: ``'auto'`` (on CPU: oneDNN where available on one device, else the
-kernel gradient above), ``'xla'`` (always XLA's), ``'cpu'`` (the XLA-based
-custom gradient on any backend), ``'onednn'`` (oneDNN, an error where it is
-unavailable). The default for calls that name none is ``DEFAULT_IMPL``: the
-environment variable ``PEMN_JAX_CONV`` (e.g. ``PEMN_JAX_CONV=xla`` to
-compare), else ``'auto'``; it is read when a step is traced.
+``impl``: ``'auto'`` (the above), ``'xla'`` (always XLA's), ``'cpu'`` (the
+XLA-based custom gradient on any backend), ``'onednn'`` (an error where
+unavailable). Calls that name none use ``default_impl()``: ``forced``'s,
+else the environment variable ``PEMN_JAX_CONV``, else ``'auto'``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -46,12 +31,29 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pemn_jax.ops import dnnl_conv
+from pemn_jax.kernels import dnnl_conv
 
 IMPLS = ('auto', 'xla', 'cpu', 'onednn')
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 DEFAULT_IMPL = os.environ.get('PEMN_JAX_CONV', 'auto')
+_FORCED = contextvars.ContextVar('pemn_jax_conv_impl', default=None)
+
+
+@contextlib.contextmanager
+def forced(impl: str):
+  """Within: convolutions that name no ``impl`` use this one (``'xla'``:
+  trace a model's shapes without asking which backend will run it)."""
+  token = _FORCED.set(impl)
+  try:
+    yield
+  finally:
+    _FORCED.reset(token)
+
+
+def default_impl() -> str:
+  """The impl of calls that name none: ``forced``'s, else ``DEFAULT_IMPL``."""
+  return _FORCED.get() or DEFAULT_IMPL
 CHUNK_BYTES = 1 << 20  # input bytes per batch chunk of the kernel gradient
 
 
@@ -165,7 +167,7 @@ def fast_path(lhs, rhs, lhs_dilation=None, rhs_dilation=None, dimension_numbers=
               feature_group_count=1, batch_group_count=1, preferred_element_type=None,
               impl: str | None = None) -> bool:
   """Whether ``conv_general_dilated`` takes the custom kernel gradient."""
-  impl = DEFAULT_IMPL if impl is None else impl
+  impl = default_impl() if impl is None else impl
   if impl not in IMPLS:
     raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'xla' or (impl == 'auto' and jax.default_backend() != 'cpu'):
@@ -212,7 +214,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
     if rhs.shape[:2] == (1, 1) and not any(v for p in pads for v in p):
       return pointwise(lhs, rhs, strides)
     if all(v >= 0 for p in pads for v in p):
-      if _use_onednn(DEFAULT_IMPL if impl is None else impl):
+      if _use_onednn(default_impl() if impl is None else impl):
         return dnnl_conv.conv(lhs, rhs, strides, pads)
       return _conv_nhwc(lhs, rhs, strides, pads)
   kwargs = {} if out_sharding is None else {'out_sharding': out_sharding}

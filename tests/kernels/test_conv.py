@@ -7,8 +7,8 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from pemn_jax.ops import conv as C
-from pemn_jax.ops import dnnl_conv
+from pemn_jax.kernels import conv as C
+from pemn_jax.kernels import dnnl_conv
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 # 'onednn' where its wheels are installed (the test extra installs them; then
@@ -131,7 +131,7 @@ def test_flax_conv_with_the_drop_in_matches_and_vmaps(impl):
 SHARDED = r'''
 import re, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from pemn_jax.ops import conv as C
+from pemn_jax.kernels import conv as C
 mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 DN = ('NHWC', 'HWIO', 'NHWC')
 rng = np.random.default_rng(0)

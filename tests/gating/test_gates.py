@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from pemn_jax import models
-from pemn_jax import params as P
-from pemn_jax.params.base import flatten, unflatten
+from pemn_jax import params as param_lib
+from pemn_jax.pytrees import flatten, unflatten
 
 
 def gated(model_name='mlp', spec=None, **model_kwargs):
@@ -18,7 +18,7 @@ def gated(model_name='mlp', spec=None, **model_kwargs):
   model = models.get(model_name, gates=True, **kw)
   shape = (28, 28, 1) if model_name in ('mlp', 'lenet5') else (32, 32, 3)
   target = models.abstract_params(model, shape)
-  return model, P.build(spec or {'name': 'gated', 'sparsity': 0.5}, target, model=model,
+  return model, param_lib.build(spec or {'name': 'gated', 'sparsity': 0.5}, target, model=model,
                         total_steps=100), shape
 
 
@@ -105,7 +105,7 @@ def test_gated_needs_a_gated_model():
   model = models.get('mlp', hidden=(8,))
   target = models.abstract_params(model, (28, 28, 1))
   with pytest.raises(ValueError, match='gates=True'):
-    P.build({'name': 'gated'}, target, model=model)
+    param_lib.build({'name': 'gated'}, target, model=model)
   with pytest.raises(ValueError, match='sparsity'):
     gated(spec={'name': 'gated', 'sparsity': 1.5})
 

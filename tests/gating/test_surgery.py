@@ -7,14 +7,31 @@ import numpy as np
 import pytest
 
 from pemn_jax import models
-from pemn_jax.params.base import flatten, unflatten
-from pemn_jax.surgery import SliceError, predicted_params, slice_params
+from pemn_jax.gating.surgery import SliceError, open_gates, slice_params
+from pemn_jax.pytrees import flatten, unflatten
 
 CASES = {'mlp': ({'hidden': (20, 12)}, (28, 28, 1)),
          'lenet5': ({}, (28, 28, 1)),
          'resnet20': ({'width': 4}, (32, 32, 3)),
          'convmixer': ({'dim': 16, 'depth': 3}, (32, 32, 3)),
          'vit': ({'dim': 24, 'depth': 2, 'num_heads': 3, 'mlp_dim': 16}, (32, 32, 3))}
+
+
+def predicted_params(model, params) -> int:
+  """Parameters the sliced model should have, counted from the gates alone:
+  each leaf's size times the open fraction of every gated axis."""
+  structure = model.gate_structure()
+  gates = open_gates(params, structure)
+  total = 0
+  for path, leaf in flatten(params).items():
+    if path in structure.gates:
+      continue
+    n = np.asarray(leaf).size
+    for f in structure.leaves.get(path, []):
+      g = gates[f.gate]
+      n = n * (float(g[0]) if f.axis is None else f.expand(g, leaf.shape[f.axis]).mean())
+    total += int(round(n))
+  return total
 
 
 def random_gates(name, seed):
@@ -109,7 +126,7 @@ def test_one_pass_then_sliced_file_evaluates_as_the_run(mnist_slice, tmp_path):
   from conftest import REPO, tiny_config
 
   from pemn_jax.evaluate import evaluate_artifact
-  from pemn_jax.export.run import export_run, load
+  from pemn_jax.export.model_file import export_run, load
   from pemn_jax.train.loop import train_and_evaluate
   spec = {'name': 'gated', 'sparsity': 0.5, 'warmup': 0.0, 'ramp': 0.1, 'source': {'name': 'dense'}}
   c = tiny_config(mnist_slice, param=spec, num_steps=40, log_every=4,

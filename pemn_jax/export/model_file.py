@@ -1,4 +1,11 @@
-"""Export a trained run (its latest checkpoint) to a ``.pemn`` file, and load one."""
+"""Export a trained run to a ``.pemn`` model file, and load one.
+
+``export_run`` reads the run's trained model (``train.run.restore``: its
+newest good checkpoint, without the optimizer state) and writes the
+parameterization's ``export`` arrays, the batch statistics and the header
+(``model_header``: the one place a model file's header is made); ``load``
+rebuilds a model and its params from a file, checking it first.
+"""
 
 from __future__ import annotations
 
@@ -6,119 +13,81 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from pemn_jax import __version__, models
-from pemn_jax import params as P
+from pemn_jax import params as param_lib
 from pemn_jax.export import artifact
-from pemn_jax.params.base import flatten, unflatten
-from pemn_jax.train.checkpoint import (
-  Checkpointer,
-  CheckpointError,
-  replicated_sharding,
-  with_sharding,
-)
-from pemn_jax.train.optim import make_optimizer, with_pruning
-from pemn_jax.train.step import create_train_state
+from pemn_jax.params import sections
+from pemn_jax.pytrees import all_finite, flatten, plain, unflatten
+from pemn_jax.train.checkpoint import CheckpointError
+from pemn_jax.train.run import restore
 
 # A model file rebuilds a model of at most this many parameters unless the
 # caller allows more (a crafted header could otherwise ask for terabytes).
 MAX_PARAMS = 1 << 29
 
 
-def build(model_name, model_kwargs, num_classes, input_shape, param_spec):
-  """(model, parameterization) of a registry model name and a param spec."""
-  model = models.get(model_name, num_classes=num_classes, **model_kwargs)
-  param = P.build(param_spec, models.abstract_params(model, tuple(input_shape)), model=model)
-  return model, param
+def model_header(model: str, model_kwargs: dict, num_classes: int, input_shape,
+                 param_spec: dict, seed: int, dataset: str, step: int) -> dict:
+  """A model file's header (its sections are added by ``artifact.write``).
 
-
-def load_run(workdir: str, step: int | None = None):
-  """(config, meta, model, param, train_state) of a run's checkpoint."""
-  ckpt = Checkpointer(workdir, keep=1_000_000)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f'no checkpoint in {ckpt.directory}: train first (pemn_jax.main)')
-  meta = ckpt.restore_meta(step)
-  if 'num_classes' not in meta:
-    raise CheckpointError(f'checkpoint step {step} in {ckpt.directory} has no model metadata '
-                          '(written by an older pemn_jax); cannot export it')
-  config = ml_collections.ConfigDict(meta['config'])
-  model, param = build(config.model, config.model_kwargs.to_dict(), meta['num_classes'],
-                       meta['input_shape'], config.param)
-  def abstract_state(inject):
-    tx, _ = make_optimizer(config.optimizer, 1, inject=inject)
-    if 'prune' in config:
-      tx = with_pruning(tx, config.prune, 1, config.seed, param)
-    init = lambda: create_train_state(  # noqa: E731
-        param, tx, jax.random.key(0),
-        models.init_model_state(model, tuple(meta['input_shape'])), config.seed)
-    # Onto this process's devices, whatever mesh and process count saved it.
-    return init, with_sharding(jax.eval_shape(init), replicated_sharding())
-
-  init, abstract = abstract_state(True)
-  try:
-    ts, _ = ckpt.restore(step, abstract)
-  except CheckpointError as e:  # written before the optimizer held its hyperparameters?
-    try:
-      ts, _ = ckpt.restore(step, abstract_state(False)[1])
-    except CheckpointError:
-      raise e from None
-    from pemn_jax.train.loop import upgrade_state
-    ts = upgrade_state(jax.jit(init)(), ts)
-  ckpt.close()
-  return config, meta, model, param, ts
-
-
-def _finite(tree) -> bool:
-  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree)
-             if jnp.issubdtype(x.dtype, jnp.floating))
+  Args:
+    model, model_kwargs: the model's registry name (or import path) and kwargs.
+    num_classes, input_shape: what it was built for.
+    param_spec: the resolved parameterization spec (``params.resolved_spec``).
+    seed: the seed its generated weights derive from.
+    dataset, step: where it was trained, and for how long.
+  Returns:
+    The header, JSON-plain.
+  """
+  return plain({'format': 'pemn_jax model', 'pemn_jax_version': __version__,
+                'jax_version': jax.__version__, 'model': model, 'model_kwargs': model_kwargs,
+                'num_classes': int(num_classes), 'input_shape': list(input_shape),
+                'param': param_spec, 'seed': int(seed), 'dataset': dataset, 'step': int(step)})
 
 
 def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str = 'auto',
-               params_dir: str | None = None, slice_gates: bool = False) -> dict:
+               params_dir: str | None = None, slice_gates: bool = False, say=None) -> dict:
   """Writes ``out`` (.pemn) and, if ``params_dir``, an orbax checkpoint of the
   materialized dense params + model state. Returns sizes.
 
   Args:
-    workdir: the run.
+    workdir: the run (its newest good checkpoint).
     out: the model file to write.
     float_codec, mask_codec: see ``artifact.write``.
     params_dir: also an orbax checkpoint of the dense params there.
     slice_gates: a gated run (polarization): freeze its gates and write the
       physically smaller ordinary model (dense params) instead.
+    say: where to report a checkpoint skipped as corrupt (default: nowhere).
   Returns:
     ``file_bytes``, ``num_params`` (of the written model), ``header``.
   Raises:
     CheckpointError: no checkpoint, or one whose state is not finite.
     SliceError: ``slice_gates`` on a run whose gates cannot be sliced.
   """
-  config, meta, model, param, ts = load_run(workdir)
-  if not _finite((ts.state, ts.model_state)):
-    raise CheckpointError(f'the checkpoint of step {meta["step"]} in {workdir} holds non-finite '
+  run = restore(workdir, say=say)
+  ts, config = run.train_state, run.config
+  if not all_finite((ts.state, ts.model_state)):
+    raise CheckpointError(f'the checkpoint of step {run.step} in {workdir} holds non-finite '
                           'values (a diverged run): not exporting it')
   model_name, model_kwargs = config.model, config.model_kwargs.to_dict()
-  params = jax.jit(param.materialize)(ts.state, ts.seed)
-  model_state = ts.model_state
+  params, model_state, param = run.params(), ts.model_state, run.param
   if slice_gates:
-    from pemn_jax import surgery
+    from pemn_jax.gating import surgery
     _, model_kwargs, params, model_state = surgery.slice_params(
-        model_name, model_kwargs, meta['num_classes'], meta['input_shape'], params, model_state)
-    param = P.build({'name': 'dense'}, params)
-    arrays = {k: np.asarray(v) for k, v in param.export(params, 0).items()}
-    seed = 0
+        model_name, model_kwargs, run.num_classes, run.input_shape, params, model_state)
+    param = param_lib.build({'name': 'dense'}, params)
+    arrays, seed = param.export(params, 0), 0
   else:
-    arrays = {k: np.asarray(v) for k, v in jax.jit(param.export)(ts.state, ts.seed).items()}
-    seed = int(ts.seed)
-  arrays.update({f'model_state/{k}': np.asarray(v) for k, v in flatten(model_state).items()})
-  header = {'format': 'pemn_jax model', 'pemn_jax_version': __version__,
-            'jax_version': jax.__version__, 'model': model_name,
-            'model_kwargs': model_kwargs, 'num_classes': meta['num_classes'],
-            'input_shape': list(meta['input_shape']), 'param': P.resolved_spec(param),
-            'seed': seed, 'dataset': config.dataset, 'step': int(meta['step'])}
-  size = artifact.write(out, _jsonable(header), arrays, float_codec, mask_codec)
+    arrays, seed = jax.jit(param.export)(ts.state, ts.seed), int(ts.seed)
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  arrays.update(sections.nest(sections.MODEL_STATE, {k: np.asarray(v) for k, v in
+                                                     flatten(model_state).items()}))
+  header = model_header(model_name, model_kwargs, run.num_classes, run.input_shape,
+                        param_lib.resolved_spec(param), seed, config.dataset, run.step)
+  size = artifact.write(out, header, arrays, float_codec, mask_codec)
   result = {'file_bytes': size, 'num_params': param.num_params, 'header': header}
   if params_dir:
     ckptr = ocp.StandardCheckpointer()
@@ -128,26 +97,18 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
   return result
 
 
-def _jsonable(x):
-  """Tuples (ConfigDict values) as lists, recursively."""
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  return x
-
-
 def expected_sections(model, param, input_shape) -> dict[str, tuple[tuple, bool]]:
   """``{section name: (shape, is_mask)}`` a file of this model must hold,
   derived from the parameterization's ``export`` and the model's collections
   (nothing is allocated)."""
   state = jax.eval_shape(param.init, jax.random.key(0))
   out = jax.eval_shape(param.export, state, jnp.uint32(0))
-  sections = {k: (tuple(v.shape), v.dtype == jnp.bool_) for k, v in out.items()}
+  expected = {k: (tuple(v.shape), v.dtype == jnp.bool_) for k, v in out.items()}
   variables = models.abstract_variables(model, tuple(input_shape))
-  for k, v in flatten({c: t for c, t in variables.items() if c != 'params'}).items():
-    sections[f'model_state/{k}'] = (tuple(v.shape), False)
-  return sections
+  states = flatten({c: t for c, t in variables.items() if c != 'params'})
+  expected.update(sections.nest(sections.MODEL_STATE, {k: (tuple(v.shape), False)
+                                                        for k, v in states.items()}))
+  return expected
 
 
 def load(path: str, max_params: int = MAX_PARAMS, model=None):
@@ -188,7 +149,7 @@ def load(path: str, max_params: int = MAX_PARAMS, model=None):
     if n > max_params:
       raise artifact.ArtifactError(f'{path!r}: the model has {n} parameters, more than '
                                    f'max_params={max_params}')
-    param = P.build(header['param'], target, model=model)
+    param = param_lib.build(header['param'], target, model=model)
   except artifact.ArtifactError:
     raise
   except Exception as e:  # noqa: BLE001 - any failure to rebuild from header values
@@ -203,13 +164,13 @@ def load(path: str, max_params: int = MAX_PARAMS, model=None):
   for k, v in arrays.items():
     if v.dtype != bool and not np.isfinite(v).all():
       raise artifact.ArtifactError(f'{path!r}: section {k!r} holds non-finite values')
+  model_state = unflatten({k: jnp.asarray(v) for k, v in
+                           sections.part(sections.MODEL_STATE, arrays).items()})
   state_arrays = {k: jnp.asarray(v) for k, v in arrays.items()
-                  if not k.startswith('model_state/')}
+                  if not k.startswith(sections.MODEL_STATE + '/')}
   try:
     params = jax.jit(param.from_export)(state_arrays, jnp.uint32(header['seed']))
   except Exception as e:  # noqa: BLE001
     raise artifact.ArtifactError(f'{path!r}: cannot rebuild the params: {type(e).__name__}: '
                                  f'{str(e)[:300]}') from None
-  model_state = unflatten({k[12:]: jnp.asarray(v) for k, v in arrays.items()
-                           if k.startswith('model_state/')})
   return header, model, params, model_state

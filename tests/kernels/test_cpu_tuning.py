@@ -1,4 +1,4 @@
-"""pemn_jax.cpu_tuning: what configure() does, and that its XLA schedule
+"""pemn_jax.kernels.cpu_tuning: what configure() does, and that its XLA schedule
 shrinks a ConvMixer step's temporaries."""
 
 import os
@@ -9,7 +9,7 @@ from conftest import REPO
 
 PROBE = r'''
 import os
-from pemn_jax import cpu_tuning
+from pemn_jax.kernels import cpu_tuning
 print('result', cpu_tuning.configure())
 print('flags', os.environ.get('XLA_FLAGS', ''))
 import jax, jax.numpy as jnp, optax
@@ -50,7 +50,7 @@ def test_configure_sets_the_schedule_and_retains_memory_only_when_asked():
 
 
 def test_configure_leaves_other_platforms_and_user_flags_alone():
-  from pemn_jax import cpu_tuning
+  from pemn_jax.kernels import cpu_tuning
   old = os.environ.get('JAX_PLATFORMS')
   os.environ['JAX_PLATFORMS'] = 'cuda,cpu'
   try:

@@ -14,29 +14,21 @@ from __future__ import annotations
 import numpy as np
 
 from pemn_jax import models
-from pemn_jax.params.base import flatten, unflatten
-from pemn_jax.params.gates import open_gates
+from pemn_jax.pytrees import flatten, unflatten
 
 
 class SliceError(ValueError):
   """The gates cannot be sliced (they cut every path to the output)."""
 
 
-def predicted_params(model, params) -> int:
-  """Parameters the sliced model will have, counted from the gates alone."""
-  structure = model.gate_structure()
-  gates = open_gates(params, structure)
-  total = 0
-  for path, leaf in flatten(params).items():
-    if path in structure.gates:
-      continue
-    n = np.asarray(leaf).size
-    for f in structure.leaves.get(path, []):
-      g = gates[f.gate]
-      n = n * (float(g[0]) if f.axis is None else
-               f.expand(g, leaf.shape[f.axis]).mean())
-    total += int(round(n))
-  return total
+def open_gates(params, structure) -> dict[str, np.ndarray]:
+  """The 0/1 effective gates (bool arrays) of a gated model's params."""
+  flat = flatten(params)
+  raw = {g: np.asarray(flat[g]) > 0.5 for g in structure.gates}
+  eff = dict(raw)
+  for b, inner in structure.any_of.items():
+    eff[b] = raw[b] & raw[inner].any()
+  return eff
 
 
 def slice_params(model_name: str, model_kwargs: dict, num_classes: int, input_shape,

@@ -1,37 +1,23 @@
 """XLA:CPU set-up for training: a memory-lean schedule, freed memory kept.
 
-``configure()`` does two things before JAX starts its CPU backend, each
-measured on a ConvMixer-256/8 train step at batch 128 (2 cores; the numbers
-are in docs/cpu_speed.md):
+``configure()``, before JAX starts its CPU backend (``python -m
+pemn_jax.main`` and the benchmarks call it first thing; XLA reads its flags
+then, and the backend's threads pick their malloc arenas when they start):
 
 1. ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (added to
-   ``XLA_FLAGS`` unless the user set it): XLA's default CPU schedule favours
-   running independent ops concurrently and keeps 9.6 GB of temporaries
-   alive for that step; the memory-minimizing schedule needs 2.7 GB.
-2. only with ``PEMN_JAX_HOST_MEMORY=retain``: ``retain()``, below. It
-   speeds up models with large temporaries (ConvMixer-256/8: 3.4 -> 2.6 s
-   per step) but slows others (ResNet-20: 0.47 -> 0.58 s: one malloc arena
-   for all of XLA's threads contends), so it is opt-in.
+   ``XLA_FLAGS`` unless set): XLA's default CPU schedule keeps 9.6 GB of
+   temporaries alive for a ConvMixer-256/8 step at batch 128, the
+   memory-minimizing one 2.7 GB;
+2. only with ``PEMN_JAX_HOST_MEMORY=retain``: ``retain()`` asks glibc to
+   serve large blocks from one heap and never give freed memory back, so a
+   step reuses the last step's pages instead of faulting in (and zeroing)
+   gigabytes of fresh ``mmap``s (ConvMixer: 3.4 -> 2.6 s per step; ResNet-20
+   slower, 0.47 -> 0.58 s: one arena contends; hence opt-in). Resident memory
+   then stays at its peak.
 
-
-XLA:CPU allocates a step's temporaries (gigabytes for a ConvMixer at batch
-128) with ``malloc`` on every execution and frees them afterwards. glibc
-serves blocks that large with fresh ``mmap``s and unmaps them on free, so
-every step faults every page of its temporaries in again (and the kernel
-zeroes them): measured here, 2.5 million page faults and about half of the
-step time of a ConvMixer-256/8 train step (``benchmarks/vs_pytorch.py``).
-
-``retain()`` asks glibc to serve large blocks from one heap
-(``M_ARENA_MAX=1``, ``M_MMAP_MAX=0``) and never to give freed memory back
-(``M_TRIM_THRESHOLD`` = max): the second step reuses the first step's pages.
-The process's resident memory then stays at its peak; that is the cost.
-
-Both must run before JAX starts its CPU backend (XLA reads its flags then;
-the backend's threads pick their malloc arenas when they start):
-``python -m pemn_jax.main`` and the benchmarks call ``configure()`` first
-thing. Nothing is done unless the process will run on CPU (``JAX_PLATFORMS``
-unset or ``cpu`` and no GPU/TPU plugin installed); ``retain`` needs glibc.
-``PEMN_JAX_CPU_TUNING=off`` turns all of ``configure()`` off.
+Nothing is done unless the process will run on CPU (``JAX_PLATFORMS`` unset
+or ``cpu``, no GPU/TPU plugin); ``retain`` needs glibc;
+``PEMN_JAX_CPU_TUNING=off`` turns it all off. Measurements: docs/cpu_speed.md.
 """
 
 from __future__ import annotations

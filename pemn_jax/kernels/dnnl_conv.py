@@ -1,28 +1,16 @@
 """oneDNN convolutions on XLA:CPU, called through XLA's FFI.
 
-XLA:CPU's convolutions (Eigen) run at 1.4-3x the time of oneDNN's (PyTorch's
-CPU convolutions) on the ResNet shapes; this module calls oneDNN itself for
-the plain 2-D case (NHWC input, HWIO kernel, float32, explicit non-negative
-padding): forward, input gradient and kernel gradient, as a ``custom_vjp``
-whose three parts are XLA FFI custom calls (``csrc/dnnl_conv.cc``).
+The plain 2-D case (NHWC input, HWIO kernel, float32, explicit non-negative
+padding): forward, input gradient and kernel gradient as a ``custom_vjp``
+whose three parts are XLA FFI custom calls (``csrc/dnnl_conv.cc``); XLA:CPU's
+own (Eigen) take 1.4-3x as long on the ResNet shapes. Optional: it needs the
+``cpu`` extra (``pip install -e '.[cpu]'``: oneDNN's Linux x86-64 wheels) and
+a C++17 compiler (``$CXX``, else ``g++``); the handlers are compiled on first
+use into ``$PEMN_JAX_CACHE_DIR`` (default ``~/.cache/pemn_jax``), keyed by
+source, jaxlib and oneDNN. Without them ``available()`` is False and says why
+(``unavailable_reason()``). Check a machine with:
 
-It is optional. It needs oneDNN's CPU build and headers, installed by
-``pip install -e '.[cpu]'`` (the ``onednn-cpu-gomp`` and
-``onednn-devel-cpu-gomp`` wheels, Linux x86-64), and a C++17 compiler
-(``$CXX``, else ``g++``): on first use the handlers are compiled against
-JAX's FFI headers into ``$PEMN_JAX_CACHE_DIR`` (default
-``~/.cache/pemn_jax``), keyed by the source, jaxlib and oneDNN versions, and
-reused after. Without them ``available()`` is False, says why
-(``unavailable_reason()``), and ``pemn_jax.ops.conv`` keeps its XLA-based
-path. Check a machine with:
-
-    python -m pemn_jax.ops.dnnl_conv
-
-``pemn_jax.ops.conv`` uses it (``impl='auto'``) on the CPU backend when this
-process has a single device: XLA cannot partition a custom call, so on a
-sharded batch it would gather the whole batch to every device first.
-Results equal XLA's convolutions up to the order of float additions
-(``tests/ops/test_dnnl_conv.py``).
+    python -m pemn_jax.kernels.dnnl_conv
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A model built with ``gates=True`` multiplies chosen activations by ``gate``
 params (initialized to ones: the identity). The polarization parameterization
-(``pemn_jax.params.gates``) turns them into 0/1 gates; ``pemn_jax.surgery``
+(``pemn_jax.gating.param``) turns them into 0/1 gates; ``pemn_jax.gating.surgery``
 removes what closed gates switch off. Both read the model's ``GateStructure``:
 
 * for every gated param leaf (and batch-statistics leaf), which axis each gate

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pemn_jax.ops import dnnl_conv
+from pemn_jax.kernels import dnnl_conv
 
 needs_onednn = pytest.mark.skipif(not dnnl_conv._installed(),
                                   reason="oneDNN is not installed (pip install -e '.[cpu]')")
@@ -66,7 +66,7 @@ AUTO = r'''
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from pemn_jax import models
-from pemn_jax.ops import conv as C
+from pemn_jax.kernels import conv as C
 model = models.get('resnet20', num_classes=10, width=4)
 x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16, 16, 3)), jnp.float32)
 variables = model.init(jax.random.key(0), x, train=False)
@@ -138,7 +138,7 @@ def test_a_failed_compilation_is_reported_and_leaves_nothing(monkeypatch, tmp_pa
 
 
 def test_forcing_onednn_where_unavailable_is_a_clear_error(monkeypatch):
-  from pemn_jax.ops import conv as C
+  from pemn_jax.kernels import conv as C
   monkeypatch.setattr(dnnl_conv, '_load', lambda: (None, 'the test says so'))
   x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2))
   with pytest.raises(dnnl_conv.Unavailable, match='unavailable: the test says so'):

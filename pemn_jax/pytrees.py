@@ -1,0 +1,58 @@
+"""Pytree helpers shared by the whole package: '/'-joined leaf paths, JSON-plain
+values, finiteness."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+
+def flatten(tree: Mapping) -> dict[str, Any]:
+  """Nested dict -> ``{'a/b/c': leaf}`` in deterministic (sorted) order."""
+  flat = traverse_util.flatten_dict(tree, sep='/') if tree else {}
+  return dict(sorted(flat.items()))
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """``{'a/b/c': leaf}`` -> nested dict (``flatten``'s inverse)."""
+  return traverse_util.unflatten_dict(dict(flat), sep='/') if flat else {}
+
+
+def path_name(keypath) -> str:
+  """``'state/rest/Dense_0/kernel'`` for a jax key path (dict keys, attribute
+  names and sequence indices, '/'-joined)."""
+  parts = []
+  for k in keypath:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def plain(x):
+  """As JSON stores it: tuples as lists, recursively (dicts and scalars kept)."""
+  if isinstance(x, Mapping):
+    return {k: plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [plain(v) for v in x]
+  return x
+
+
+def all_finite(tree) -> bool:
+  """Whether every float leaf of ``tree`` is finite (one scalar to the host)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  if not leaves:
+    return True
+  return bool(_all_finite(leaves))
+
+
+@jax.jit
+def _all_finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
