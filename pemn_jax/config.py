@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import ml_collections
 
@@ -93,6 +94,32 @@ RESUMABLE_KEYS = ('num_steps', 'num_epochs', 'stop_at_step', 'log_every', 'eval_
                   'mesh', 'sharding', 'prefetch')
 
 
+# Numeric keys: (type, lower bound, upper bound, None allowed); a bound is
+# (operator, value), '>=' / '>' and '<=' / '<', or None (unbounded).
+NUMBERS = {
+    **dict.fromkeys(('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints',
+                     'checkpoint_every', 'prune.every'), (int, ('>=', 1), None, False)),
+    **dict.fromkeys(('eval_every', 'prefetch', 'optimizer.warmup_steps'),
+                    (int, ('>=', 0), None, False)),
+    **dict.fromkeys(('num_steps', 'stop_at_step', 'train_limit', 'test_limit'),
+                    (int, ('>=', 1), None, True)),
+    'seed': (int, ('>=', 0), ('<', 2**32), False),
+    'data_seed': (int, ('>=', 0), ('<', 2**32), True),
+    'num_epochs': (float, ('>', 0), None, False), 'optimizer.lr': (float, ('>', 0), None, False),
+    **dict.fromkeys(('optimizer.weight_decay', 'optimizer.grad_clip', 'optimizer.decay_epochs'),
+                    (float, ('>=', 0), None, False)),
+    'optimizer.momentum': (float, ('>=', 0), ('<', 1), False),
+    'prune.sparsity': (float, ('>=', 0), ('<', 1), False),
+    **dict.fromkeys(('prune.begin_fraction', 'prune.end_fraction', 'augment_options.jitter',
+                     'augment_options.erase'), (float, ('>=', 0), ('<=', 1), False)),
+    'augment_options.ra_ops': (int, ('>=', 0), ('<=', 14), False),
+    'augment_options.ra_magnitude': (int, ('>=', 0), ('<=', 30), False),
+}
+
+
+_OPS = {'>=': operator.ge, '>': operator.gt, '<=': operator.le, '<': operator.lt}
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key/value."""
   base = base_config()
@@ -118,63 +145,34 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(isinstance(c.model, str) and models.is_known(c.model), 'model', c.model,
        f'must be one of {sorted(models.REGISTRY)} or an import path package.module:Constructor')
   o = c.optimizer
-  need(o.name in OPTIMIZERS, 'optimizer.name', o.name, f'must be one of {OPTIMIZERS}')
-  need(o.schedule in SCHEDULES, 'optimizer.schedule', o.schedule, f'must be one of {SCHEDULES}')
-  need(_num(o.lr) and o.lr > 0, 'optimizer.lr', o.lr, 'must be a number > 0')
-  need(_num(o.weight_decay) and o.weight_decay >= 0, 'optimizer.weight_decay', o.weight_decay,
-       'must be >= 0')
-  need(_num(o.momentum) and 0 <= o.momentum < 1, 'optimizer.momentum', o.momentum,
-       'must be in [0, 1)')
-  for key in ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints',
-              'checkpoint_every'):
-    need(_int(c[key]) and c[key] > 0, key, c[key], 'must be an integer > 0')
-  for key in ('eval_every', 'seed', 'prefetch'):
-    need(_int(c[key]) and c[key] >= 0, key, c[key], 'must be an integer >= 0')
-  for key in ('num_steps', 'stop_at_step', 'train_limit', 'test_limit'):
-    need(c[key] is None or (_int(c[key]) and c[key] > 0), key, c[key],
-         'must be an integer > 0, or None (the default)')
+  for key, allowed in (('optimizer.name', OPTIMIZERS), ('optimizer.schedule', SCHEDULES),
+                       ('prune.allocation', ALLOCATIONS), ('prune.criterion', ('', *CRITERIA))):
+    value = c[key.split('.')[0]][key.split('.')[1]]
+    need(value in allowed, key, value, f'must be one of {allowed}')
+  for key, (kind, low, high, optional) in NUMBERS.items():
+    group, _, name = key.rpartition('.')
+    value = (c[group] if group else c)[name]
+    bounds = [b for b in (low, high) if b]
+    ok = (value is None and optional) or ((_int(value) if kind is int else _num(value))
+                                          and all(_OPS[op](value, b) for op, b in bounds))
+    need(ok, key, value, f'must be {"an integer" if kind is int else "a number"} '
+         + ' and '.join(f'{op} {b}' for op, b in bounds)
+         + (', or None (the default)' if optional else ''))
   for key in ('data_dir', 'source_dir'):
     need(c[key] is None or (isinstance(c[key], str) and c[key]), key, c[key],
          'must be a path, or None (the default)')
-  need(c.seed < 2**32, 'seed', c.seed, 'must be < 2**32 (a uint32)')
-  need(c.data_seed is None or (_int(c.data_seed) and 0 <= c.data_seed < 2**32), 'data_seed',
-       c.data_seed, 'must be None (config.seed) or an integer in [0, 2**32)')
   need(c.train_limit is None or c.train_limit >= c.batch_size, 'train_limit', c.train_limit,
        f'is smaller than one batch (batch_size={c.batch_size})')
-  need(isinstance(c.verify_checkpoints, bool), 'verify_checkpoints', c.verify_checkpoints,
-       'must be true or false')
-  need(_num(o.decay_epochs) and o.decay_epochs >= 0, 'optimizer.decay_epochs', o.decay_epochs,
-       'must be >= 0')
+  for key, value in (('verify_checkpoints', c.verify_checkpoints),
+                     ('prune.skip_first', c.prune.skip_first)):
+    need(isinstance(value, bool), key, value, 'must be true or false')
   need(o.schedule != 'exponential' or o.decay_epochs > 0, 'optimizer.decay_epochs',
        o.decay_epochs, 'must be > 0 with the exponential schedule')
-  need(_int(o.warmup_steps) and o.warmup_steps >= 0, 'optimizer.warmup_steps', o.warmup_steps,
-       'must be an integer >= 0')
-  need(_num(o.grad_clip) and o.grad_clip >= 0, 'optimizer.grad_clip', o.grad_clip, 'must be >= 0')
   try:
     aug.parse(c.augment)
   except ValueError as e:
     raise ConfigError(f'config.augment={c.augment!r} is invalid: {e}') from None
-  a = c.augment_options
-  need(_int(a.ra_ops) and 0 <= a.ra_ops <= 14, 'augment_options.ra_ops', a.ra_ops, 'in [0, 14]')
-  need(_int(a.ra_magnitude) and 0 <= a.ra_magnitude <= 30, 'augment_options.ra_magnitude',
-       a.ra_magnitude, 'must be an integer in [0, 30]')
-  for key in ('jitter', 'erase'):
-    need(_num(a[key]) and 0 <= a[key] <= 1, f'augment_options.{key}', a[key], 'in [0, 1]')
-  need(_num(c.num_epochs) and c.num_epochs > 0, 'num_epochs', c.num_epochs, 'must be > 0')
   need('name' in c.param, 'param', c.param.to_dict(), 'needs a "name"')
-  need(c.prune.criterion in ('', *CRITERIA), 'prune.criterion', c.prune.criterion,
-       f"must be '' or one of {CRITERIA}")
-  need(c.prune.allocation in ALLOCATIONS, 'prune.allocation', c.prune.allocation,
-       f'must be one of {ALLOCATIONS}')
-  need(_int(c.prune.every) and c.prune.every > 0, 'prune.every', c.prune.every,
-       'must be an integer > 0')
-  need(isinstance(c.prune.skip_first, bool), 'prune.skip_first', c.prune.skip_first,
-       'must be true or false')
-  for key in ('begin_fraction', 'end_fraction'):
-    need(_num(c.prune[key]) and 0 <= c.prune[key] <= 1, f'prune.{key}', c.prune[key],
-         'must be in [0, 1]')
-  need(_num(c.prune.sparsity) and 0 <= c.prune.sparsity < 1, 'prune.sparsity', c.prune.sparsity,
-       'must be in [0, 1)')
   try:
     check_config(c.mesh.to_dict(), c.sharding.to_dict())
   except ShardingError as e:
