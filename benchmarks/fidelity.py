@@ -56,7 +56,7 @@ def main():
   ap.add_argument('--datasets', nargs='+', default=['mnist', 'fashion_mnist'])
   ap.add_argument('--methods', nargs='+', default=list(PRESETS), choices=list(PRESETS))
   ap.add_argument('--epochs', type=float, default=3.0)
-  ap.add_argument('--data_dir', default='')
+  ap.add_argument('--data_dir', default=None)
   ap.add_argument('--out', default='benchmarks/results')
   ap.add_argument('--smoke', action='store_true',
                   help='4 methods on one dataset, 4 steps each (checks the script)')

@@ -113,7 +113,7 @@ def main():
   ap.add_argument('--cifar_epochs', type=float, default=2.0)
   ap.add_argument('--cifar_targets', type=float, nargs='+', default=[0.5],
                   help='CIFAR-10 runs take ~10 min each on 2 CPU cores')
-  ap.add_argument('--data_dir', default='')
+  ap.add_argument('--data_dir', default=None)
   ap.add_argument('--out', default='benchmarks/results')
   ap.add_argument('--smoke', action='store_true', help='one MLP run, 6 steps (checks the script)')
   args = ap.parse_args()

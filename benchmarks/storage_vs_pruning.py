@@ -100,7 +100,7 @@ def main():
   ap.add_argument('--model', default='lenet5')
   ap.add_argument('--epochs', type=float, default=8.0)
   ap.add_argument('--sparsities', type=float, nargs='+', default=[0.90, 0.92, 0.94, 0.96])
-  ap.add_argument('--data_dir', default='')
+  ap.add_argument('--data_dir', default=None)
   ap.add_argument('--only', default='', help='comma-separated subset of point names')
   ap.add_argument('--out', default='benchmarks/results')
   ap.add_argument('--smoke', action='store_true',

@@ -139,6 +139,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   def need(ok, key, value, what):
     if not ok:
+      legacy = LEGACY_DEFAULTS.get(key, ...)
+      if value == legacy and type(value) is type(legacy):
+        what += f' ({legacy!r} meant the default in older configs; now leave it unset)'
       raise ConfigError(f'config.{key}={value!r} is invalid: {what}')
 
   need(c.dataset in DATASETS, 'dataset', c.dataset, f'must be one of {DATASETS}')
