@@ -2,8 +2,8 @@
 sparsity (fraction of kernel weights removed), then it is sliced physically.
 
 Gates (``model_kwargs.gates``) on hidden units / channels and residual
-branches (pemn_jax/models/gates.py); the polarization regularizer and its
-ramp in pemn_jax/params/gates.py; weights train as the dense preset does.
+branches (pemn_jax/gating/modules.py); the polarization regularizer and its
+ramp in pemn_jax/gating/param.py; weights train as the dense preset does.
 
     python -m pemn_jax.main --config configs/polarization.py:model=resnet20,dataset=cifar10,sparsity=0.5 --workdir /tmp/pol
     python -m pemn_jax.main --config configs/polarization.py:model=mlp,dataset=mnist,sparsity=0.7 --workdir /tmp/pol_mlp

@@ -25,6 +25,7 @@ def _unset(kind):
   return ml_collections.config_dict.placeholder(kind)
 
 
+DTYPES = ('float32', 'bfloat16')
 # Values older pemn_jax configs used for "the default" (stored in checkpoints
 # and sweep results): read as None.
 LEGACY_DEFAULTS = {'data_dir': '', 'source_dir': '', 'train_limit': 0, 'test_limit': 0,
@@ -45,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
       {'ra_ops': 2, 'ra_magnitude': 12, 'jitter': 0.2, 'erase': 0.2})
   c.model = 'mlp'
   c.model_kwargs = ml_collections.ConfigDict()
+  c.dtype = 'float32'           # compute dtype: float32 | bfloat16 (mixed precision: the state,
+                                # optimizer, batch statistics and loss stay float32)
   c.param = ml_collections.ConfigDict({'name': 'dense'})  # pemn_jax.params.build spec
   c.optimizer = ml_collections.ConfigDict({
       'name': 'adamw', 'lr': 1e-3, 'weight_decay': 0.0, 'momentum': 0.9, 'nesterov': False,
@@ -86,12 +89,13 @@ def base_config() -> ml_collections.ConfigDict:
 # Keys whose value may change when a run resumes from its checkpoints (length,
 # cadence, where data is read from, evaluation, and the learning rate / gradient
 # clipping -- to continue a diverged run from its last finite checkpoint; the
-# mesh and sharding -- a checkpoint restores onto any mesh; prefetching);
+# mesh and sharding -- a checkpoint restores onto any mesh; prefetching; the compute
+# dtype -- the state is float32 either way);
 # any other difference between the stored config and the new one is refused.
 RESUMABLE_KEYS = ('num_steps', 'num_epochs', 'stop_at_step', 'log_every', 'eval_every',
                   'checkpoint_every', 'keep_checkpoints', 'verify_checkpoints', 'eval_batch_size',
                   'test_limit', 'data_dir', 'source_dir', 'optimizer.lr', 'optimizer.grad_clip',
-                  'mesh', 'sharding', 'prefetch')
+                  'mesh', 'sharding', 'prefetch', 'dtype')
 
 
 # Numeric keys: (type, lower bound, upper bound, None allowed); a bound is
@@ -145,6 +149,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{key}={value!r} is invalid: {what}')
 
   need(c.dataset in DATASETS, 'dataset', c.dataset, f'must be one of {DATASETS}')
+  need(c.dtype in DTYPES, 'dtype', c.dtype, f'must be one of {DTYPES}')
   need(isinstance(c.model, str) and models.is_known(c.model), 'model', c.model,
        f'must be one of {sorted(models.REGISTRY)} or an import path package.module:Constructor')
   o = c.optimizer

@@ -13,7 +13,7 @@
   random order (torchvision's);
 * ``erase``: RandomErasing(p=``erase``, scale (0.02, 0.33), ratio (0.3, 3.3),
   value 0) on the *normalized* image, as torchvision applies it after
-  ``Normalize`` (``Pipeline`` calls ``erase`` after normalizing).
+  ``Normalize`` (``erase_boxes`` draws the boxes, ``normalize`` zeroes them).
 
 Presets: ``cifar`` = crop,flip; ``pemn`` = flip,randaugment,jitter,erase (the
 PEMN reference's CIFAR pipeline: its RandomResizedCrop(scale=1, ratio=1) is the
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 OPS = ('crop', 'flip', 'randaugment', 'jitter', 'erase')
@@ -200,11 +201,14 @@ def augment_uint8(images: np.ndarray, ops, seed: int, step: int, positions,
   return out
 
 
-def erase(images: np.ndarray, seed: int, step: int, positions, p: float) -> np.ndarray:
+def erase_boxes(n: int, shape, seed: int, step: int, positions, p: float) -> np.ndarray:
   """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3),
-  value=0) on normalized float images (N, H, W, C), in place."""
-  h, w = images.shape[1:3]
-  area = h * w
+  value=0) as boxes: one ``(i0, i1, j0, j1)`` row per image (int32; an empty
+  box where nothing is erased). The box is zeroed on the *normalized* image,
+  as torchvision applies it after ``Normalize`` (``normalize`` does, on the
+  host or in the jitted step)."""
+  h, w = shape[:2]
+  area, out = h * w, np.zeros((n, 4), np.int32)
   lo, hi = math.log(0.3), math.log(3.3)
   for k, pos in enumerate(positions):
     rng = np.random.default_rng([int(seed), 1 << 21, int(step), int(pos)])
@@ -216,6 +220,33 @@ def erase(images: np.ndarray, seed: int, step: int, positions, p: float) -> np.n
       eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
       if eh < h and ew < w:
         i, j = rng.integers(0, h - eh + 1), rng.integers(0, w - ew + 1)
-        images[k, i:i + eh, j:j + ew, :] = 0.0
+        out[k] = (i, i + eh, j, j + ew)
         break
-  return images
+  return out
+
+
+def normalize(images, mean, std, boxes=None):
+  """``(images / 255 - mean) / std`` in float32 with the erase ``boxes``
+  zeroed: numpy on the host, or jax inside a jitted step -- the same bits
+  (there, each channel's 256 values are looked up in a table the host
+  computed: XLA would rewrite the divisions into multiplications).
+
+  Args:
+    images: uint8 (N, H, W, C).
+    mean, std: per channel, on the 0..1 scale (float32).
+    boxes: None, or (N, 4) int32 ``(i0, i1, j0, j1)`` from ``erase_boxes``.
+  Returns:
+    float32 (N, H, W, C).
+  """
+  if isinstance(images, np.ndarray):
+    xp, x = np, (images.astype(np.float32) / np.float32(255.0) - mean) / std
+  else:
+    table = normalize(np.arange(256, dtype=np.uint8)[:, None], mean, std)  # (256, C)
+    xp, x = jnp, jnp.asarray(table)[images.astype(jnp.int32), np.arange(table.shape[1])]
+  if boxes is None:
+    return x
+  rows = xp.arange(x.shape[1])[None, :, None]
+  cols = xp.arange(x.shape[2])[None, None, :]
+  b = boxes[:, :, None, None]
+  inside = (rows >= b[:, 0]) & (rows < b[:, 1]) & (cols >= b[:, 2]) & (cols < b[:, 3])
+  return xp.where(inside[..., None], xp.float32(0.0), x)

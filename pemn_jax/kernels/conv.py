@@ -166,11 +166,12 @@ def _is_nhwc(dimension_numbers, lhs_shape, rhs_shape) -> bool:
 def fast_path(lhs, rhs, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
               feature_group_count=1, batch_group_count=1, preferred_element_type=None,
               impl: str | None = None) -> bool:
-  """Whether ``conv_general_dilated`` takes the custom kernel gradient."""
+  """Whether ``conv_general_dilated`` has a CPU kernel for this convolution
+  (the plain NHWC/HWIO float32 case, and an ``impl`` other than ``'xla'``)."""
   impl = default_impl() if impl is None else impl
   if impl not in IMPLS:
     raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}')
-  if impl == 'xla' or (impl == 'auto' and jax.default_backend() != 'cpu'):
+  if impl == 'xla':
     return False
   ones = lambda d: d is None or all(int(v) == 1 for v in d)  # noqa: E731
   return (ones(lhs_dilation) and ones(rhs_dilation) and feature_group_count == 1
@@ -180,13 +181,12 @@ def fast_path(lhs, rhs, lhs_dilation=None, rhs_dilation=None, dimension_numbers=
 
 
 def _use_onednn(impl: str) -> bool:
-  """oneDNN for a k x k convolution: asked for, or 'auto' on a one-device CPU
-  process where it is available (a custom call is not partitioned by XLA: on
-  a sharded batch it would gather the batch to every device)."""
+  """oneDNN for a k x k convolution in the CPU kernels: asked for, or 'auto'
+  in a one-device process where it is available (XLA cannot partition a
+  custom call: on a sharded batch it would gather the batch to every device)."""
   if impl == 'onednn':
     return True
-  return (impl == 'auto' and jax.default_backend() == 'cpu' and jax.device_count() == 1
-          and dnnl_conv.available())
+  return impl == 'auto' and jax.device_count() == 1 and dnnl_conv.available()
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
@@ -194,31 +194,48 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None,
                          impl: str | None = None, out_sharding=None):
-  """``lax.conv_general_dilated`` with the fast kernel gradient on CPU.
+  """``lax.conv_general_dilated`` with CPU kernels where they apply.
+
+  With ``impl='auto'`` the kernel is chosen per platform when the step is
+  lowered (``lax.platform_dependent``): the CPU program gets the CPU kernels,
+  a TPU or GPU program (lowered or exported from any host) XLA's own
+  convolution, never a CPU custom call.
 
   Args:
     lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
     dimension_numbers, feature_group_count, batch_group_count, precision,
     preferred_element_type: as ``lax.conv_general_dilated``.
-    impl: ``'auto'``, ``'xla'``, ``'cpu'`` or ``'onednn'``; None: ``DEFAULT_IMPL`` (see the
-      module docstring).
+    impl: ``'auto'``, ``'xla'``, ``'cpu'`` or ``'onednn'`` (the last two on
+      any platform); None: ``default_impl()`` (see the module docstring).
     out_sharding: as ``lax.conv_general_dilated`` (given: XLA's path).
   Returns:
     The convolution, the same function as ``lax.conv_general_dilated``.
   """
-  if out_sharding is None and fast_path(lhs, rhs, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count,
-                                        batch_group_count, preferred_element_type, impl):
-    strides = tuple(int(s) for s in window_strides)
-    pads = _pads(padding, lhs.shape, rhs.shape, strides)
+  impl = default_impl() if impl is None else impl
+  kwargs = {} if out_sharding is None else {'out_sharding': out_sharding}
+
+  def xla_conv(lhs, rhs):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    batch_group_count, precision, preferred_element_type,
+                                    **kwargs)
+
+  if out_sharding is not None or not fast_path(
+      lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count, preferred_element_type, impl):
+    return xla_conv(lhs, rhs)
+  strides = tuple(int(s) for s in window_strides)
+  pads = _pads(padding, lhs.shape, rhs.shape, strides)
+
+  def cpu_conv(lhs, rhs):
     if rhs.shape[:2] == (1, 1) and not any(v for p in pads for v in p):
       return pointwise(lhs, rhs, strides)
     if all(v >= 0 for p in pads for v in p):
-      if _use_onednn(default_impl() if impl is None else impl):
+      if _use_onednn(impl):
         return dnnl_conv.conv(lhs, rhs, strides, pads)
       return _conv_nhwc(lhs, rhs, strides, pads)
-  kwargs = {} if out_sharding is None else {'out_sharding': out_sharding}
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                  rhs_dilation, dimension_numbers, feature_group_count,
-                                  batch_group_count, precision, preferred_element_type,
-                                  **kwargs)
+    return xla_conv(lhs, rhs)
+
+  if impl == 'auto':
+    return lax.platform_dependent(lhs, rhs, cpu=cpu_conv, default=xla_conv)
+  return cpu_conv(lhs, rhs)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from pemn_jax.kernels import conv
 from pemn_jax.kernels.conv import conv_general_dilated
 
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
@@ -39,7 +38,8 @@ class DepthwiseConv(nn.Module):
   """Depthwise 'SAME' conv with nn.Conv's param names and shapes.
 
   ``impl``: 'xla' (grouped convolution), 'shift' (shifted multiply-adds), or
-  'auto' (shift on CPU, xla elsewhere). Both give the same function.
+  'auto' (shift on CPU, xla elsewhere: chosen per platform when lowered).
+  Both give the same function.
   """
   kernel_size: int
   use_bias: bool = True
@@ -51,18 +51,15 @@ class DepthwiseConv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', he_normal, (k, k, 1, c), jnp.float32)
     impl = self.impl
-    if impl == 'auto' and conv.default_impl() == 'xla':
-      impl = 'xla'
-    if impl == 'auto':
-      impl = 'shift' if jax.default_backend() == 'cpu' else 'xla'
-    if impl == 'shift':
-      y = shifted_depthwise_conv(x, kernel.astype(x.dtype))
-    elif impl == 'xla':
-      y = jax.lax.conv_general_dilated(
-          x, kernel.astype(x.dtype), (1, 1), 'SAME', feature_group_count=c,
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    else:
+    if impl not in ('auto', 'shift', 'xla'):
       raise ValueError(f"DepthwiseConv impl must be 'auto', 'shift' or 'xla', got {impl!r}")
+    grouped = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), 'SAME', feature_group_count=c, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    kernel = kernel.astype(x.dtype)
+    if impl == 'auto':  # chosen per platform when lowered
+      y = jax.lax.platform_dependent(x, kernel, cpu=shifted_depthwise_conv, default=grouped)
+    else:
+      y = (shifted_depthwise_conv if impl == 'shift' else grouped)(x, kernel)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     return y

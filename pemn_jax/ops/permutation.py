@@ -47,9 +47,24 @@ def _feistel(x, round_keys, wl, wr):
   return (left << wr) | right
 
 
-def _cycle_walk(j, n, round_keys, wl, wr):
+def _feistel_inverse(y, round_keys, wl, wr):
+  """``_feistel``'s inverse: the rounds undone in reverse order."""
+  one = _U32(1)
+  if len(round_keys) % 2:  # the widths after the last round
+    wl, wr = wr, wl
+  left = y >> wr
+  right = y & ((one << wr) - one)
+  for k in reversed(round_keys):
+    f = lowbias32(left * _U32(0x9E3779B1) + k)
+    # (L', R') = (R, L ^ F(R)) -> (L, R) = (R' ^ F(L'), L')
+    left, right = (right ^ f) & ((one << wr) - one), left
+    wl, wr = wr, wl
+  return (left << wr) | right
+
+
+def _cycle_walk(j, n, round_keys, wl, wr, inverse=False):
   def step(x):
-    return _feistel(x, round_keys, wl, wr)
+    return (_feistel_inverse if inverse else _feistel)(x, round_keys, wl, wr)
   # The domain is < 2n, so the expected walk is < 2 steps and the loop ends
   # after O(log N) passes.
   return jax.lax.while_loop(lambda x: jnp.any(x >= n),
@@ -60,7 +75,8 @@ def _leaf_id(leaf) -> int:
   return path_id(leaf) if isinstance(leaf, str) else int(leaf) & 0xFFFFFFFF
 
 
-def permute_indices(j, n: int, seed, leaf: str | int = 0, rounds: int = DEFAULT_ROUNDS):
+def permute_indices(j, n: int, seed, leaf: str | int = 0, rounds: int = DEFAULT_ROUNDS,
+                    inverse: bool = False):
   """Returns pi(j) for a seed- and leaf-keyed bijection pi of ``[0, n)``.
 
   Args:
@@ -69,17 +85,20 @@ def permute_indices(j, n: int, seed, leaf: str | int = 0, rounds: int = DEFAULT_
     seed: uint32 scalar (array or int).
     leaf: leaf path (str) or id; different leaves get independent permutations.
     rounds: Feistel rounds (any >= 1 gives a bijection; 6 mixes well).
+    inverse: pi^-1(j) instead (the Feistel rounds and the cycle walk undone:
+      as cheap as pi itself).
   """
   wl, wr = _domain_bits(n)
   keys = [mix(as_seed(seed), _leaf_id(leaf), 0xFE15, r) for r in range(rounds)]
-  return _cycle_walk(jnp.asarray(j, _U32), _U32(n), keys, _U32(int(wl)), _U32(int(wr)))
+  return _cycle_walk(jnp.asarray(j, _U32), _U32(n), keys, _U32(int(wl)), _U32(int(wr)),
+                     inverse)
 
 
 def permute_segments(segments: Segments, leaves: Sequence[str | int], seed,
-                     rounds: int = DEFAULT_ROUNDS, ids=None):
+                     rounds: int = DEFAULT_ROUNDS, ids=None, inverse: bool = False):
   """For each segment i, ``pi_i(local index)``: the same values as
   ``permute_indices(arange(n_i), n_i, seed, leaves[i])``, for all segments in
-  one flat uint32 array of length ``segments.total``."""
+  one flat uint32 array of length ``segments.total`` (``inverse``: pi_i^-1)."""
   if len(leaves) != len(segments):
     raise ValueError(f'{len(leaves)} leaf ids for {len(segments)} segments')
   ids = segments.ids() if ids is None else ids
@@ -88,5 +107,5 @@ def permute_segments(segments: Segments, leaves: Sequence[str | int], seed,
   seed = as_seed(seed)
   keys = [mix(seed, lids, 0xFE15, r)[ids] for r in range(rounds)]
   n = segments.per_segment(segments.sizes, _U32)[ids]
-  return _cycle_walk(segments.local(ids), n, keys,
-                     segments.per_segment(wl, _U32)[ids], segments.per_segment(wr, _U32)[ids])
+  return _cycle_walk(segments.local(ids), n, keys, segments.per_segment(wl, _U32)[ids],
+                     segments.per_segment(wr, _U32)[ids], inverse)

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 _FLAT = contextvars.ContextVar('pemn_jax_generation_sharding', default=None)
 
@@ -52,43 +49,3 @@ def shard_flat(x):
 def active():
   """The active generation sharding (or None)."""
   return _FLAT.get()
-
-
-def take(table, idx):
-  """``table[idx]`` for a small table (replicated) and flat indices laid out
-  per the active generation sharding. Its gradient to ``table`` sums the
-  cotangents of each device's slice into a local table-sized buffer
-  (``jax.shard_map``) and all-reduces those: no device ever holds all the
-  indices or all the cotangents (XLA's own partitioning of the transposed
-  gather all-gathers the indices)."""
-  sharding = _FLAT.get()
-  if sharding is None or idx.ndim != 1 or idx.shape[0] < sharding.mesh.size:
-    return jnp.take(table, idx, axis=0)
-  return _sharded_take(table, idx, sharding)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sharded_take(table, idx, sharding):
-  return jnp.take(table, idx, axis=0)
-
-
-def _sharded_take_fwd(table, idx, sharding):
-  return jnp.take(table, idx, axis=0), (idx, table.shape[0])
-
-
-def _sharded_take_bwd(sharding, res, g):
-  idx, size = res
-  mesh, axes = sharding.mesh, sharding.spec[0]
-  pad = (-idx.shape[0]) % mesh.size
-  idx = jax.lax.with_sharding_constraint(jnp.pad(idx, (0, pad)), sharding)
-  g = jax.lax.with_sharding_constraint(jnp.pad(g, (0, pad)), sharding)
-
-  def local(i, c):
-    return jax.lax.psum(jnp.zeros((size,), c.dtype).at[i].add(c), axes)
-
-  grad = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes)), out_specs=P(),
-                       check_vma=False)(idx, g)
-  return grad, None
-
-
-_sharded_take.defvjp(_sharded_take_fwd, _sharded_take_bwd)

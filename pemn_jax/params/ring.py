@@ -28,6 +28,7 @@ layer, as in a dense network. (A N(0, 1) ring times ``sqrt(2/fan_in)``,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,6 +45,33 @@ from pemn_jax.params.base import KERNELS, Split, init_std, size
 # normal over fan-out: std sqrt(2 / (512 * 3 * 3)).
 REFERENCE_RING_STD = math.sqrt(2.0 / 4608)
 ASSIGNMENTS = ('global', 'window')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ring_values(ring, seed, param, sharding):
+  """``ring[pos] * sign * constant`` of every generated element (flat); its
+  gradient is ``param.ring_gradient`` (gathers, no scatter). ``sharding``:
+  the generation sharding active when it was traced (the backward pass is
+  traced after that context has ended)."""
+  pos, sign, ids = param.flat_indices(seed)
+  return shard_flat(jnp.take(ring, pos, axis=0) * param._coefficients(sign, ids))
+
+
+def _ring_values_fwd(ring, seed, param, sharding):
+  return _ring_values(ring, seed, param, sharding), seed
+
+
+def _ring_values_bwd(param, sharding, seed, g):
+  with spmd.generation(sharding):
+    if sharding is not None:
+      return param.ring_gradient(g, seed), None
+    # Chosen per platform when lowered: XLA:CPU's scatter-add is fast (one
+    # Feistel evaluation instead of two); TPU and GPU get the gathers.
+    return jax.lax.platform_dependent(g, seed, cpu=param.scatter_gradient,
+                                      default=param.ring_gradient), None
+
+
+_ring_values.defvjp(_ring_values_fwd, _ring_values_bwd)
 
 
 def resolve_dof(dof: float, num_params: int) -> int:
@@ -134,15 +162,55 @@ class Ring(Split):
     """The constant leaf ``path`` is multiplied by."""
     return init_std(path, self.leaves[path].shape, self.gain, self.fan) / self.ring_std
 
+  def _coefficients(self, sign, ids):
+    """Sign times leaf constant of every generated element."""
+    scale = self.segments.per_segment([self.scale(p) for p in self.generated], jnp.float32)
+    return sign * scale[ids]
+
   def generate(self, state, seed):
     ring = state['ring']
     if ring.shape != (self.dof,):
       raise ValueError(f'ring state has shape {ring.shape}, expected ({self.dof},)')
-    pos, sign, ids = self.flat_indices(seed)
-    scale = self.segments.per_segment([self.scale(p) for p in self.generated], jnp.float32)
-    flat = shard_flat(spmd.take(ring, pos) * (sign * scale[ids]))
+    flat = _ring_values(ring, as_seed(seed), self, spmd.active())
     shapes = [self.leaves[p].shape for p in self.generated]
     return dict(zip(self.generated, self.segments.split(flat, shapes), strict=True))
+
+  def scatter_gradient(self, cotangent, seed):
+    """The ring's gradient as XLA transposes the gather: a scatter-add of T
+    updates into D slots (fast on CPU; see ``ring_gradient``)."""
+    pos, sign, ids = self.flat_indices(seed)
+    w = cotangent * self._coefficients(sign, ids)
+    return jnp.zeros((self.dof,), w.dtype).at[pos].add(w)
+
+  def ring_gradient(self, cotangent, seed):
+    """The ring's gradient given the generated elements' (flat) cotangent.
+
+    The transpose of the gather ``ring[pos]`` is a scatter-add of T updates
+    into D slots (a known TPU pathology). Here it is gathers and contiguous
+    sums instead: the cotangent (times sign and leaf constant) is permuted by
+    the *inverse* permutation -- computed from the seed as cheaply as the
+    permutation -- into ring order, where each ring position's floor(T/D) or
+    ceil(T/D) entries are a row of a (T/D, D) reshape (``window``: each
+    leaf's inverse, then the same reshape).
+    """
+    seg, d, t = self.segments, self.dof, self.num_generated
+    _, sign, ids = self.flat_indices(seed)
+    w = cotangent * self._coefficients(sign, ids)
+    if self.assign == 'window':  # element start_i + pi_i(j) sits at its own index mod D
+      src = seg.iota(jnp.uint32) - seg.local(ids) + permute_segments(
+          seg, self.generated, seed, ids=ids, inverse=True)
+      v = shard_flat(jnp.take(w, src.astype(jnp.int32), axis=0))
+      return jnp.pad(v, (0, -t % d)).reshape(-1, d).sum(0)
+    full = d * (t // d)
+    src = permute_indices(shard_flat(jnp.arange(t, dtype=jnp.uint32)), t, seed, 'ring/global',
+                          inverse=True)
+    v = shard_flat(jnp.take(w, src.astype(jnp.int32), axis=0))  # v[u] = w[pi^-1(u)]
+    grad = v[:full].reshape(t // d, d).sum(0)
+    if full < t:  # u in [full, T): ring position sigma_D(u - full)
+      e = permute_indices(jnp.arange(d, dtype=jnp.uint32), d, seed, 'ring/extra', inverse=True)
+      extra = jnp.take(v, (full + jnp.minimum(e, t - full - 1)).astype(jnp.int32), axis=0)
+      grad = grad + jnp.where(e < t - full, extra, 0.0)
+    return grad
 
   def export_generated(self, state, seed):
     return {'ring': state['ring']}

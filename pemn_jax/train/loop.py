@@ -34,7 +34,8 @@ from pemn_jax.train.step import eval_batch, eval_sums, make_train_step
 from pemn_jax.train.tracking import DivergenceError, Tracker
 from pemn_jax.train.workdir import WorkdirLock, prepare
 
-__all__ = ['DivergenceError', 'Member', 'Progress', 'train', 'train_and_evaluate']
+__all__ = ['DivergenceError', 'Member', 'Progress', 'step_functions', 'train',
+           'train_and_evaluate']
 
 
 @dataclasses.dataclass
@@ -223,6 +224,45 @@ def train(run: Run, members: list[Member], say=None, progress: Progress | None =
       tr.close()
 
 
+def step_functions(run: Run, stacked: bool = False):
+  """A run's train and evaluation steps, not jitted (``jax.jit`` or
+  ``jax.export`` them; the loop jits them with its shardings).
+
+  Args:
+    run: the run.
+    stacked: vmapped over a leading axis of stacked train states and
+      hyperparameters (a sweep's group); stacked members generate their
+      params replicated (per-device generation is a single run's layout).
+  Returns:
+    ``train(ts, hyper, images, labels, boxes, step) -> (ts, metrics)`` and
+    ``evaluate(ts, hyper, images, labels, weights) -> (correct, count,
+    loss)``: images uint8 as the pipelines give them (``boxes``: their erase
+    boxes, or None), normalized inside; ``hyper``: ``{}`` for a single run.
+  """
+  model, dtype = run.model, run.config.dtype
+  generate = None if stacked else run.layout.materialize
+
+  def train(ts, h, images, labels, boxes, step):
+    param = run.param.with_hyperparams(h)
+    # the step's key derived inside the step: one dispatch per step, not two
+    rng = jax.random.fold_in(jax.random.key(ts.seed), step)
+    # uint8 batches from the host (a quarter of float32's traffic), normalized here
+    return make_train_step(model, param, run.tx, generate, dtype)(
+        ts, run.pipe.normalize(images, boxes), labels, rng)
+
+  def evaluate(ts, h, images, labels, weights):
+    param = run.param.with_hyperparams(h)
+    make = generate or (lambda p, *a: p.materialize(*a))
+    return eval_batch(model, lambda rng: make(param, ts.state, ts.seed, rng), ts.model_state,
+                      run.test_pipe.normalize(images), labels, weights,
+                      param.eval_rngs(ts.seed), dtype)
+
+  if stacked:
+    return (jax.vmap(train, in_axes=(0, 0, None, None, None, None)),
+            jax.vmap(evaluate, in_axes=(0, 0, None, None, None)))
+  return train, evaluate
+
+
 def _stack(trees):
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
@@ -252,28 +292,9 @@ class _Group:
 
   def _steps(self):
     """The jitted train and evaluation steps."""
-    run, layout, model = self.run, self.run.layout, self.run.model
-    # Stacked members generate their params replicated (per-device generation
-    # is a single run's layout).
-    generate = None if self.stacked else layout.materialize
-
-    def train_one(ts, h, images, labels, step):
-      param = run.param.with_hyperparams(h)
-      # the step's key derived inside the step: one dispatch per step, not two
-      rng = jax.random.fold_in(jax.random.key(ts.seed), step)
-      return make_train_step(model, param, run.tx, generate)(ts, images, labels, rng)
-
-    def eval_one(ts, h, images, labels, weights):
-      param = run.param.with_hyperparams(h)
-      make = generate or (lambda p, *a: p.materialize(*a))
-      return eval_batch(model, lambda rng: make(param, ts.state, ts.seed, rng), ts.model_state,
-                        images, labels, weights, param.eval_rngs(ts.seed))
-
-    if self.stacked:
-      train_one = jax.vmap(train_one, in_axes=(0, 0, None, None, None))
-      eval_one = jax.vmap(eval_one, in_axes=(0, 0, None, None, None))
-    repl, data = layout.replicated, layout.batch
-    train_step = jax.jit(train_one, in_shardings=(self.shardings, repl, data, data, repl),
+    train_one, eval_one = step_functions(self.run, self.stacked)
+    repl, data = self.run.layout.replicated, self.run.layout.batch
+    train_step = jax.jit(train_one, in_shardings=(self.shardings, repl, data, data, data, repl),
                          out_shardings=(self.shardings, repl), donate_argnums=0)
     eval_step = jax.jit(eval_one, in_shardings=(self.shardings, repl, data, data, data),
                         out_shardings=repl)
@@ -333,8 +354,8 @@ class _Group:
     batch = run.layout.batch
 
     def step_inputs(s):  # the inputs of step s: on a background thread with config.prefetch
-      return (*(jax.make_array_from_process_local_data(batch, np.asarray(a))
-                for a in run.pipe.batch(s)), np.uint32(s))
+      return (*(None if a is None else jax.make_array_from_process_local_data(batch, a)
+                for a in run.pipe.raw_batch(s)), np.uint32(s))
 
     acc, t_last, step, evaluated = [], time.time(), start, False
     try:

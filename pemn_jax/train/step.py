@@ -40,8 +40,18 @@ def create_train_state(param: Parameterization, tx: optax.GradientTransformation
                     model_state=model_state or {}, seed=as_seed(seed))
 
 
+def in_dtype(dtype, params, images):
+  """Generated params and the batch cast once to the compute dtype (mixed
+  precision: the trained state, the optimizer state, batch statistics and
+  the loss stay float32); None or float32: unchanged."""
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return params, images
+  return (jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                       else x, params), images.astype(dtype))
+
+
 def loss_fn(model, param: Parameterization, state, model_state, seed, images, labels,
-            rng=None, train: bool = True, step=0, materialize=None):
+            rng=None, train: bool = True, step=0, materialize=None, dtype=None):
   """Cross-entropy (+ the parameterization's regularizer at ``step``).
 
   Args:
@@ -54,21 +64,24 @@ def loss_fn(model, param: Parameterization, state, model_state, seed, images, la
     materialize: ``(param, state, seed, rng) -> params``; default
       ``param.materialize`` (the trainer passes ``Layout.materialize``: the
       same params, generated per device and laid out per its rules).
+    dtype: the compute dtype (``in_dtype``; None: float32).
   Returns:
     ``(loss, (new_model_state, logits))``.
   """
-  params = (materialize or _materialize)(param, state, seed, rng)
+  params, images = in_dtype(dtype, (materialize or _materialize)(param, state, seed, rng), images)
   variables = {'params': params, **model_state}
   if train and model_state:
     logits, new_model_state = model.apply(variables, images, train=True,
                                           mutable=list(model_state))
   else:
     logits, new_model_state = model.apply(variables, images, train=train), model_state
+  logits = logits.astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss + param.regularizer(state, seed, step), (new_model_state, logits)
 
 
-def eval_batch(model, materialize, model_state, images, labels, weights, rngs=None):
+def eval_batch(model, materialize, model_state, images, labels, weights, rngs=None,
+               dtype=None):
   """Sums of (correct, weight, loss) of one evaluation batch: the one function
   behind the trainer's evaluation and ``pemn_jax.evaluate``.
 
@@ -81,13 +94,15 @@ def eval_batch(model, materialize, model_state, images, labels, weights, rngs=No
     rngs: None (evaluate ``materialize(None)``), or keys whose networks'
       predicted probabilities are averaged (a stochastic method's
       ``eval_rngs``).
+    dtype: the compute dtype (``in_dtype``; None: float32).
   Returns:
     ``(sum of weights of correct predictions, sum of weights, weighted sum of
     cross-entropy)``.
   """
   def log_probs(rng):
-    params = materialize(rng)
-    return jax.nn.log_softmax(model.apply({'params': params, **model_state}, images, train=False))
+    params, x = in_dtype(dtype, materialize(rng), images)
+    logits = model.apply({'params': params, **model_state}, x, train=False)
+    return jax.nn.log_softmax(logits.astype(jnp.float32))
 
   if rngs is None:
     logp = log_probs(None)
@@ -107,7 +122,8 @@ def eval_sums(eval_step, pipe, *args, batch_sharding=None):
   the trainer, the sweeps, ``pemn_jax.evaluate`` and ``evolve``.
 
   Args:
-    eval_step: a jitted ``eval_batch`` (scalars, or one per variant).
+    eval_step: a jitted ``eval_batch`` (scalars, or one per variant) that
+      normalizes the uint8 images it is given (``Pipeline.normalize``).
     pipe: the evaluation ``Pipeline``.
     *args: its leading arguments (train state, or params).
     batch_sharding: lay each process's batch out as a global array per this
@@ -133,7 +149,8 @@ def evaluate_params(model, params, model_state, pipe) -> dict:
   Returns:
     ``{'accuracy', 'loss', 'examples'}``.
   """
-  step = jax.jit(lambda p, s, *batch: eval_batch(model, lambda rng: p, s, *batch))
+  step = jax.jit(lambda p, s, images, *rest: eval_batch(model, lambda rng: p, s,
+                                                       pipe.normalize(images), *rest))
   correct, total, loss = eval_sums(step, pipe, params, model_state)
   return {'accuracy': float(correct / total), 'loss': float(loss / total),
           'examples': int(total)}
@@ -144,15 +161,15 @@ def _materialize(param, state, seed, rng):
 
 
 def make_train_step(model, param: Parameterization, tx: optax.GradientTransformation,
-                    materialize=None):
+                    materialize=None, dtype=None):
   """``step(train_state, images, labels, rng) -> (train_state, metrics)`` (not
-  jitted); ``materialize`` as in ``loss_fn``."""
+  jitted); ``materialize`` and ``dtype`` as in ``loss_fn``."""
 
   def step(ts: TrainState, images, labels, rng=None):
     grad_fn = jax.value_and_grad(loss_fn, argnums=2, has_aux=True)
     (loss, (model_state, logits)), grads = grad_fn(
         model, param, ts.state, ts.model_state, ts.seed, images, labels, rng, True, ts.step,
-        materialize)
+        materialize, dtype)
     updates, opt_state = tx.update(grads, ts.opt_state, ts.state)
     state = param.project(optax.apply_updates(ts.state, updates))
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)

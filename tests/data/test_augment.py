@@ -98,8 +98,9 @@ def test_crop_then_flip_follows_each_images_draws():
 
 
 def test_random_erasing_matches_its_definition():
-  x = np.ones((400, 32, 32, 3), np.float32)
-  out = aug.erase(x.copy(), seed=0, step=0, positions=range(400), p=0.25)
+  x = np.full((400, 32, 32, 3), 200, np.uint8)
+  boxes = aug.erase_boxes(400, (32, 32, 3), seed=0, step=0, positions=range(400), p=0.25)
+  out = aug.normalize(x, np.float32([0.0] * 3), np.float32([1.0] * 3), boxes)
   erased = [(o == 0).any() for o in out]
   assert 70 < sum(erased) < 130  # p = 0.25 of 400
   for o in out:
@@ -111,3 +112,21 @@ def test_random_erasing_matches_its_definition():
       assert (o[zero] == 0).all()
       assert 0.02 * 1024 * 0.8 <= h * w <= 0.33 * 1024 * 1.2
       assert 0.3 / 1.5 <= h / w <= 3.3 * 1.5
+
+
+def test_normalizing_on_device_gives_the_host_bits():
+  # The trainer ships uint8 and normalizes inside the jitted step: the same
+  # float32 operations as the host's, so the same bits, erase boxes included.
+  import jax
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (64, 12, 10, 3), dtype=np.uint8)
+  mean, std = np.float32([0.4914, 0.4822, 0.4465]), np.float32([0.2470, 0.2435, 0.2616])
+  boxes = aug.erase_boxes(64, x.shape[1:], seed=1, step=7, positions=range(64), p=0.5)
+  assert (boxes[:, 1] > boxes[:, 0]).sum() > 10
+  want = ((x.astype(np.float32) / np.float32(255)) - mean) / std  # the definition
+  for k, (i0, i1, j0, j1) in enumerate(boxes):
+    want[k, i0:i1, j0:j1] = 0.0
+  host = aug.normalize(x, mean, std, boxes)
+  device = jax.jit(lambda a, b: aug.normalize(a, mean, std, b))(x, boxes)
+  np.testing.assert_array_equal(host, want)
+  np.testing.assert_array_equal(np.asarray(device), want)

@@ -223,3 +223,22 @@ def test_dof_fraction_and_errors():
     Ring(target, dof=3, assign='blocks')
   with pytest.raises(ValueError, match='fan'):
     Ring(target, dof=3, fan='both')
+
+
+@pytest.mark.parametrize('assign', ['global', 'window'])
+@pytest.mark.parametrize('dof', [250, 333, 3159])
+def test_ring_gradient_by_inverse_permutation_equals_the_scatter_add(assign, dof):
+  # What TPU/GPU programs compute (gathers by the inverse permutation and
+  # contiguous sums) against the definition: every element's cotangent times
+  # its sign and constant, added into its ring position (numpy's add.at).
+  ring = Ring(tiny_target({'a/kernel': (40, 50), 'b/kernel': (3, 3, 8, 16), 'c/kernel': (7,)}),
+              dof=dof, assign=assign, select='kernel$')
+  g = jax.random.normal(jax.random.key(3), (ring.num_generated,), jnp.float32)
+  pos, sign, ids = (np.asarray(x) for x in ring.flat_indices(11))
+  want = np.zeros(dof)
+  np.add.at(want, pos, np.asarray(g) * np.asarray(ring._coefficients(sign, ids)))
+  got = np.asarray(jax.jit(ring.ring_gradient)(g, jnp.uint32(11)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # ... and so does the CPU program's scatter-add, the one jax.grad takes here.
+  np.testing.assert_allclose(np.asarray(jax.jit(ring.scatter_gradient)(g, jnp.uint32(11))),
+                             want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
