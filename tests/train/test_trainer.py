@@ -168,7 +168,10 @@ def test_bad_config_key_and_values_are_named():
                             ('model', 'alexnet', 'config.model'),
                             ('dataset', 'svhn', 'config.dataset'),
                             ('batch_size', 0, 'config.batch_size'),
-                            ('optimizer.schedule', 'warm', 'optimizer.schedule')]:
+                            ('optimizer.schedule', 'warm', 'optimizer.schedule'),
+                            # an older config's "the default" says what it meant
+                            ('data_dir', '', "data_dir='' .*meant the default"),
+                            ('num_steps', 0, 'num_steps=0 .*meant the default')]:
     c = base_config()
     a, _, b = key.partition('.')
     if b:
