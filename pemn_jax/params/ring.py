@@ -64,6 +64,11 @@ def _ring_values_fwd(ring, seed, param, sharding):
 def _ring_values_bwd(param, sharding, seed, g):
   with spmd.generation(sharding):
     if sharding is not None:
+      # The inverse permutation depends on the seed alone; tied to g, its
+      # loop (whose condition is an all-reduce over the devices) runs after
+      # the forward's: two such loops free to run in either order deadlocked
+      # XLA:CPU's devices (one in each).
+      g, seed = jax.lax.optimization_barrier((g, seed))
       return param.ring_gradient(g, seed), None
     # Chosen per platform when lowered: XLA:CPU's scatter-add is fast (one
     # Feistel evaluation instead of two); TPU and GPU get the gathers.
