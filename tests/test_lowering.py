@@ -97,7 +97,7 @@ def test_the_census_sees_what_it_forbids():
 
 
 def test_bfloat16_steps_take_bfloat16_operands_on_tpu():
-  for name in ('resnet8', 'vit', 'mlp'):
+  for name in ('resnet8', 'vit', 'mlp', 'resnet20_nnx'):
     lowered, _ = lowered_steps(name, 'ring', dtype='bfloat16', platforms=('tpu',))
     matmuls = lowering.census(lowered)['matmuls']
     assert matmuls

@@ -36,8 +36,17 @@ class LeNet5NNX(nnx.Module):
     return self.Dense_2(x)
 
 
+class _BatchNorm(nnx.BatchNorm):
+  """``nnx.BatchNorm`` whose output keeps the input's dtype, as Linen's does:
+  NNX promotes with its float32 batch statistics, which put every later
+  convolution of a bfloat16 step (``config.dtype``) back in float32."""
+
+  def __call__(self, x, *args, **kwargs):
+    return super().__call__(x, *args, **kwargs).astype(x.dtype)
+
+
 def _bn(n, rngs):
-  return nnx.BatchNorm(n, momentum=0.9, epsilon=1e-5, rngs=rngs)  # as layers.BatchNorm
+  return _BatchNorm(n, momentum=0.9, epsilon=1e-5, rngs=rngs)  # as layers.BatchNorm
 
 
 class BasicBlockNNX(nnx.Module):
