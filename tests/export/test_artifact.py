@@ -130,7 +130,10 @@ def test_rans_decodes_an_11m_mask_fast_and_rejects_corrupt_data():
   blob = codecs.encode_mask(m, 'rans')
   t0 = time.perf_counter()
   out = codecs.decode_mask(blob, 'rans', m.shape, int(m.sum()))
-  assert time.perf_counter() - t0 < 2.0  # ~0.2 s on the 2-core dev machine
+  # Not a speed claim (benchmarks/ hold those): a guard against a decoder that
+  # went per-symbol Python (minutes). ~0.2 s alone on 2 cores; 12 s was seen
+  # with the machine loaded, so the bound is loose.
+  assert time.perf_counter() - t0 < 60.0
   np.testing.assert_array_equal(out, m)
   for bad, msg in [(blob[:-2], 'truncated|corrupt'), (blob[:100] + bytes([blob[100] ^ 8]) +
                                                        blob[101:], 'corrupt|wrong number'),
