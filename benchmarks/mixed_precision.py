@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -63,7 +64,7 @@ def main():
               f'best {out["best_test_accuracy"]:.4f} in {time.time() - t0:.0f} s', flush=True)
       rows.append(row)
 
-  cmd = 'python benchmarks/mixed_precision.py' + (' --smoke' if args.smoke else '')
+  cmd = shlex.join(['python', *sys.argv])  # as it was run
   lines = [f'# Mixed precision on CPU: {args.train_limit} MNIST images, {args.steps} steps, MLP',
            '', f'    {cmd}', '',
            '| preset | float32 final (best) | bfloat16 final (best) | gap (final) |',
