@@ -28,7 +28,7 @@ from pemn_jax.models.layers import DepthwiseConv
 from pemn_jax.models.mlp import MLP, LeNet5
 from pemn_jax.models.nnx_adapter import NNXModel, is_nnx_class
 from pemn_jax.models.nnx_models import LeNet5NNX, ResNetNNX, cifar_resnet_nnx
-from pemn_jax.models.resnet import ResNet, cifar_resnet, resnet18
+from pemn_jax.models.resnet import ResNet, cifar_resnet, resnet18, resnet_imagenet
 from pemn_jax.models.vit import ViT
 
 REGISTRY = {
@@ -39,6 +39,9 @@ REGISTRY = {
     'resnet32': functools.partial(cifar_resnet, 32),
     'resnet56': functools.partial(cifar_resnet, 56),
     'resnet18': resnet18,
+    'resnet18_imagenet': functools.partial(resnet_imagenet, 18),
+    'resnet34': functools.partial(resnet_imagenet, 34),
+    'resnet50': functools.partial(resnet_imagenet, 50),
     'convmixer': ConvMixer,
     'convmixer_256_6': functools.partial(ConvMixer, dim=256, depth=6, kernel_size=5, patch_size=2),
     'convmixer_256_8': functools.partial(ConvMixer, dim=256, depth=8, kernel_size=5, patch_size=2),
@@ -205,4 +208,4 @@ def init_model_state(model, input_shape, key=None):
 __all__ = ['REGISTRY', 'ConvMixer', 'DepthwiseConv', 'LeNet5', 'LeNet5NNX', 'MLP',
            'NNXModel', 'ResNet', 'ResNetNNX', 'ViT', 'abstract_params', 'abstract_variables',
            'build', 'cifar_resnet', 'get', 'import_object', 'init_model_state', 'is_known',
-           'register', 'resnet18', 'uses_batch_norm']
+           'register', 'resnet18', 'resnet_imagenet', 'uses_batch_norm']

@@ -38,6 +38,8 @@ SMALL = {
     'mlp': (dict(hidden=(32, 16)), (8, 8, 1)),
     'lenet5': ({}, (28, 28, 1)),
     'resnet': (dict(stage_sizes=(1, 1), widths=(4, 8)), (8, 8, 3)),
+    'resnet_bottleneck': (dict(stage_sizes=(1, 1), widths=(4, 8), stem='imagenet',
+                               bottleneck=True), (8, 8, 3)),
     'convmixer': (dict(dim=16, depth=2, kernel_size=3, patch_size=2), (8, 8, 3)),
     'vit': (dict(dim=16, depth=2, num_heads=2, mlp_dim=32), (8, 8, 3)),
 }
@@ -48,7 +50,7 @@ FULL = {'mlp': (28, 28, 1), 'lenet5': (28, 28, 1), 'resnet8': (32, 32, 3), 'resn
 
 
 def setup(name, kwargs, shape, spec, batch=4, abstract=False):
-  if name == 'resnet':  # the class behind resnet20/32/56/18, at its smallest
+  if name.startswith('resnet') and name in SMALL:  # the class behind every ResNet, smallest
     model = models.ResNet(num_classes=10, **kwargs)
   else:
     model = models.get(name, num_classes=10, **kwargs)
@@ -64,7 +66,8 @@ def setup(name, kwargs, shape, spec, batch=4, abstract=False):
 
 
 EXECUTED = sorted({(m, s) for m in ('mlp', 'resnet') for s in SPECS} |
-                  {(m, s) for m in SMALL for s in ('dense', 'pemn_rp', 'ring_mask')})
+                  {(m, s) for m in SMALL for s in ('dense', 'pemn_rp', 'ring_mask')
+                   if m != 'resnet_bottleneck' or s == 'dense'})
 
 
 @pytest.mark.parametrize('name,spec', EXECUTED)
@@ -135,3 +138,49 @@ def test_abstract_params_come_in_creation_order():
   kernels = [p for p in order if p.endswith('kernel')]
   assert kernels[0] == 'Conv_0/kernel' and kernels[-1] == 'Dense_0/kernel'
   assert kernels[1] == 'BasicBlock_0/Conv_0/kernel'
+
+
+def torchvision_resnet_shapes(depth):
+  """torchvision.models.resnet{18,34,50}(num_classes=1000)'s parameter shapes,
+  in torch's layouts (conv OIHW, linear (out, in)), written from its
+  definition: conv1 7x7, layers of BasicBlock (expansion 1) or Bottleneck
+  (expansion 4, stride on conv2), a 1x1 conv + BN downsample where the
+  stride or width changes, fc."""
+  blocks, expansion = {18: ((2, 2, 2, 2), 1), 34: ((3, 4, 6, 3), 1),
+                       50: ((3, 4, 6, 3), 4)}[depth]
+  shapes = [(64, 3, 7, 7), (64,), (64,)]
+  inplanes = 64
+  for i, n in enumerate(blocks):
+    planes = 64 * 2**i
+    for b in range(n):
+      stride = 2 if i > 0 and b == 0 else 1
+      if expansion == 1:
+        shapes += [(planes, inplanes, 3, 3), (planes,), (planes,),
+                   (planes, planes, 3, 3), (planes,), (planes,)]
+      else:
+        shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
+                   (planes, planes, 3, 3), (planes,), (planes,),
+                   (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+      if stride != 1 or inplanes != planes * expansion:
+        shapes += [(planes * expansion, inplanes, 1, 1), (planes * expansion,),
+                   (planes * expansion,)]
+      inplanes = planes * expansion
+  return shapes + [(1000, inplanes), (1000,)]
+
+
+@pytest.mark.parametrize('depth,name', [(18, 'resnet18_imagenet'), (34, 'resnet34'),
+                                        (50, 'resnet50')])
+def test_imagenet_resnets_match_torchvision_layer_for_layer(depth, name):
+  def to_flax(shape):  # OIHW -> HWIO, (out, in) -> (in, out)
+    return (*shape[2:], shape[1], shape[0]) if len(shape) == 4 else tuple(reversed(shape))
+  want = sorted(to_flax(s) for s in torchvision_resnet_shapes(depth))
+  params = models.abstract_params(models.get(name, num_classes=1000), (224, 224, 3))
+  got = sorted(tuple(x.shape) for x in flatten(params).values())
+  assert got == want
+  assert sum(int(np.prod(s)) for s in got) == {18: 11_689_512, 34: 21_797_672,
+                                               50: 25_557_032}[depth]
+  # The stem downsamples by 4 (7x7/2 conv + 3x3/2 max pool), the stages by 8 more.
+  model = models.get(name, num_classes=1000)
+  variables = {'params': params, **models.abstract_variables(model, (224, 224, 3))}
+  out = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+  assert out.shape == (2, 1000)
