@@ -9,7 +9,7 @@ import ml_collections
 
 from pemn_jax import models
 from pemn_jax.data import augment as aug
-from pemn_jax.data.sources import DATASETS, image_shape
+from pemn_jax.data.sources import DATASETS, image_shape, is_known, is_variable
 from pemn_jax.pytrees import plain
 from pemn_jax.train.optim import OPTIMIZERS, SCHEDULES
 from pemn_jax.train.pruning import ALLOCATIONS, CRITERIA
@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.source_dir = _unset(str)    # local files to prepare from (None: the dataset's usual place)
   c.train_limit = _unset(int)   # use only the first N training examples (None: all)
   c.test_limit = _unset(int)    # evaluate on the first N test examples (None: all)
+  # Variable-size datasets (folder:PATH, tfds:imagenet2012, tfds:imagenette):
+  c.image_size = _unset(int)    # decoded side: random-resized crop / resize + centre crop (224)
+  c.data_workers = _unset(int)  # decoding processes (None: the host's cores; 0: in-process)
   c.augment = ''                # ops: crop,flip,randaugment,jitter,erase; presets cifar, pemn
   c.augment_options = ml_collections.ConfigDict(
       {'ra_ops': 2, 'ra_magnitude': 12, 'jitter': 0.2, 'erase': 0.2})
@@ -60,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune = ml_collections.ConfigDict({
       'criterion': '', 'sparsity': 0.9, 'allocation': 'uniform', 'skip_first': False,
       'begin_fraction': 0.5, 'end_fraction': 0.75, 'every': 100})
+  c.label_smoothing = 0.0       # training targets: (1 - s) one-hot + s uniform
   c.batch_size = 128            # global batch, split over all devices
   c.eval_batch_size = 1000
   c.num_epochs = 1.0            # used when num_steps == 0
@@ -95,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
 RESUMABLE_KEYS = ('num_steps', 'num_epochs', 'stop_at_step', 'log_every', 'eval_every',
                   'checkpoint_every', 'keep_checkpoints', 'verify_checkpoints', 'eval_batch_size',
                   'test_limit', 'data_dir', 'source_dir', 'optimizer.lr', 'optimizer.grad_clip',
-                  'mesh', 'sharding', 'prefetch', 'dtype')
+                  'mesh', 'sharding', 'prefetch', 'dtype', 'data_workers')
 
 
 # Numeric keys: (type, lower bound, upper bound, None allowed); a bound is
@@ -105,6 +109,7 @@ NUMBERS = {
                      'checkpoint_every', 'prune.every'), (int, ('>=', 1), None, False)),
     **dict.fromkeys(('eval_every', 'prefetch', 'optimizer.warmup_steps'),
                     (int, ('>=', 0), None, False)),
+    'image_size': (int, ('>=', 8), None, True), 'data_workers': (int, ('>=', 0), None, True),
     **dict.fromkeys(('num_steps', 'stop_at_step', 'train_limit', 'test_limit'),
                     (int, ('>=', 1), None, True)),
     'seed': (int, ('>=', 0), ('<', 2**32), False),
@@ -113,6 +118,7 @@ NUMBERS = {
     **dict.fromkeys(('optimizer.weight_decay', 'optimizer.grad_clip', 'optimizer.decay_epochs'),
                     (float, ('>=', 0), None, False)),
     'optimizer.momentum': (float, ('>=', 0), ('<', 1), False),
+    'label_smoothing': (float, ('>=', 0), ('<', 1), False),
     'prune.sparsity': (float, ('>=', 0), ('<', 1), False),
     **dict.fromkeys(('prune.begin_fraction', 'prune.end_fraction', 'augment_options.jitter',
                      'augment_options.erase'), (float, ('>=', 0), ('<=', 1), False)),
@@ -148,7 +154,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         what += f' ({legacy!r} meant the default in older configs; now leave it unset)'
       raise ConfigError(f'config.{key}={value!r} is invalid: {what}')
 
-  need(c.dataset in DATASETS, 'dataset', c.dataset, f'must be one of {DATASETS}')
+  need(is_known(c.dataset), 'dataset', c.dataset, f'must be one of {DATASETS}')
+  need(c.image_size is None or is_variable(c.dataset), 'image_size', c.image_size,
+       'applies to variable-size datasets (folder:PATH, tfds:imagenet2012, tfds:imagenette)')
   need(c.dtype in DTYPES, 'dtype', c.dtype, f'must be one of {DTYPES}')
   need(isinstance(c.model, str) and models.is_known(c.model), 'model', c.model,
        f'must be one of {sorted(models.REGISTRY)} or an import path package.module:Constructor')
@@ -316,12 +324,14 @@ def uses_batch_norm(c: ml_collections.ConfigDict) -> bool:
     ConfigError: the model cannot be built.
   """
   try:
-    return models.uses_batch_norm(c.model, image_shape(c.dataset), **c.model_kwargs.to_dict())
+    return models.uses_batch_norm(c.model, image_shape(c.dataset, c.image_size),
+                                  **c.model_kwargs.to_dict())
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.model={c.model!r}: {e}') from None
 
 
 def dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:
-  """CIFAR-style data gets the standard crop + flip augmentation."""
+  """CIFAR-style data gets the standard crop + flip augmentation (decoded
+  variable-size datasets have their own random-resized crop + flip)."""
   c.dataset = dataset
-  c.augment = 'cifar' if ('cifar' in dataset or 'imagenet' in dataset) else ''
+  c.augment = 'cifar' if 'cifar' in dataset else ''

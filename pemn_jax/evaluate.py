@@ -38,7 +38,9 @@ def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split=
   from pemn_jax.train.step import evaluate_params
 
   header, model, params, model_state = load(path, model=model)
-  ds = sources.load(dataset or header['dataset'], split, data_dir, source_dir)
+  name = dataset or header['dataset']
+  ds = sources.load(name, split, data_dir, source_dir, image_size=(
+      header['input_shape'][0] if sources.is_variable(name) else None))
   if tuple(ds.image_shape) != tuple(header['input_shape']):
     raise ValueError(f'dataset images are {ds.image_shape}, the model takes '
                      f'{tuple(header["input_shape"])}')

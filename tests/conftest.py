@@ -113,3 +113,22 @@ def saved_train_state(workdir):
   d = __import__('pathlib').Path(workdir) / 'checkpoints'
   step = max(int(p.name) for p in d.iterdir() if p.name.isdigit())
   return ocp.PyTreeCheckpointer().restore(str(d / str(step) / 'state'))
+
+
+def make_folder(root, per_class=(6, 2), seed=0, classes=('cat', 'dog', 'emu')):
+  """An image folder: ``root/train`` and ``root/val``, one subfolder per class
+  of random images of mixed sizes (24-89 px), JPEG and PNG. Returns the train
+  folder."""
+  import os
+
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  for split, n in zip(('train', 'val'), per_class, strict=True):
+    for c in classes:
+      d = os.path.join(root, split, c)
+      os.makedirs(d, exist_ok=True)
+      for i in range(n):
+        w, h = (int(v) for v in rng.integers(24, 90, 2))
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        img.save(os.path.join(d, f'{i}.{"png" if i % 3 == 0 else "jpg"}'))
+  return os.path.join(root, 'train')

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, make_folder
 
 SOURCES = (['README.md', 'launch/README.md'] + sorted(str(p.relative_to(REPO)) for p in
-           [*REPO.glob('docs/*.md'), *REPO.glob('configs/*.py'), *REPO.glob('pemn_jax/**/*.py'),
+           [*REPO.glob('docs/*.md'), *REPO.glob('configs/**/*.py'), *REPO.glob('pemn_jax/**/*.py'),
             *REPO.glob('benchmarks/*.py'), *REPO.glob('examples/*.py')]))
 COMMAND = re.compile(r'((?:[A-Z_]+=\S+\s+)*(?:\.venv/bin/)?(?:python -m pemn_jax\.[\w.]+|'
                      r'python (?:benchmarks|examples)/[\w.]+\.py|bash (?:scripts|launch)/[\w.]+)'
@@ -115,6 +115,12 @@ def tiny(cmd: str, tmp: Path):
     else:
       out.append(w)
   joined = ' '.join(out)
+  if 'folder:' in joined:  # an image folder: a small generated one, decoded at 32 px
+    folder = make_folder(tmp / 'images', (6, 2))
+    out = [re.sub(r'folder:[^,\s]+', f'folder:{folder}', w) for w in out]
+    if 'pemn_jax.main' in joined:
+      out.append('--config.image_size=32')
+    joined = ' '.join(out)
   if 'pemn_jax.plot' in joined:  # its positional arguments are runs: train tiny ones
     start = out.index('pemn_jax.plot') + 1
     for i in range(start, len(out)):

@@ -5,6 +5,8 @@ examples in the order ``permutation(seed, e)``; augmentation draws for the
 *global* batch come from ``(seed, step)``, and each process keeps its slice of
 the global batch. So a resumed run (only ``step`` is saved) sees the same
 batches, and 1 or many processes/devices see the same global batch.
+Variable-size datasets (``Dataset.decoder``) are decoded in worker processes
+(``pemn_jax.data.decode``), the next batch while this one trains.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pemn_jax.data import augment as aug
 from pemn_jax.data.sources import Dataset
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes: smaller splits are read into memory once
+AHEAD = 2  # variable-size datasets: batches decoded ahead of the one asked for
 
 
 def _fetch(source, keys):
@@ -46,8 +49,9 @@ class Pipeline:
     self.steps_per_epoch = self.num_examples // global_batch
     self._images = self._labels = None
     self._order = None  # (epoch, order)
+    self.training, self._pending = training, {}  # step -> (decoding batch, labels)
     nbytes = self.num_examples * int(np.prod(ds.image_shape))
-    if nbytes <= IN_MEMORY_LIMIT:
+    if nbytes <= IN_MEMORY_LIMIT and ds.decoder is None:
       self._images, self._labels = self._read(np.arange(self.num_examples))
 
   def _read(self, idx):
@@ -62,6 +66,41 @@ class Pipeline:
         images[s + j] = ex['image']
         labels[s + j] = ex['label']
     return images, labels
+
+  def _submit(self, idx, training: bool, step: int = 0, positions=()):
+    """Starts decoding examples ``idx``: (future of the uint8 batch, labels)."""
+    exs = [ex for s in range(0, len(idx), 4096)
+           for ex in _fetch(self.ds.source, [int(i) for i in idx[s:s + 4096]])]
+    items = [(bytes(ex['image']), _name(ex, self.ds.name, i), p)
+             for ex, i, p in zip(exs, idx, positions or range(len(idx)), strict=True)]
+    labels = np.asarray([ex['label'] for ex in exs], np.int32)
+    return self.ds.decoder.submit(items, training, self.seed, step), labels
+
+  def _decoded(self, step: int):
+    """Training batch ``step`` of a variable-size dataset, decoded (and the
+    next ``AHEAD`` started)."""
+    for s in range(step, step + AHEAD + 1):
+      if s not in self._pending:
+        idx, positions = self._batch_indices(s)
+        self._pending[s] = self._submit(idx, True, s, positions)
+    for s in [s for s in self._pending if s < step or s > step + AHEAD]:
+      del self._pending[s]  # a jump (resume, evaluation): drop what is not needed
+    future, labels = self._pending.pop(step)
+    return future.result(), labels
+
+  def _batch_indices(self, step: int):
+    """(example indices, positions in the global batch) of this process's
+    slice of batch ``step``."""
+    epoch, i = divmod(int(step), self.steps_per_epoch)
+    idx = self.order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+    sl = self._local_slice()
+    return idx[sl], range(sl.start, sl.stop)
+
+  def close(self):
+    """Stops the decoding workers (variable-size datasets)."""
+    self._pending.clear()
+    if self.ds.decoder is not None:
+      self.ds.decoder.close()
 
   def _local_slice(self) -> slice:
     """This process's part of a global batch."""
@@ -86,6 +125,9 @@ class Pipeline:
   def examples(self, idx):
     """Examples ``idx`` (of this pipeline's ``num_examples``), not augmented:
     (images f32 NHWC, normalized; labels i32)."""
+    if self.ds.decoder is not None:
+      future, labels = self._submit(np.asarray(idx), False)
+      return self.normalize(future.result()), labels
     images, labels = self._read(np.asarray(idx))
     return self.normalize(images), labels
 
@@ -93,11 +135,9 @@ class Pipeline:
     """This process's slice of global batch ``step`` before normalization:
     (uint8 images NHWC, int32 labels, erase boxes: None, or (N, 4) int32 for
     ``normalize``). A batch is a pure function of (seed, step)."""
-    epoch, i = divmod(int(step), self.steps_per_epoch)
-    idx = self.order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
-    sl = self._local_slice()
-    images, labels = self._read(idx[sl])
-    positions = range(sl.start, sl.stop)
+    idx, positions = self._batch_indices(step)
+    images, labels = (self._decoded(step) if self.ds.decoder is not None else
+                      self._read(idx))
     if set(self.ops) - {'erase'}:
       images = aug.augment_uint8(images, self.ops, self.seed, step, positions,
                                  self.augment_options)
@@ -117,11 +157,20 @@ class Pipeline:
     """Every example once, in order, this process's slices of global batches;
     yields (uint8 images, labels, weights) with the last batch padded (weight
     0). Evaluation steps normalize them (``normalize``)."""
-    n, b = self.num_examples, self.global_batch
-    for start in range(0, n, b):
-      idx = np.arange(start, start + b)
-      weights = (idx < n).astype(np.float32)
-      idx = np.minimum(idx, n - 1)
-      sl = self._local_slice()
-      images, labels = self._read(idx[sl])
-      yield images, labels, weights[sl]
+    n, b, sl = self.num_examples, self.global_batch, self._local_slice()
+    batches = [np.minimum(np.arange(start, start + b), n - 1)[sl] for start in range(0, n, b)]
+    ahead = None  # variable-size datasets: the next batch decodes while this one is used
+    for k, start in enumerate(range(0, n, b)):
+      weights = (np.arange(start, start + b) < n).astype(np.float32)[sl]
+      if self.ds.decoder is None:
+        yield (*self._read(batches[k]), weights)
+        continue
+      future, labels = ahead or self._submit(batches[k], False)
+      ahead = self._submit(batches[k + 1], False) if k + 1 < len(batches) else None
+      yield future.result(), labels, weights
+
+
+def _name(example, dataset: str, index) -> str:
+  """What an error about an example calls it: its file (image folders) or index."""
+  name = example.get('name')
+  return bytes(name).decode(errors='replace') if name is not None else f'{dataset} #{index}'

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
 from pemn_jax.evolve import quantize as Q
 from pemn_jax.evolve import search as S
@@ -28,7 +27,7 @@ from pemn_jax.params import sections
 from pemn_jax.pytrees import flatten, unflatten
 from pemn_jax.train.checkpoint import Checkpointer
 from pemn_jax.train.pruning import erk_densities
-from pemn_jax.train.run import Restored, restore
+from pemn_jax.train.run import Restored, load_dataset, restore
 from pemn_jax.train.step import evaluate_params
 from pemn_jax.train.workdir import WorkdirLock, prepare
 
@@ -107,7 +106,7 @@ class _Search:
     self.model, self.model_state = run.model, run.train_state.model_state
     self.teacher = run.params()
     config = run.config
-    ds = sources.load(config.dataset, 'train', config.data_dir, config.source_dir)
+    ds = load_dataset(config, 'train')
     # The teacher's training examples (its train_limit), read into memory once:
     # the calibration batch is the first of a seeded order, distillation
     # batches (128) follow that order.
@@ -290,7 +289,7 @@ def test_accuracy(workdir: str, params=None, batch_size: int = 1000) -> float:
   data of ``workdir``, through the trainer's evaluation step."""
   run = restore(workdir)
   c = run.config
-  ds = sources.load(c.dataset, 'test', c.data_dir, c.source_dir)
+  ds = load_dataset(c, 'test')
   params = run.params() if params is None else params
   return evaluate_params(run.model, params, run.train_state.model_state,
                          Pipeline(ds, batch_size, 0, training=False))['accuracy']

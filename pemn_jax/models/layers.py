@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+from pemn_jax.kernels import conv
 from pemn_jax.kernels.conv import conv_general_dilated
 
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
@@ -38,8 +39,8 @@ class DepthwiseConv(nn.Module):
   """Depthwise 'SAME' conv with nn.Conv's param names and shapes.
 
   ``impl``: 'xla' (grouped convolution), 'shift' (shifted multiply-adds), or
-  'auto' (shift on CPU, xla elsewhere: chosen per platform when lowered).
-  Both give the same function.
+  'auto' (shift on CPU, xla elsewhere: chosen per platform when lowered;
+  xla within ``kernels.conv.forced('xla')``). Both give the same function.
   """
   kernel_size: int
   use_bias: bool = True
@@ -56,6 +57,8 @@ class DepthwiseConv(nn.Module):
     grouped = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
         x, k, (1, 1), 'SAME', feature_group_count=c, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     kernel = kernel.astype(x.dtype)
+    if impl == 'auto' and conv.default_impl() == 'xla':
+      impl = 'xla'
     if impl == 'auto':  # chosen per platform when lowered
       y = jax.lax.platform_dependent(x, kernel, cpu=shifted_depthwise_conv, default=grouped)
     else:

@@ -34,8 +34,8 @@ from pemn_jax.train.step import eval_batch, eval_sums, make_train_step
 from pemn_jax.train.tracking import DivergenceError, Tracker
 from pemn_jax.train.workdir import WorkdirLock, prepare
 
-__all__ = ['DivergenceError', 'Member', 'Progress', 'step_functions', 'train',
-           'train_and_evaluate']
+__all__ = ['DivergenceError', 'Member', 'Progress', 'compile_train_step', 'jit_steps',
+           'step_functions', 'train', 'train_and_evaluate']
 
 
 @dataclasses.dataclass
@@ -247,7 +247,7 @@ def step_functions(run: Run, stacked: bool = False):
     # the step's key derived inside the step: one dispatch per step, not two
     rng = jax.random.fold_in(jax.random.key(ts.seed), step)
     # uint8 batches from the host (a quarter of float32's traffic), normalized here
-    return make_train_step(model, param, run.tx, generate, dtype)(
+    return make_train_step(model, param, run.tx, generate, dtype, run.config.label_smoothing)(
         ts, run.pipe.normalize(images, boxes), labels, rng)
 
   def evaluate(ts, h, images, labels, weights):
@@ -261,6 +261,40 @@ def step_functions(run: Run, stacked: bool = False):
     return (jax.vmap(train, in_axes=(0, 0, None, None, None, None)),
             jax.vmap(evaluate, in_axes=(0, 0, None, None, None)))
   return train, evaluate
+
+
+def jit_steps(run: Run, shardings, stacked: bool = False):
+  """``step_functions`` jitted as the loop runs them: the train state laid
+  out per ``shardings`` (and donated), batches split over the mesh."""
+  train_one, eval_one = step_functions(run, stacked)
+  repl, data = run.layout.replicated, run.layout.batch
+  train_step = jax.jit(train_one, in_shardings=(shardings, repl, data, data, data, repl),
+                       out_shardings=(shardings, repl), donate_argnums=0)
+  eval_step = jax.jit(eval_one, in_shardings=(shardings, repl, data, data, data),
+                      out_shardings=repl)
+  return train_step, eval_step
+
+
+def compile_train_step(run: Run, compiler_options: dict | None = None):
+  """A single run's train step compiled at its global batch on its mesh, as
+  the loop runs it (nothing is allocated): ``memory_analysis()`` gives its
+  per-device memory, ``cost_analysis()`` its FLOPs.
+
+  Args:
+    run: the run (its pipeline gives one batch's shapes).
+    compiler_options: XLA options (e.g. ``{'xla_backend_optimization_level':
+      0}``: a CPU compile ~3x faster, the same buffer assignment).
+  Returns:
+    The ``jax.stages.Compiled`` step.
+  """
+  one = jax.eval_shape(run.init_state, jax.random.key(0), np.uint32(0))
+  shardings = run.layout.state_shardings(one)
+  ts = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), one,
+                    shardings)
+  batch = [None if a is None else jax.ShapeDtypeStruct(
+      (run.config.batch_size, *a.shape[1:]), a.dtype) for a in run.pipe.raw_batch(0)]
+  return jit_steps(run, shardings)[0].lower(ts, {}, *batch, np.uint32(0)).compile(
+      compiler_options)
 
 
 def _stack(trees):
@@ -290,15 +324,6 @@ class _Group:
                                                   weight_decay=wd))
     return jax.vmap(init) if self.stacked else init
 
-  def _steps(self):
-    """The jitted train and evaluation steps."""
-    train_one, eval_one = step_functions(self.run, self.stacked)
-    repl, data = self.run.layout.replicated, self.run.layout.batch
-    train_step = jax.jit(train_one, in_shardings=(self.shardings, repl, data, data, data, repl),
-                         out_shardings=(self.shardings, repl), donate_argnums=0)
-    eval_step = jax.jit(eval_one, in_shardings=(self.shardings, repl, data, data, data),
-                        out_shardings=repl)
-    return train_step, eval_step
 
   def _initial_state(self, start, restored):
     init = self._init()
@@ -348,7 +373,7 @@ class _Group:
       for m, ck in zip(self.members, self.ckpts, strict=True):
         say(f'resumed {m.label + " " if m.label else ""}from step {start} ({ck.directory})')
     ts = self._initial_state(start, restored)
-    train_step, eval_step = self._steps()
+    train_step, eval_step = jit_steps(run, self.shardings, self.stacked)
     self.progress.start(run, self.members, start)
     end = min(total, cfg.stop_at_step) if cfg.stop_at_step else total
     batch = run.layout.batch

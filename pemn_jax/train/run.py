@@ -83,7 +83,7 @@ class Run:
   sched: Any                # learning rate of step
 
   @classmethod
-  def build(cls, config, model=None, decay: bool | None = None) -> Run:
+  def build(cls, config, model=None, decay: bool | None = None, datasets=None) -> Run:
     """Builds a run's data pipelines, model, parameterization and optimizer.
 
     Args:
@@ -91,6 +91,8 @@ class Run:
       model: optionally the model itself (a Linen module or
         ``models.NNXModel``); by default ``make_model(config)``.
       decay: include the weight-decay term in the optimizer (``make_optimizer``).
+      datasets: ``(train, test)`` Datasets to use instead of ``config.dataset``'s
+        (e.g. ``sources.generated``).
     Returns:
       The ``Run``.
     Raises:
@@ -104,7 +106,7 @@ class Run:
     if config.batch_size % n:
       raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
                         f'{n} devices')
-    train_ds, test_ds = _load_datasets(config)
+    train_ds, test_ds = datasets or _load_datasets(config)
     pidx, pcount = jax.process_index(), jax.process_count()
     try:
       pipe = Pipeline(train_ds, config.batch_size, data_seed(config), config.augment, pidx,
@@ -139,10 +141,16 @@ class Run:
             'input_shape': list(self.train_ds.image_shape)}
 
 
+def load_dataset(config, split: str) -> sources.Dataset:
+  """``split`` of a config's dataset (``config.data_dir``, ``image_size``, ...)."""
+  return sources.load(config.dataset, split, config.data_dir, config.source_dir,
+                      image_size=config.get('image_size'), workers=config.get('data_workers'))
+
+
 def _load_datasets(config):
   """(train, test) datasets; in a multi-process job process 0 prepares them first."""
   def load(split):
-    return sources.load(config.dataset, split, config.data_dir, config.source_dir)
+    return load_dataset(config, split)
 
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

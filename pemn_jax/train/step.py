@@ -51,7 +51,8 @@ def in_dtype(dtype, params, images):
 
 
 def loss_fn(model, param: Parameterization, state, model_state, seed, images, labels,
-            rng=None, train: bool = True, step=0, materialize=None, dtype=None):
+            rng=None, train: bool = True, step=0, materialize=None, dtype=None,
+            label_smoothing: float = 0.0):
   """Cross-entropy (+ the parameterization's regularizer at ``step``).
 
   Args:
@@ -65,6 +66,8 @@ def loss_fn(model, param: Parameterization, state, model_state, seed, images, la
       ``param.materialize`` (the trainer passes ``Layout.materialize``: the
       same params, generated per device and laid out per its rules).
     dtype: the compute dtype (``in_dtype``; None: float32).
+    label_smoothing: the targets' mass spread uniformly over the classes
+      (Szegedy et al.; 0: one-hot).
   Returns:
     ``(loss, (new_model_state, logits))``.
   """
@@ -76,7 +79,11 @@ def loss_fn(model, param: Parameterization, state, model_state, seed, images, la
   else:
     logits, new_model_state = model.apply(variables, images, train=train), model_state
   logits = logits.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+  else:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss + param.regularizer(state, seed, step), (new_model_state, logits)
 
 
@@ -161,15 +168,15 @@ def _materialize(param, state, seed, rng):
 
 
 def make_train_step(model, param: Parameterization, tx: optax.GradientTransformation,
-                    materialize=None, dtype=None):
+                    materialize=None, dtype=None, label_smoothing: float = 0.0):
   """``step(train_state, images, labels, rng) -> (train_state, metrics)`` (not
-  jitted); ``materialize`` and ``dtype`` as in ``loss_fn``."""
+  jitted); ``materialize``, ``dtype`` and ``label_smoothing`` as in ``loss_fn``."""
 
   def step(ts: TrainState, images, labels, rng=None):
     grad_fn = jax.value_and_grad(loss_fn, argnums=2, has_aux=True)
     (loss, (model_state, logits)), grads = grad_fn(
         model, param, ts.state, ts.model_state, ts.seed, images, labels, rng, True, ts.step,
-        materialize, dtype)
+        materialize, dtype, label_smoothing)
     updates, opt_state = tx.update(grads, ts.opt_state, ts.state)
     state = param.project(optax.apply_updates(ts.state, updates))
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)

@@ -35,3 +35,25 @@ def test_exponential_is_rpgs_per_epoch_decay():
 def test_unknown_schedule():
   with pytest.raises(ValueError, match='schedule'):
     make_schedule(ml_collections.ConfigDict(dict(cfg(), schedule='linear')), 10)
+
+
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+  """The loss with label_smoothing=s is -sum(t log softmax) with t = (1 - s)
+  one-hot + s / C, computed here in numpy (torch's CrossEntropyLoss(label_smoothing))."""
+  import jax.numpy as jnp
+
+  from pemn_jax import models
+  from pemn_jax import params as param_lib
+  from pemn_jax.train.step import loss_fn
+  model = models.get('mlp', hidden=(8,), num_classes=5)
+  params = model.init(__import__('jax').random.key(0), jnp.zeros((1, 4, 4, 1)))['params']
+  param = param_lib.build({'name': 'dense'}, params)
+  images = np.random.default_rng(0).normal(size=(6, 4, 4, 1)).astype(np.float32)
+  labels = np.array([0, 1, 2, 3, 4, 0])
+  logits = np.asarray(model.apply({'params': params}, images), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  for s in (0.0, 0.1):
+    t = (1 - s) * np.eye(5)[labels] + s / 5
+    want = float(-(t * logp).sum(-1).mean())
+    got, _ = loss_fn(model, param, params, {}, 0, images, labels, train=False, label_smoothing=s)
+    assert abs(float(got) - want) < 1e-5, (s, float(got), want)

@@ -1,0 +1,159 @@
+"""Decoding encoded images (JPEG/PNG bytes) to fixed-size uint8 batches, in
+worker processes.
+
+Training: Inception-style random-resized crop (area 0.08-1 of the image,
+aspect 3/4-4/3 log-uniform, 10 tries, then a centre crop clamped to that
+aspect: torchvision's ``RandomResizedCrop``), bilinear resize to ``size``,
+horizontal flip with probability 0.5. Evaluation: resize the shorter side to
+``int(size / 0.875)`` (bilinear), centre crop ``size``. Every draw comes from
+``augment.image_rng(seed, step, position)``, so a decoded batch is a pure
+function of (seed, step) whatever the number of workers (a stream of its
+own: ``config.augment``'s ops on the decoded batch draw independently).
+
+``Decoder`` spreads a batch over ``workers`` processes (``spawn``: no fork of
+a process running JAX); 0 decodes in the calling process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import io
+import math
+import multiprocessing
+import os
+
+import numpy as np
+
+SCALE = (0.08, 1.0)
+RATIO = (3 / 4, 4 / 3)
+EVAL_FRACTION = 0.875
+
+
+def decode_rng(seed: int, step: int, position: int) -> np.random.Generator:
+  """One image's crop and flip draws (a pure function of its seed, step and
+  position in the global batch)."""
+  return np.random.default_rng([int(seed), 2 << 20, int(step), int(position)])
+
+
+class DecodeError(ValueError):
+  """An image that cannot be decoded (named)."""
+
+
+def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """A random-resized crop ``(left, top, w, h)`` of a ``width x height`` image."""
+  area = width * height
+  log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
+  for _ in range(10):
+    target = area * rng.uniform(*SCALE)
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+  ratio = width / height
+  if ratio < RATIO[0]:
+    w, h = width, round(width / RATIO[0])
+  elif ratio > RATIO[1]:
+    w, h = round(height * RATIO[1]), height
+  else:
+    w, h = width, height
+  return (width - w) // 2, (height - h) // 2, w, h
+
+
+def eval_box(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple]:
+  """(resized (w, h), centre-crop box) of evaluation's resize + centre crop."""
+  short = int(size / EVAL_FRACTION)
+  if width <= height:
+    w, h = short, int(short * height / width)
+  else:
+    w, h = int(short * width / height), short
+  left, top = int(round((w - size) / 2)), int(round((h - size) / 2))
+  return (w, h), (left, top, left + size, top + size)
+
+
+def decode_one(data: bytes, name: str, size: int, training: bool, seed: int, step: int,
+               position: int) -> np.ndarray:
+  """One image's ``(size, size, 3)`` uint8 pixels (see the module docstring).
+
+  Raises:
+    DecodeError: ``data`` is not a decodable image (naming ``name``).
+  """
+  from PIL import Image
+  try:
+    img = Image.open(io.BytesIO(data))
+    img = img.convert('RGB')
+  except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
+    raise DecodeError(f'{name}: cannot decode the image: {type(e).__name__}: {e}') from None
+  if training:
+    rng = decode_rng(seed, step, position)
+    left, top, w, h = crop_box(img.width, img.height, rng)
+    out = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+      out = out.transpose(Image.FLIP_LEFT_RIGHT)
+  else:
+    resized, box = eval_box(img.width, img.height, size)
+    out = img.resize(resized, Image.BILINEAR).crop(box)
+  return np.asarray(out, np.uint8)
+
+
+def _decode_chunk(items, size, training, seed, step):
+  return np.stack([decode_one(d, n, size, training, seed, step, p) for d, n, p in items])
+
+
+class Decoder:
+  """Decodes batches of encoded images, in ``workers`` processes.
+
+  Args:
+    size: the output side.
+    workers: processes (0: decode in this process).
+  """
+
+  def __init__(self, size: int, workers: int = 0):
+    if not (isinstance(size, int) and size >= 8):
+      raise ValueError(f'image_size must be an integer >= 8, got {size!r}')
+    if not (isinstance(workers, int) and workers >= 0):
+      raise ValueError(f'data_workers must be an integer >= 0, got {workers!r}')
+    self.size, self.workers = size, workers
+
+  @property
+  def pool(self):
+    """The worker processes (one pool per worker count, shared by the
+    training and evaluation splits; started on first use)."""
+    if self.workers not in _POOLS:
+      _POOLS[self.workers] = futures.ProcessPoolExecutor(
+          self.workers, mp_context=multiprocessing.get_context('spawn'))
+    return _POOLS[self.workers]
+
+  def submit(self, items, training: bool, seed: int = 0, step: int = 0):
+    """Starts decoding ``items`` (``(bytes, name, position)``); ``result()``
+    of what it returns is the ``(len(items), size, size, 3)`` uint8 batch."""
+    if not self.workers:
+      done = futures.Future()
+      done.set_result(_decode_chunk(items, self.size, training, seed, step))
+      return done
+    n = max(1, min(len(items), 4 * self.workers))
+    bounds = np.linspace(0, len(items), n + 1).astype(int)
+    parts = [self.pool.submit(_decode_chunk, items[a:b], self.size, training, seed, step)
+             for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return _Joined(parts)
+
+  def close(self):
+    """Stops the worker processes (a later batch starts them again)."""
+    pool = _POOLS.pop(self.workers, None)
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
+
+
+_POOLS: dict[int, futures.ProcessPoolExecutor] = {}
+
+
+class _Joined:
+  def __init__(self, parts):
+    self.parts = parts
+
+  def result(self):
+    return np.concatenate([p.result() for p in self.parts])
+
+
+def default_workers() -> int:
+  """Worker processes by default: the host's cores (at most 32)."""
+  return max(1, min(32, os.cpu_count() or 1))
