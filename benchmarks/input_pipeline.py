@@ -16,6 +16,20 @@ which holds the compilation).
 
 Last lines, one per workload and prefetch depth:
     <workload> prefetch=<d> trainer_img_s=<a> step_img_s=<b> ratio=<a/b>
+
+``--imagenet``: ImageNet-style training batches (variable-size JPEGs, 224 px
+random-resized crop + flip + normalize) from pemn_jax's image-folder pipeline
+vs a PyTorch DataLoader doing the same, with 1 and 2 worker processes
+(``benchmarks/imagenet_pipeline.py``; needs ``pip install torch==2.13.0``):
+
+    .venv/bin/python benchmarks/input_pipeline.py --imagenet
+    .venv/bin/python benchmarks/input_pipeline.py --imagenet --smoke
+
+Last lines (pemn_jax_img_s: the uint8 batches its trainer consumes, normalized
+on the device; host_normalized: normalized on the host too):
+    imagenet_pipeline workers=<w> pemn_jax_img_s=<a> torch_img_s=<b> ratio=<a/b>
+        host_normalized_img_s=<c> host_normalized_ratio=<c/b>   (on the same line)
+    imagenet_pipeline scaling pemn_jax_2_over_1=<x> torch_2_over_1=<y>
 """
 
 from __future__ import annotations
@@ -101,7 +115,13 @@ def main():
   ap.add_argument('--steps', type=int, default=500, help='timed steps per measurement')
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument('--smoke', action='store_true', help='a few steps (checks the script)')
+  ap.add_argument('--imagenet', action='store_true',
+                  help='ImageNet-style folder pipeline vs a PyTorch DataLoader')
+  ap.add_argument('--images', type=int, default=768, help='--imagenet: training images')
+  ap.add_argument('--batch', type=int, default=32, help='--imagenet: batch size')
   args = ap.parse_args()
+  if args.imagenet:
+    return imagenet(args)
   names = args.workloads.split(',')
   for n in names:
     if n not in WORKLOADS:
@@ -136,6 +156,37 @@ def main():
     for d in depths:
       a = statistics.median(res[d])
       print(f'{name} prefetch={d} trainer_img_s={a:.0f} step_img_s={s:.0f} ratio={a / s:.3f}')
+
+
+def imagenet(args):
+  import imagenet_pipeline as ip
+  images, batch, steps, repeats = ((64, 8, 4, 1) if args.smoke else
+                                   (args.images, args.batch, args.steps, args.repeats))
+  steps = min(steps, images // batch - 2)
+  rates = {(side, w): [] for side in ('pemn_jax', 'pemn_jax_host', 'torch') for w in (1, 2)}
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = ip.make_folder(os.path.join(tmp, 'imgs'), images)
+    data_dir = os.path.join(tmp, 'prepared')
+    ip.pemn_jax_rate(folder, data_dir, 0, batch, 1)  # prepares the array_record copy
+    print(f'# {images} JPEGs of 200-500 px sides, batch {batch}, {steps} timed batches, '
+          f'{repeats} rounds (pemn_jax and torch alternated)', flush=True)
+    for r in range(repeats):
+      for w in (1, 2):
+        rates['pemn_jax', w].append(ip.pemn_jax_rate(folder, data_dir, w, batch, steps))
+        rates['torch', w].append(ip.torch_rate(folder, w, batch, steps))
+        rates['pemn_jax_host', w].append(ip.pemn_jax_rate(folder, data_dir, w, batch, steps,
+                                                          normalize=True))
+        print(f'# round {r} workers={w}: pemn_jax {rates["pemn_jax", w][-1]:.1f} img/s (host-'
+              f'normalized {rates["pemn_jax_host", w][-1]:.1f}), torch '
+              f'{rates["torch", w][-1]:.1f} img/s', flush=True)
+  med = {k: statistics.median(v) for k, v in rates.items()}
+  for w in (1, 2):
+    print(f'imagenet_pipeline workers={w} pemn_jax_img_s={med["pemn_jax", w]:.1f} '
+          f'torch_img_s={med["torch", w]:.1f} ratio={med["pemn_jax", w] / med["torch", w]:.3f} '
+          f'host_normalized_img_s={med["pemn_jax_host", w]:.1f} '
+          f'host_normalized_ratio={med["pemn_jax_host", w] / med["torch", w]:.3f}')
+  print(f'imagenet_pipeline scaling pemn_jax_2_over_1={med["pemn_jax", 2] / med["pemn_jax", 1]:.3f}'
+        f' torch_2_over_1={med["torch", 2] / med["torch", 1]:.3f}')
 
 
 if __name__ == '__main__':

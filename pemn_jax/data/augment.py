@@ -238,10 +238,14 @@ def normalize(images, mean, std, boxes=None):
   Returns:
     float32 (N, H, W, C).
   """
-  if isinstance(images, np.ndarray):
-    xp, x = np, (images.astype(np.float32) / np.float32(255.0) - mean) / std
+  if isinstance(images, np.ndarray):  # in place: the same float32 operations, no temporaries
+    xp, x = np, images.astype(np.float32)
+    x /= np.float32(255.0)
+    x -= np.asarray(mean, np.float32)
+    x /= np.asarray(std, np.float32)
   else:
-    table = normalize(np.arange(256, dtype=np.uint8)[:, None], mean, std)  # (256, C)
+    levels = np.arange(256, dtype=np.uint8)[:, None]
+    table = normalize(np.repeat(levels, np.size(mean), 1), mean, std)  # (256, C)
     xp, x = jnp, jnp.asarray(table)[images.astype(jnp.int32), np.arange(table.shape[1])]
   if boxes is None:
     return x

@@ -21,6 +21,7 @@ import io
 import math
 import multiprocessing
 import os
+import sys
 
 import numpy as np
 
@@ -80,7 +81,8 @@ def decode_one(data: bytes, name: str, size: int, training: bool, seed: int, ste
   from PIL import Image
   try:
     img = Image.open(io.BytesIO(data))
-    img = img.convert('RGB')
+    img = img if img.mode == 'RGB' else img.convert('RGB')  # (convert copies even RGB)
+    img.load()
   except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
     raise DecodeError(f'{name}: cannot decode the image: {type(e).__name__}: {e}') from None
   if training:
@@ -119,8 +121,7 @@ class Decoder:
     """The worker processes (one pool per worker count, shared by the
     training and evaluation splits; started on first use)."""
     if self.workers not in _POOLS:
-      _POOLS[self.workers] = futures.ProcessPoolExecutor(
-          self.workers, mp_context=multiprocessing.get_context('spawn'))
+      _POOLS[self.workers] = _start_pool(self.workers)
     return _POOLS[self.workers]
 
   def submit(self, items, training: bool, seed: int = 0, step: int = 0):
@@ -144,6 +145,27 @@ class Decoder:
 
 
 _POOLS: dict[int, futures.ProcessPoolExecutor] = {}
+
+
+def _ready(i):
+  return i
+
+
+def _start_pool(workers: int) -> futures.ProcessPoolExecutor:
+  """``workers`` spawned processes, started now. They import only
+  ``pemn_jax.data.decode``: the caller's ``__main__`` is hidden while they
+  start, so a script without an ``if __name__ == '__main__'`` guard (or
+  stdin, a notebook) is not run again in each of them, as ``spawn`` would."""
+  main = sys.modules['__main__']
+  hidden = {k: main.__dict__.pop(k) for k in ('__file__', '__spec__') if k in main.__dict__}
+  main.__spec__ = None  # spawn reads it unconditionally
+  try:
+    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))
+    list(pool.map(_ready, range(workers)))  # every process is started here
+  finally:
+    del main.__spec__
+    main.__dict__.update(hidden)
+  return pool
 
 
 class _Joined:
