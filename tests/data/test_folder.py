@@ -169,3 +169,22 @@ def test_cli_trains_evaluates_and_exports_an_image_folder(tmp_path):
   acc = float(ev.stdout.split('accuracy=')[1].split()[0])
   assert math.isclose(acc, result['test_accuracy'], abs_tol=1e-4), (acc, result)
   assert '(6 examples)' in ev.stdout
+
+
+def test_config_keys_of_variable_size_datasets_are_checked():
+  from pemn_jax.config import ConfigError, base_config, validate
+  c = base_config()
+  c.dataset, c.image_size = 'mnist', 64
+  with pytest.raises(ConfigError, match='image_size=64 is invalid: applies to variable-size'):
+    validate(c)
+  c.dataset = 'folder:/data/x/train'
+  validate(c)
+  c.image_size, c.data_workers = 4, None
+  with pytest.raises(ConfigError, match='image_size=4 is invalid: must be an integer >= 8'):
+    validate(c)
+  c.image_size, c.data_workers = 64, -1
+  with pytest.raises(ConfigError, match='data_workers=-1 is invalid'):
+    validate(c)
+  c.data_workers, c.dataset = 2, 'folder:'
+  with pytest.raises(ConfigError, match="dataset='folder:' is invalid"):
+    validate(c)
