@@ -160,10 +160,20 @@ def main():
 
 def imagenet(args):
   import imagenet_pipeline as ip
+  try:
+    import torch  # noqa: F401
+    has_torch = True
+  except ImportError:
+    has_torch = False
+  if not has_torch and not args.smoke:
+    raise SystemExit('--imagenet needs PyTorch (CPU build): pip install torch==2.13.0')
+  if not has_torch:
+    print('PyTorch is not installed: the smoke run checks the pemn_jax side only')
   images, batch, steps, repeats = ((64, 8, 4, 1) if args.smoke else
                                    (args.images, args.batch, args.steps, args.repeats))
   steps = min(steps, images // batch - 2)
   rates = {(side, w): [] for side in ('pemn_jax', 'pemn_jax_host', 'torch') for w in (1, 2)}
+  torch_rate = ip.torch_rate if has_torch else (lambda *a: float('nan'))
   with tempfile.TemporaryDirectory() as tmp:
     folder = ip.make_folder(os.path.join(tmp, 'imgs'), images)
     data_dir = os.path.join(tmp, 'prepared')
@@ -173,7 +183,7 @@ def imagenet(args):
     for r in range(repeats):
       for w in (1, 2):
         rates['pemn_jax', w].append(ip.pemn_jax_rate(folder, data_dir, w, batch, steps))
-        rates['torch', w].append(ip.torch_rate(folder, w, batch, steps))
+        rates['torch', w].append(torch_rate(folder, w, batch, steps))
         rates['pemn_jax_host', w].append(ip.pemn_jax_rate(folder, data_dir, w, batch, steps,
                                                           normalize=True))
         print(f'# round {r} workers={w}: pemn_jax {rates["pemn_jax", w][-1]:.1f} img/s (host-'
