@@ -101,16 +101,13 @@ def _two_steps(run, seed: int) -> list[float]:
   import jax
   import numpy as np
 
-  from pemn_jax.train.loop import jit_steps
-  one_state = jax.eval_shape(run.init_state, jax.random.key(0), np.uint32(0))
-  shardings = run.layout.state_shardings(one_state)
+  from pemn_jax.train.loop import compile_train_step, state_layout
+  _, shardings = state_layout(run)
   ts = jax.jit(run.init_state, out_shardings=shardings)(jax.random.key(seed), np.uint32(seed))
-  train_step, losses = None, []
-  for step in range(2):  # the loop's own step on the pipeline's batches
+  train_step, losses = compile_train_step(run), []
+  for step in range(2):
     batch = [None if a is None else jax.device_put(a, run.layout.batch)
              for a in run.pipe.raw_batch(step)]
-    train_step = train_step or jit_steps(run, shardings)[0].lower(
-        ts, {}, *batch, np.uint32(step)).compile()
     ts, metrics = train_step(ts, {}, *batch, np.uint32(step))
     losses.append(float(metrics['loss']))
   return losses

@@ -6,7 +6,7 @@ aspect 3/4-4/3 log-uniform, 10 tries, then a centre crop clamped to that
 aspect: torchvision's ``RandomResizedCrop``), bilinear resize to ``size``,
 horizontal flip with probability 0.5. Evaluation: resize the shorter side to
 ``int(size / 0.875)`` (bilinear), centre crop ``size``. Every draw comes from
-``augment.image_rng(seed, step, position)``, so a decoded batch is a pure
+``decode_rng(seed, step, position)``, so a decoded batch is a pure
 function of (seed, step) whatever the number of workers (a stream of its
 own: ``config.augment``'s ops on the decoded batch draw independently).
 

@@ -28,6 +28,12 @@ def _fetch(source, keys):
     return [source[k] for k in keys]
 
 
+def _records(source, idx, chunk: int = 4096):
+  """The records of examples ``idx``, read ``chunk`` at a time."""
+  for s in range(0, len(idx), chunk):
+    yield from _fetch(source, [int(i) for i in idx[s:s + chunk]])
+
+
 class Pipeline:
   """Training batches (``batch(step)``) and evaluation batches (``eval_batches()``)."""
 
@@ -49,7 +55,7 @@ class Pipeline:
     self.steps_per_epoch = self.num_examples // global_batch
     self._images = self._labels = None
     self._order = None  # (epoch, order)
-    self.training, self._pending = training, {}  # step -> (decoding batch, labels)
+    self._pending = {}  # variable-size datasets: step -> (decoding batch, labels)
     nbytes = self.num_examples * int(np.prod(ds.image_shape))
     if nbytes <= IN_MEMORY_LIMIT and ds.decoder is None:
       self._images, self._labels = self._read(np.arange(self.num_examples))
@@ -59,18 +65,14 @@ class Pipeline:
       return self._images[idx], self._labels[idx]
     images = np.empty((len(idx), *self.ds.image_shape), np.uint8)
     labels = np.empty((len(idx),), np.int32)
-    chunk = 4096
-    for s in range(0, len(idx), chunk):
-      exs = _fetch(self.ds.source, [int(i) for i in idx[s:s + chunk]])
-      for j, ex in enumerate(exs):
-        images[s + j] = ex['image']
-        labels[s + j] = ex['label']
+    for j, ex in enumerate(_records(self.ds.source, idx)):
+      images[j] = ex['image']
+      labels[j] = ex['label']
     return images, labels
 
   def _submit(self, idx, training: bool, step: int = 0, positions=()):
     """Starts decoding examples ``idx``: (future of the uint8 batch, labels)."""
-    exs = [ex for s in range(0, len(idx), 4096)
-           for ex in _fetch(self.ds.source, [int(i) for i in idx[s:s + 4096]])]
+    exs = list(_records(self.ds.source, idx))
     items = [(bytes(ex['image']), _name(ex, self.ds.name, i), p)
              for ex, i, p in zip(exs, idx, positions or range(len(idx)), strict=True)]
     labels = np.asarray([ex['label'] for ex in exs], np.int32)

@@ -35,7 +35,7 @@ from pemn_jax.train.tracking import DivergenceError, Tracker
 from pemn_jax.train.workdir import WorkdirLock, prepare
 
 __all__ = ['DivergenceError', 'Member', 'Progress', 'compile_train_step', 'jit_steps',
-           'step_functions', 'train', 'train_and_evaluate']
+           'state_layout', 'step_functions', 'train', 'train_and_evaluate']
 
 
 @dataclasses.dataclass
@@ -183,14 +183,7 @@ def train(run: Run, members: list[Member], say=None, progress: Progress | None =
       m.config.optimizer, run.total, run.pipe.steps_per_epoch), cfg.batch_size,
       jax.process_index() == 0, m.label) for m in members]
   # One member: laid out per config.sharding; stacked members: replicated.
-  one = jax.eval_shape(run.init_state, jax.random.key(0), np.uint32(0))
-  try:
-    shardings = (run.layout.state_shardings(one) if len(members) == 1 else
-                 jax.tree.map(lambda _: run.layout.replicated, one))
-  except ShardingError as e:
-    raise ConfigError(str(e)) from None
-  one = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), one,
-                     shardings)
+  one, shardings = state_layout(run, stacked=len(members) > 1)
 
   def warn(ck, label=''):
     for msg in ck.messages:
@@ -263,6 +256,24 @@ def step_functions(run: Run, stacked: bool = False):
   return train, evaluate
 
 
+def state_layout(run: Run, stacked: bool = False):
+  """One member's train state as the loop lays it out: ``(abstract state
+  carrying its shardings, shardings)``; per ``config.sharding`` for a single
+  run, replicated for stacked members.
+
+  Raises:
+    ConfigError: a sharding rule that does not fit the state.
+  """
+  one = jax.eval_shape(run.init_state, jax.random.key(0), np.uint32(0))
+  try:
+    shardings = (jax.tree.map(lambda _: run.layout.replicated, one) if stacked else
+                 run.layout.state_shardings(one))
+  except ShardingError as e:
+    raise ConfigError(str(e)) from None
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), one,
+                      shardings), shardings
+
+
 def jit_steps(run: Run, shardings, stacked: bool = False):
   """``step_functions`` jitted as the loop runs them: the train state laid
   out per ``shardings`` (and donated), batches split over the mesh."""
@@ -287,10 +298,7 @@ def compile_train_step(run: Run, compiler_options: dict | None = None):
   Returns:
     The ``jax.stages.Compiled`` step.
   """
-  one = jax.eval_shape(run.init_state, jax.random.key(0), np.uint32(0))
-  shardings = run.layout.state_shardings(one)
-  ts = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), one,
-                    shardings)
+  ts, shardings = state_layout(run)
   batch = [None if a is None else jax.ShapeDtypeStruct(
       (run.config.batch_size, *a.shape[1:]), a.dtype) for a in run.pipe.raw_batch(0)]
   return jit_steps(run, shardings)[0].lower(ts, {}, *batch, np.uint32(0)).compile(
@@ -323,7 +331,6 @@ class _Group:
       return ts.replace(opt_state=set_hyperparams(ts.opt_state, learning_rate=lr,
                                                   weight_decay=wd))
     return jax.vmap(init) if self.stacked else init
-
 
   def _initial_state(self, start, restored):
     init = self._init()
