@@ -11,7 +11,8 @@ function of (seed, step) whatever the number of workers (a stream of its
 own: ``config.augment``'s ops on the decoded batch draw independently).
 
 ``Decoder`` spreads a batch over ``workers`` processes (``spawn``: no fork of
-a process running JAX); 0 decodes in the calling process.
+a process running JAX), which write it into a shared-memory block (no pickled
+pixels through a pipe); 0 decodes in the calling process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import multiprocessing
 import os
 import sys
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -101,6 +103,19 @@ def _decode_chunk(items, size, training, seed, step):
   return np.stack([decode_one(d, n, size, training, seed, step, p) for d, n, p in items])
 
 
+def _decode_into(name, start, items, size, training, seed, step):
+  """Worker: decodes ``items`` into rows ``start:`` of shared block ``name``
+  (the batch comes back without pickling it through a pipe)."""
+  block = shared_memory.SharedMemory(name=name)
+  try:
+    out = np.ndarray((start + len(items), size, size, 3), np.uint8, block.buf)
+    for j, (d, n, p) in enumerate(items):
+      out[start + j] = decode_one(d, n, size, training, seed, step, p)
+    del out
+  finally:
+    block.close()
+
+
 class Decoder:
   """Decodes batches of encoded images, in ``workers`` processes.
 
@@ -115,6 +130,7 @@ class Decoder:
     if not (isinstance(workers, int) and workers >= 0):
       raise ValueError(f'data_workers must be an integer >= 0, got {workers!r}')
     self.size, self.workers = size, workers
+    self._dropped = []  # (parts, shared block) of batches dropped before their result
 
   @property
   def pool(self):
@@ -131,17 +147,30 @@ class Decoder:
       done = futures.Future()
       done.set_result(_decode_chunk(items, self.size, training, seed, step))
       return done
+    self._sweep()
+    block = shared_memory.SharedMemory(create=True, size=len(items) * self.size**2 * 3 or 1)
     n = max(1, min(len(items), 4 * self.workers))
     bounds = np.linspace(0, len(items), n + 1).astype(int)
-    parts = [self.pool.submit(_decode_chunk, items[a:b], self.size, training, seed, step)
+    parts = [self.pool.submit(_decode_into, block.name, a, items[a:b], self.size, training,
+                              seed, step)
              for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    return _Joined(parts)
+    return _Joined(parts, block, (len(items), self.size, self.size, 3), self._dropped)
+
+  def _sweep(self, wait: bool = False):
+    """Frees the shared blocks of batches dropped unread, once their workers are done."""
+    for parts, block in list(self._dropped):
+      if wait:
+        _settle(parts)
+      if all(p.done() for p in parts):
+        self._dropped.remove((parts, block))
+        _free(block)
 
   def close(self):
     """Stops the worker processes (a later batch starts them again)."""
     pool = _POOLS.pop(self.workers, None)
     if pool is not None:
       pool.shutdown(cancel_futures=True)
+    self._sweep(wait=True)
 
 
 _POOLS: dict[int, futures.ProcessPoolExecutor] = {}
@@ -168,12 +197,44 @@ def _start_pool(workers: int) -> futures.ProcessPoolExecutor:
   return pool
 
 
+def _settle(parts):
+  """Waits until no worker writes into a batch's block any more."""
+  for p in parts:
+    try:
+      p.exception()  # waits until the part is finished
+    except futures.CancelledError:  # (never started: the pool was shut down)
+      pass
+
+
+def _free(block):
+  block.close()
+  block.unlink()
+
+
 class _Joined:
-  def __init__(self, parts):
-    self.parts = parts
+  """A batch being decoded by workers into a shared block; ``result()`` copies
+  it out and frees the block (a batch dropped unread is freed by its decoder
+  once its workers are done)."""
+
+  def __init__(self, parts, block, shape, dropped):
+    self.parts, self.block, self.shape, self.dropped = parts, block, shape, dropped
 
   def result(self):
-    return np.concatenate([p.result() for p in self.parts])
+    try:
+      for p in self.parts:
+        p.result()
+      view = np.ndarray(self.shape, np.uint8, self.block.buf)
+      out = view.copy()
+      del view
+      return out
+    finally:
+      _settle(self.parts)
+      block, self.block = self.block, None
+      _free(block)
+
+  def __del__(self):
+    if getattr(self, 'block', None) is not None:
+      self.dropped.append((self.parts, self.block))
 
 
 def default_workers() -> int:

@@ -146,6 +146,33 @@ def test_truncated_image_is_named_at_decode():
     decode.decode_one(data[:len(data) // 2], 'cat/7.jpg', 32, True, 0, 0, 0)
 
 
+def test_worker_batches_free_their_shared_blocks():
+  """Workers write batches into shared memory: read, failed and dropped
+  batches all give their block back (none is left in /dev/shm)."""
+  from multiprocessing import shared_memory
+  arr = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+  good, bad = _encode(arr, 'PNG'), _encode(arr, 'JPEG')[:100]
+  dec = decode.Decoder(16, workers=1)
+  try:
+    read = dec.submit([(good, 'a', p) for p in range(5)], True, 1, 2)
+    names = [read.block.name]
+    expected = np.stack([decode.decode_one(good, 'a', 16, True, 1, 2, p) for p in range(5)])
+    assert np.array_equal(read.result(), expected)
+    failed = dec.submit([(good, 'a', 0), (bad, 'cat/1.jpg', 1)], False)
+    names.append(failed.block.name)
+    with pytest.raises(decode.DecodeError, match='cat/1.jpg'):
+      failed.result()
+    dropped = dec.submit([(good, 'a', 0)], False)
+    names.append(dropped.block.name)
+    del dropped
+  finally:
+    dec.close()
+  assert not dec._dropped
+  for name in names:
+    with pytest.raises(FileNotFoundError):
+      shared_memory.SharedMemory(name=name)
+
+
 def test_cli_trains_evaluates_and_exports_an_image_folder(tmp_path):
   """2 steps of ResNet-18 (ImageNet-style) at 64 px on a folder of mixed
   sizes; the exported file evaluates to the run's own test accuracy."""
