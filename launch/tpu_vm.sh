@@ -33,7 +33,12 @@ quoted=$(printf ' %q' "$@")
 # checkout from all workers at once would race on its build files).
 remote="set -e; sudo mkdir -p $MOUNT && sudo chown \$USER $MOUNT; mountpoint -q $MOUNT || gcsfuse --implicit-dirs $BUCKET $MOUNT; rm -rf /tmp/pemn_jax_code && cp -r $CODE /tmp/pemn_jax_code && cd /tmp/pemn_jax_code"
 if [[ $SETUP == 1 ]]; then remote="$remote; python3 -m pip install -q -e '.[tpu]'"; fi
-remote="$remote; python3 -m pemn_jax.main --distributed --config.data_dir=$DATA_DIR$quoted"
+# After the user's flags (absl reads --config.* only after --config), and
+# only where they do not set config.data_dir themselves.
+data_dir_flag() {
+  case " $* " in *" --config.data_dir"*) ;; *) printf ' --config.data_dir=%q' "$DATA_DIR" ;; esac
+}
+remote="$remote; python3 -m pemn_jax.main --distributed$quoted$(data_dir_flag "$@")"
 cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
      --worker=all --command "$remote")
 if [[ $DRY == 1 ]]; then

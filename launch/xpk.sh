@@ -32,7 +32,12 @@ BASE_IMAGE=${BASE_IMAGE:-python:3.11}
 DATA_DIR=${DATA_DIR:-/gcs/data/tensorflow_datasets}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 quoted=$(printf ' %q' "$@")
-inner="pip install -q -e '.[tpu]' && python3 -m pemn_jax.main --config.data_dir=$DATA_DIR$quoted"
+# After the user's flags (absl reads --config.* only after --config), and
+# only where they do not set config.data_dir themselves.
+data_dir_flag() {
+  case " $* " in *" --config.data_dir"*) ;; *) printf ' --config.data_dir=%q' "$DATA_DIR" ;; esac
+}
+inner="pip install -q -e '.[tpu]' && python3 -m pemn_jax.main$quoted$(data_dir_flag "$@")"
 cmd=(xpk workload create --cluster "$CLUSTER" --workload "$WORKLOAD" --tpu-type "$TPU_TYPE"
      --num-slices "$NUM_SLICES" --base-docker-image "$BASE_IMAGE" --script-dir "$REPO"
      ${PROJECT:+--project "$PROJECT"} ${ZONE:+--zone "$ZONE"} --command "$inner")

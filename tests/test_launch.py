@@ -56,9 +56,8 @@ def test_tpu_vm_runs_the_same_command_on_every_worker():
   assert '--worker=all' in cmd and cmd[cmd.index('--zone') + 1] == 'us-east5-a'
   remote = cmd[cmd.index('--command') + 1]
   assert 'gcsfuse --implicit-dirs bkt /gcs/bkt' in remote
-  assert 'python3 -m pemn_jax.main --distributed --config.data_dir=/gcs/bkt/tensorflow_datasets' \
-      in remote
-  assert shlex.split(remote.rsplit('pemn_jax.main', 1)[1])[-4:] == ARGS
+  tail = shlex.split(remote.rsplit('python3 -m pemn_jax.main', 1)[1])
+  assert tail == ['--distributed', *ARGS, '--config.data_dir=/gcs/bkt/tensorflow_datasets']
   rc, _, err = dry_run('tpu_vm.sh', {'ZONE': 'z', 'BUCKET': 'b'}, *ARGS)
   assert rc != 0 and 'TPU_NAME' in err
 
@@ -73,7 +72,8 @@ def test_xpk_workload():
                       ('--workload', 'pemn-test'), ('--script-dir', str(REPO))]:
     assert cmd[cmd.index(flag) + 1] == value
   inner = cmd[cmd.index('--command') + 1]
-  assert shlex.split(inner.rsplit('pemn_jax.main', 1)[1])[-4:] == ARGS
+  assert shlex.split(inner.rsplit('pemn_jax.main', 1)[1]) == [
+      *ARGS, '--config.data_dir=/gcs/data/tensorflow_datasets']
   rc, _, err = dry_run('xpk.sh', {}, *ARGS)
   assert rc != 0 and 'CLUSTER' in err
 
@@ -133,3 +133,52 @@ def test_bad_launch_flags_exit_2_with_the_reason(tmp_path):
                      cwd=REPO, capture_output=True, text=True, timeout=120)
   assert r.returncode == 2
   assert '--coordinator, --num_processes and --process_id go together' in r.stderr
+
+
+def _tiny_args(mnist_slice, workdir):
+  return ['--config', 'configs/quickstart.py', '--workdir', str(workdir),
+          '--config.dataset=mnist', f'--config.source_dir={mnist_slice["source_dir"]}',
+          '--config.num_steps=2', '--config.batch_size=16', '--config.train_limit=64',
+          '--config.test_limit=50', '--config.eval_batch_size=50', '--config.eval_every=0',
+          '--config.log_every=1']
+
+
+# What each launcher's target announces: a one-task SLURM step stands in for
+# the TPU VM's cluster (--distributed must find one to initialize from).
+ONE_TASK = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'localhost', 'SLURM_NTASKS': '1',
+            'SLURM_PROCID': '0', 'SLURM_LOCALID': '0', 'SLURM_GPUS_ON_NODE': '1'}
+
+
+@pytest.mark.parametrize('script', ['slurm.sh', 'tpu_vm.sh', 'xpk.sh'])
+def test_the_command_each_launcher_runs_trains_locally(script, mnist_slice, tmp_path):
+  """The exact python command a launcher would run on its target, run here
+  (tiny size): absl must accept its flags in the order the launcher puts them."""
+  import sys
+  args = _tiny_args(mnist_slice, tmp_path / 'run')
+  env = {'TPU_NAME': 'pod', 'ZONE': 'z', 'BUCKET': 'b', 'CLUSTER': 'c',
+         'DATA_DIR': mnist_slice['data_dir'], 'PYTHON': 'python3'}
+  if script == 'slurm.sh':
+    args.append(f'--config.data_dir={mnist_slice["data_dir"]}')
+  rc, out, err = dry_run(script, env, *args)
+  assert rc == 0, err
+  last = out.splitlines()[-1]
+  if script == 'slurm.sh':
+    line = shlex.split(last)[2:]  # after 'srun --kill-on-bad-exit=1'
+  else:
+    cmd = shlex.split(last)
+    line = shlex.split(cmd[cmd.index('--command') + 1].split('; ')[-1].split('&& ')[-1])
+  assert line[:3] == ['python3', '-m', 'pemn_jax.main'], line
+  assert sum(w.startswith('--config.data_dir') for w in line) == 1, line
+  e = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM', 'TPU_', 'OMPI'))}
+  r = subprocess.run([sys.executable, *line[1:]], cwd=REPO, env={**e, **ONE_TASK},
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (tmp_path / 'run' / 'metrics.jsonl').exists()
+
+
+def test_a_data_dir_the_user_sets_is_not_overridden():
+  for script in ('tpu_vm.sh', 'xpk.sh'):
+    rc, out, err = dry_run(script, {'TPU_NAME': 'p', 'ZONE': 'z', 'BUCKET': 'b', 'CLUSTER': 'c'},
+                           *ARGS, '--config.data_dir=/mine')
+    assert rc == 0, err
+    assert '--config.data_dir=/mine' in out and 'tensorflow_datasets' not in out.split('\n')[-2]
