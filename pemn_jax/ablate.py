@@ -29,7 +29,8 @@ _SWEEP = flags.DEFINE_multi_string('sweep', None, 'key=v1,v2,... (repeatable).')
 _SET = flags.DEFINE_multi_string('set', [], 'key=value set in every variant (repeatable), '
                                  'e.g. --set num_steps=500.')
 _MAX_GROUP = flags.DEFINE_integer('max_group', 0,
-                                  'At most this many variants per vmapped step (0: no limit).')
+                                  'At most this many variants per vmapped step (0: no limit).',
+                                  lower_bound=0)
 _PLOTS = flags.DEFINE_bool('plots', True, 'Write sweep.png and curves.png (matplotlib).')
 flags.mark_flags_as_required(['config', 'workdir', 'sweep'])
 
@@ -54,4 +55,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from pemn_jax import cli
+  cli.run(main)

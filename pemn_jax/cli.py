@@ -1,5 +1,5 @@
 """One error policy for the command-line entry points (``main``, ``ablate``,
-``export``, ``evaluate``, ``evolve``).
+``export``, ``evaluate``, ``evolve``, ``plot``): each starts with ``run(main)``.
 
 Exit status: 0 done, or stopped cleanly with its state saved (a signal,
 ``stop_at_step``); 2 a bad config, flag, file, dataset, checkpoint or workdir
@@ -11,7 +11,9 @@ log says why; the checkpoints are kept).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import re
 import sys
 
 BAD_INPUT, DIVERGED, LOST_PEER = 2, 3, 4
@@ -61,3 +63,102 @@ def exit_statuses(also: tuple[type[Exception], ...] = ()):
           'log says why. The checkpoints in the workdir are kept; run the same command again to '
           'resume from the last one.', file=sys.stderr, flush=True)
     os._exit(LOST_PEER)  # the runtime's shutdown would wait for the dead process
+
+
+def run(main):
+  """``absl.app.run(main)`` with flag and config-file mistakes (an unknown
+  flag or config key, a bad value, a missing config file, a bad config
+  argument) answered by one line and exit 2, not a traceback."""
+  from absl import app
+
+  def checked(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:  # (absl would exit 1 with its usage text)
+      fail(e)
+
+  app.run(checked, flags_parser=parse_flags)
+
+
+def parse_flags(argv):
+  """Parses ``argv`` into absl's flags; a mistake exits 2 naming it."""
+  from absl import flags
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_flag_message(e, argv))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections' overrides
+    fail(_override_message(e, argv))
+  for name in ('config',):
+    if name in flags.FLAGS and type(flags.FLAGS[name].value).__name__ == '_ErrorConfig':
+      path = flags.FLAGS[name].config_filename if hasattr(flags.FLAGS[name],
+                                                          'config_filename') else ''
+      fail(_missing_file(path or str(flags.FLAGS[name].serialize())))
+  return rest
+
+
+def close_match(word: str, choices) -> str:
+  """`` (did you mean X?)`` for the choice closest to ``word``, or ``''``."""
+  found = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+  return f' (did you mean {found[0]}?)' if found else ''
+
+
+def _config_keys(argv) -> list[str]:
+  """The keys (dotted) of the config file ``argv`` names, for suggestions."""
+  from pemn_jax.sweep.spec import load_config
+  spec = next((b for a, b in zip(argv, argv[1:], strict=False) if a == '--config'),
+              next((a[9:] for a in argv if a.startswith('--config=')), None))
+  try:
+    return _flat_keys(load_config(spec).to_dict()) if spec else []
+  except Exception:  # noqa: BLE001 - a config that does not load: no suggestions
+    return []
+
+
+def _flat_keys(d, prefix='') -> list[str]:
+  out = []
+  for k, v in d.items():
+    out.append(prefix + k)
+    if isinstance(v, dict):
+      out += _flat_keys(v, f'{prefix}{k}.')
+  return out
+
+
+def _flag_message(e, argv) -> str:
+  from absl import flags
+  text = str(e)
+  if isinstance(e, flags.UnrecognizedFlagError):
+    name = getattr(e, 'flagname', '') or text
+    if name.startswith('config.'):
+      return (f'--{name}: no such config key' +
+              close_match(name[7:], _config_keys(argv)).replace('mean ', 'mean --config.'))
+    return f'unknown flag --{name}' + close_match(name, list(flags.FLAGS)).replace(
+        'mean ', 'mean --')
+  if 'Error whilst parsing config file' in text:
+    head = text.split(': Error whilst parsing', 1)[0]  # 'flag --config=FILE:ARGS'
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1].strip()
+    last = re.sub(r'^[\w.]*(Error|Exception)\w*: ', '', last)
+    return f'{head.replace("flag ", "")}: {last}'
+  return text.replace('flag --', '--', 1).splitlines()[0]
+
+
+def _override_message(e, argv) -> str:
+  while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0],
+                                                                              Exception):
+    e = e.args[0]  # ml_collections wraps the KeyError of a missing key
+  first = (str(e.args[0]) if e.args else str(e)).split('\n')[0].strip('\'"')
+  bad = [a.split('=')[0] for a in argv if a.startswith('--config.')
+         and re.split(r'[.=]', a[2:]).count(first)]
+  if not bad:
+    return f'a --config.* flag: {type(e).__name__}: {first}'
+  return (f'{bad[0]}: no such config key' +
+          close_match(bad[0][9:], _config_keys(argv)).replace('mean ', 'mean --config.'))
+
+
+def _missing_file(spec: str) -> str:
+  path = spec.split(':', 1)[0]
+  near = ''
+  folder = os.path.dirname(path) or '.'
+  if os.path.isdir(folder):
+    near = close_match(os.path.basename(path), os.listdir(folder)).replace(
+        'mean ', f'mean {os.path.join(os.path.dirname(path), "")}')
+  return f'--config={spec}: no such config file{near}'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import operator
 
@@ -154,17 +155,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
         what += f' ({legacy!r} meant the default in older configs; now leave it unset)'
       raise ConfigError(f'config.{key}={value!r} is invalid: {what}')
 
-  need(is_known(c.dataset), 'dataset', c.dataset, f'must be one of {DATASETS}')
+  def one_of(ok, key, value, choices, what):
+    near = difflib.get_close_matches(str(value), [str(x) for x in choices], n=1)
+    need(ok, key, value, what + (f' (did you mean {near[0]!r}?)' if near else ''))
+
+  one_of(is_known(c.dataset), 'dataset', c.dataset, DATASETS, f'must be one of {DATASETS}')
   need(c.image_size is None or is_variable(c.dataset), 'image_size', c.image_size,
        'applies to variable-size datasets (folder:PATH, tfds:imagenet2012, tfds:imagenette)')
   need(c.dtype in DTYPES, 'dtype', c.dtype, f'must be one of {DTYPES}')
-  need(isinstance(c.model, str) and models.is_known(c.model), 'model', c.model,
-       f'must be one of {sorted(models.REGISTRY)} or an import path package.module:Constructor')
+  one_of(isinstance(c.model, str) and models.is_known(c.model), 'model', c.model,
+         sorted(models.REGISTRY), f'must be one of {sorted(models.REGISTRY)} or an import '
+         'path package.module:Constructor')
   o = c.optimizer
   for key, allowed in (('optimizer.name', OPTIMIZERS), ('optimizer.schedule', SCHEDULES),
                        ('prune.allocation', ALLOCATIONS), ('prune.criterion', ('', *CRITERIA))):
     value = c[key.split('.')[0]][key.split('.')[1]]
-    need(value in allowed, key, value, f'must be one of {allowed}')
+    one_of(value in allowed, key, value, allowed, f'must be one of {allowed}')
   for key, (kind, low, high, optional) in NUMBERS.items():
     group, _, name = key.rpartition('.')
     value = (c[group] if group else c)[name]
@@ -311,7 +317,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                         f'{sorted(defaults)})')
     key, value = item.split('=', 1)
     if key not in defaults:
-      raise ConfigError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
+      near = difflib.get_close_matches(key, list(defaults), n=1)
+      raise ConfigError(f'unknown config argument {key!r}' +
+                        (f' (did you mean {near[0]}?)' if near else '') +
+                        f'; known: {sorted(defaults)}')
     out[key] = convert(value, kinds[key], f'config argument {key}')
   return ml_collections.ConfigDict(out)
 

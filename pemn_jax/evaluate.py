@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 _ART = flags.DEFINE_string('artifact', None, 'Model file (.pemn).', required=True)
 _DATASET = flags.DEFINE_string('dataset', None, "Dataset (default: the file's training dataset).")
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
 _SOURCE_DIR = flags.DEFINE_string('source_dir', None, 'Local files to prepare from.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
-_BATCH = flags.DEFINE_integer('batch_size', 1000, 'Evaluation batch size.')
+_BATCH = flags.DEFINE_integer('batch_size', 1000, 'Evaluation batch size.', lower_bound=1)
 _MODEL = flags.DEFINE_string('model', None, 'For a file made with a user model: its '
                              'constructor, package.module:Constructor (files never import code).')
 
@@ -60,4 +60,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from pemn_jax import cli
+  cli.run(main)

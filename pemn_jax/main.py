@@ -78,4 +78,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from pemn_jax import cli
+  cli.run(main)

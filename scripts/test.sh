@@ -17,4 +17,4 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/ruff check .
 # 8 virtual CPU devices for the sharding tests; tests that need 1 run in subprocesses.
-exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --durations=25 "$@"

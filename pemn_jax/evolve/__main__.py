@@ -12,28 +12,37 @@ teacher and of the file.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run (the teacher).', required=True)
 _OUT = flags.DEFINE_string('out', None, 'Model file to write (.pemn).', required=True)
 _METHOD = flags.DEFINE_enum('method', 'de', ['de', 'magnitude'],
                             'Directed evolution, or the one-shot magnitude baseline.')
-_SPARSITY = flags.DEFINE_float('sparsity', 0.9, 'Fraction of kernel weights removed.')
-_POP = flags.DEFINE_integer('population', 32, 'Candidates per generation.')
-_CALIB = flags.DEFINE_integer('calibration', 1024, 'Calibration images.')
-_TAU = flags.DEFINE_float('tau', 0.1, 'Magnitude bias of the mutations (smaller: stronger).')
-_FT = flags.DEFINE_integer('finetune_steps', 300, 'Distillation steps after each layer.')
+_SPARSITY = flags.DEFINE_float('sparsity', 0.9, 'Fraction of kernel weights removed, in [0, 1).',
+                               lower_bound=0.0)
+_POP = flags.DEFINE_integer('population', 32, 'Candidates per generation.', lower_bound=2)
+_CALIB = flags.DEFINE_integer('calibration', 1024, 'Calibration images.', lower_bound=1)
+_TAU = flags.DEFINE_float('tau', 0.1, 'Magnitude bias of the mutations (smaller: stronger).',
+                          lower_bound=1e-9)
+_FT = flags.DEFINE_integer('finetune_steps', 300, 'Distillation steps after each layer.',
+                           lower_bound=0)
 _GFT = flags.DEFINE_integer('generation_finetune', 0,
-                            'DE: distillation steps after every generation as well.')
+                            'DE: distillation steps after every generation as well.',
+                            lower_bound=0)
 _XFT = flags.DEFINE_integer('extra_finetune', 0,
-                            'Distillation steps added at the end (to match a DE total).')
-_KL = flags.DEFINE_float('budget_kl', 0.01, 'KL the quantization may add to the pruned model.')
+                            'Distillation steps added at the end (to match a DE total).',
+                            lower_bound=0)
+_KL = flags.DEFINE_float('budget_kl', 0.01, 'KL the quantization may add to the pruned model.',
+                         lower_bound=0.0)
 _ACC = flags.DEFINE_float('budget_acc', None,
-                          'Accuracy points (calibration) it may cost instead.')
-_MINB = flags.DEFINE_integer('min_bits', 2, 'Fewest bits per layer.')
+                          'Accuracy points (calibration) it may cost instead.', lower_bound=0.0)
+_MINB = flags.DEFINE_integer('min_bits', 2, 'Fewest bits per layer.', lower_bound=1,
+                             upper_bound=8)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the search.')
 _MAXGEN = flags.DEFINE_integer('max_generations', 100_000,
-                               'Stop (resumably) after this many generations.')
+                               'Stop (resumably) after this many generations.', lower_bound=1)
+flags.register_validator('sparsity', lambda v: v < 1, '--sparsity must be below 1 (the fraction '
+                         'of kernel weights removed; 1 would remove them all)')
 
 
 def main(argv):
@@ -67,4 +76,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from pemn_jax import cli
+  cli.run(main)

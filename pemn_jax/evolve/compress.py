@@ -26,6 +26,7 @@ from pemn_jax.ops.topk import num_kept
 from pemn_jax.params import sections
 from pemn_jax.pytrees import flatten, unflatten
 from pemn_jax.train.checkpoint import Checkpointer
+from pemn_jax.train.loop import StopSignals
 from pemn_jax.train.pruning import erk_densities
 from pemn_jax.train.run import Restored, load_dataset, restore
 from pemn_jax.train.step import evaluate_params
@@ -171,38 +172,42 @@ class _Search:
 
   def prune(self, checkpoint_every: int, max_generations: int) -> bool:
     """Runs (or resumes) the pruning and the final fine-tuning; False when
-    stopped by ``max_generations`` (the search saved)."""
+    stopped by ``max_generations`` or SIGINT/SIGTERM (the search saved)."""
     with WorkdirLock(self.state_dir):
       ckpt = Checkpointer(self.state_dir, keep=2)
       try:
         self._restore(ckpt)
-        layers, here = list(self.targets), 0
-        while self.prog['phase'] == 'prune' and here < max_generations:
-          if self.prog['layer'] >= len(layers):
-            self.prog['phase'] = 'finetune'
-          elif self.method == 'magnitude':
-            self._magnitude()
-          elif int(self.masks[layers[self.prog['layer']]].sum()) <= self.targets[
-              layers[self.prog['layer']]]:
-            self._layer_done(ckpt, layers[self.prog['layer']])
-          else:
-            self._generation(layers[self.prog['layer']])
-            here += 1
-            if self.prog['generation'] % checkpoint_every == 0:
-              self._save(ckpt)
-        if self.prog['phase'] == 'prune':  # stopped by max_generations
-          self._save(ckpt)
-          return False
-        if self.prog['phase'] == 'finetune':
-          s = self.settings
-          self.finetune(s['finetune_steps'] * (len(layers) + 1) + s['extra_finetune']
-                        - self.prog['finetuned'], 'finetuned')
-          self.prog['phase'] = 'quantize'
-          self.prog['kl'] = float(self.evo.kl(self.params))
-          self._save(ckpt)
-        return True
+        layers = list(self.targets)
+        with StopSignals() as stop:  # SIGINT/SIGTERM: save and stop between generations
+          self._prune(ckpt, layers, checkpoint_every, max_generations, stop)
+          if self.prog['phase'] == 'finetune' and stop.signum is None:
+            s = self.settings
+            self.finetune(s['finetune_steps'] * (len(layers) + 1) + s['extra_finetune']
+                          - self.prog['finetuned'], 'finetuned')
+            self.prog['phase'] = 'quantize'
+            self.prog['kl'] = float(self.evo.kl(self.params))
+        self._save(ckpt)
+        return self.prog['phase'] == 'quantize' and stop.signum is None
       finally:
         ckpt.close()
+
+  def _prune(self, ckpt, layers, checkpoint_every: int, max_generations: int, stop):
+    """Generations (or the magnitude baseline's one step) until every layer
+    is at its target, ``max_generations`` or a signal (SIGINT/SIGTERM)."""
+    here = 0
+    while self.prog['phase'] == 'prune' and here < max_generations and stop.signum is None:
+      if self.prog['layer'] >= len(layers):
+        self.prog['phase'] = 'finetune'
+      elif self.method == 'magnitude':
+        self._magnitude()
+      elif int(self.masks[layers[self.prog['layer']]].sum()) <= self.targets[
+          layers[self.prog['layer']]]:
+        self._layer_done(ckpt, layers[self.prog['layer']])
+      else:
+        self._generation(layers[self.prog['layer']])
+        here += 1
+        if self.prog['generation'] % checkpoint_every == 0:
+          self._save(ckpt)
 
   def _magnitude(self):
     self.masks = {**self.masks, **S.magnitude_masks(self.params, self.targets)}

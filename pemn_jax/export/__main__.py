@@ -9,7 +9,7 @@ statistics) to --params_dir (default: OUT + '.params').
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
 _OUT = flags.DEFINE_string('out', None, 'Model file to write (.pemn).', required=True)
@@ -42,4 +42,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from pemn_jax import cli
+  cli.run(main)

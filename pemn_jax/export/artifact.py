@@ -17,6 +17,7 @@ model needs nor place values where the model does not read them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -153,9 +154,14 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
   body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b''.join(blobs)
   data = body + hashlib.sha256(body).digest()
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except OSError as e:  # a missing folder, a full disk, no permission: nothing is left behind
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise ArtifactError(f'cannot write model file {path!r}: {e.strerror or e}') from e
   return len(data)
 
 

@@ -79,7 +79,7 @@ class Progress:
 _STANDARD = ('step', 'loss', 'accuracy', 'lr', 'images_per_s', 'trainable', 'model_bytes')
 
 
-class _Stop:
+class StopSignals:
   """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly.
 
   In a multi-process job the processes must stop at the same step (saving
@@ -391,7 +391,8 @@ class _Group:
 
     acc, t_last, step, evaluated = [], time.time(), start, False
     try:
-      with _Stop() as stop, Prefetcher(step_inputs, range(start, end), cfg.prefetch) as inputs:
+      with StopSignals() as stop, Prefetcher(step_inputs, range(start, end),
+                                             cfg.prefetch) as inputs:
         while step < end:
           ts, m = train_step(ts, self.hyper, *next(inputs))
           step += 1
