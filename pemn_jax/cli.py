@@ -69,12 +69,21 @@ def run(main):
   """``absl.app.run(main)`` with flag and config-file mistakes (an unknown
   flag or config key, a bad value, a missing config file, a bad config
   argument) answered by one line and exit 2, not a traceback."""
-  from absl import app
+  from absl import app, flags
+  if 'import' not in flags.FLAGS:
+    flags.DEFINE_multi_string('import', [], 'Your module (dotted name or .py file) that '
+                              'registers models or methods; repeatable (training: recorded as '
+                              'config.imports, so export/evolve of the run import it too).')
 
   def checked(argv):
+    from pemn_jax.config import ConfigError, import_modules
     try:
+      if flags.FLAGS['import'].value:
+        import_modules(flags.FLAGS['import'].value)
       return main(argv)
     except app.UsageError as e:  # (absl would exit 1 with its usage text)
+      fail(e)
+    except ConfigError as e:  # (raised by --import, before main's own policy applies)
       fail(e)
 
   app.run(checked, flags_parser=parse_flags)

@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = ''                # ops: crop,flip,randaugment,jitter,erase; presets cifar, pemn
   c.augment_options = ml_collections.ConfigDict(
       {'ra_ops': 2, 'ra_magnitude': 12, 'jitter': 0.2, 'erase': 0.2})
+  c.imports = ''                # your modules that register models / methods, imported first:
+                                # dotted names or .py files, comma-separated (import_modules)
   c.model = 'mlp'
   c.model_kwargs = ml_collections.ConfigDict()
   c.dtype = 'float32'           # compute dtype: float32 | bfloat16 (mixed precision: the state,
@@ -100,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
 RESUMABLE_KEYS = ('num_steps', 'num_epochs', 'stop_at_step', 'log_every', 'eval_every',
                   'checkpoint_every', 'keep_checkpoints', 'verify_checkpoints', 'eval_batch_size',
                   'test_limit', 'data_dir', 'source_dir', 'optimizer.lr', 'optimizer.grad_clip',
-                  'mesh', 'sharding', 'prefetch', 'dtype', 'data_workers')
+                  'mesh', 'sharding', 'prefetch', 'dtype', 'data_workers', 'imports')
 
 
 # Numeric keys: (type, lower bound, upper bound, None allowed); a bound is
@@ -131,8 +133,54 @@ NUMBERS = {
 _OPS = {'>=': operator.ge, '>': operator.gt, '<=': operator.le, '<': operator.lt}
 
 
+def import_modules(spec) -> list[str]:
+  """Imports user code that registers models or methods (``models.register``,
+  ``params.register``) before a config, run or model file is built.
+
+  Args:
+    spec: comma-separated (or a list of) dotted module names
+      (``mypackage.methods``) or paths of ``.py`` files; ``''``/None: none.
+  Returns:
+    The modules imported (each at most once per process).
+  Raises:
+    ConfigError: a module that cannot be imported (naming it and why).
+  """
+  import importlib
+  import importlib.util
+  import os
+  import sys
+  names = [s.strip() for s in (spec.split(',') if isinstance(spec, str) else spec or ())
+           if s and s.strip()]
+  for name in names:
+    try:
+      if name.endswith('.py'):
+        key = 'pemn_jax_user_' + os.path.abspath(name).replace(os.sep, '_').replace('.', '_')
+        if key in sys.modules:
+          continue
+        if not os.path.isfile(name):
+          raise FileNotFoundError(f'no such file {name!r}')
+        module_spec = importlib.util.spec_from_file_location(key, name)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[key] = module
+        try:
+          module_spec.loader.exec_module(module)
+        except BaseException:
+          del sys.modules[key]
+          raise
+      else:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - any failure of user code is named, not a traceback
+      raise ConfigError(f'cannot import {name!r} (config.imports / --import): '
+                        f'{type(e).__name__}: {e}') from None
+  return names
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first bad key/value."""
+  """Raises ConfigError naming the first bad key/value. Imports
+  ``c.imports`` first (models and methods they register are then known)."""
+  if not isinstance(c.get('imports', ''), str):
+    raise ConfigError(f'config.imports={c.imports!r} is invalid: must be a comma-separated string')
+  import_modules(c.get('imports', ''))
   base = base_config()
   for key in c.keys():
     if key not in base:

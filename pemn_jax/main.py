@@ -64,7 +64,11 @@ def main(argv):
     if jax.process_count() > 1 and jax.process_index() == 0:
       print(started, flush=True)
     from pemn_jax.train.loop import train_and_evaluate  # after jax.distributed starts
-    out = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    given = flags.FLAGS['import'].value
+    if given:  # recorded with the run: its export / evolve import them too
+      config.imports = ','.join([*filter(None, config.imports.split(',')), *given])
+    out = train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() != 0:
     return
   if 'test_accuracy' in out:

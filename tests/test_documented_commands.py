@@ -112,6 +112,13 @@ def tiny(cmd: str, tmp: Path):
       value = value if eq else next(it)
       documented[flag] = value
       out.append(f'{flag}={_map_path(value, tmp)}')
+    elif flag == '--import':  # the guide's module, saved where the docs say
+      value = value if eq else next(it)
+      if value.endswith('.py') and not (REPO / value).exists():
+        guide = (REPO / 'docs' / 'adding_a_method.md').read_text()
+        (tmp / value).write_text(re.search(r'```python\n(.*?)```', guide, re.S).group(1))
+        value = str(tmp / value)
+      out.append(f'--import={value}')
     else:
       out.append(w)
   joined = ' '.join(out)

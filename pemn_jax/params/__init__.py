@@ -61,7 +61,8 @@ def build(spec: Mapping, target, **context) -> Parameterization:
   full = dict(spec)
   name = spec.pop('name', None)
   if name not in REGISTRY:
-    raise ValueError(f'unknown parameterization {name!r}; known: {sorted(REGISTRY)}')
+    raise ValueError(f'unknown parameterization {name!r}; known: {sorted(REGISTRY)} (one '
+                     'registered by your code: import it with --import MODULE / config.imports)')
   cls = REGISTRY[name]
   accepts = inspect.signature(cls.__init__).parameters
   for key in CONTEXT:

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import optax
 
+from pemn_jax import config as config_lib
 from pemn_jax import models
 from pemn_jax import params as param_lib
 from pemn_jax.config import RESUMABLE_KEYS, ConfigError, config_differences, without_legacy
@@ -238,6 +239,7 @@ def _restore_step(ckpt: Checkpointer, step: int, workdir: str) -> Restored:
     raise CheckpointError(f'checkpoint step {step} in {ckpt.directory} has no model metadata '
                           '(written by an older pemn_jax)')
   config = ml_collections.ConfigDict(without_legacy(meta['config']))
+  config_lib.import_modules(config.get('imports', ''))  # what registered the run's model / method
   model = make_model(config, meta['num_classes'])
   param = make_param(config, model, meta['input_shape'])
   shapes = (jax.eval_shape(param.init, jax.random.key(0)),

@@ -39,3 +39,40 @@ def test_the_guides_method_builds_trains_and_exports(low_rank, mnist_slice, tmp_
     param_lib.register('low_rank', low_rank)
   with pytest.raises(TypeError, match='not a Parameterization'):
     param_lib.register('nope', dict)
+
+
+def test_the_guides_method_through_the_clis(mnist_slice, tmp_path):
+  """The guide's module, saved as a file, used from the command line: train
+  with --import, then export (the run recorded config.imports) and evaluate
+  (--import again: files never import code)."""
+  import subprocess
+  import sys
+  text = (REPO / 'docs' / 'adding_a_method.md').read_text()
+  module = tmp_path / 'low_rank.py'
+  module.write_text(re.search(r'```python\n(.*?)```', text, re.S).group(1))
+  run, out = tmp_path / 'run', tmp_path / 'lr.pemn'
+  data = [f'--config.source_dir={mnist_slice["source_dir"]}',
+          f'--config.data_dir={mnist_slice["data_dir"]}']
+
+  def cli(*argv):
+    r = subprocess.run([sys.executable, '-m', *argv], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    return r.returncode, r.stdout + r.stderr
+
+  rc, log = cli('pemn_jax.main', '--import', str(module), '--config',
+                'configs/dense.py:model=mlp,dataset=mnist', '--workdir', str(run),
+                '--config.param.name=low_rank', '--config.num_steps=4',
+                '--config.train_limit=64', '--config.test_limit=50', '--config.batch_size=16',
+                '--config.eval_batch_size=50', '--config.eval_every=0', *data)
+  assert rc == 0, log[-2000:]
+  rc, log = cli('pemn_jax.export', '--workdir', str(run), '--out', str(out))
+  assert rc == 0 and 'wrote' in log, log[-2000:]
+  rc, log = cli('pemn_jax.evaluate', '--artifact', str(out), '--data_dir', mnist_slice['data_dir'],
+                '--source_dir', mnist_slice['source_dir'])
+  assert rc == 2 and "unknown parameterization 'low_rank'" in log, log[-2000:]
+  assert '--import' in log  # the message says how
+  rc, log = cli('pemn_jax.evaluate', '--import', str(module), '--artifact', str(out),
+                '--data_dir', mnist_slice['data_dir'], '--source_dir', mnist_slice['source_dir'])
+  assert rc == 0 and 'accuracy' in log, log[-2000:]
+  rc, log = cli('pemn_jax.evaluate', '--import', 'no_such_module_xyz', '--artifact', str(out))
+  assert rc == 2 and "cannot import 'no_such_module_xyz'" in log, log[-2000:]
