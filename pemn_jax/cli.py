@@ -68,7 +68,9 @@ def exit_statuses(also: tuple[type[Exception], ...] = ()):
 def run(main):
   """``absl.app.run(main)`` with flag and config-file mistakes (an unknown
   flag or config key, a bad value, a missing config file, a bad config
-  argument) answered by one line and exit 2, not a traceback."""
+  argument) answered by one line and exit 2, not a traceback; ``--import``
+  modules imported first; library INFO logs (orbax, TFDS, JAX) hidden unless
+  ``--verbosity=0`` is given."""
   from absl import app, flags
   if 'import' not in flags.FLAGS:
     flags.DEFINE_multi_string('import', [], 'Your module (dotted name or .py file) that '
@@ -76,7 +78,11 @@ def run(main):
                               'config.imports, so export/evolve of the run import it too).')
 
   def checked(argv):
+    from absl import logging
+
     from pemn_jax.config import ConfigError, import_modules
+    if not flags.FLAGS['verbosity'].present:  # quiet by default: --verbosity=0 shows INFO logs
+      logging.set_verbosity(logging.WARNING)
     try:
       if flags.FLAGS['import'].value:
         import_modules(flags.FLAGS['import'].value)
