@@ -75,10 +75,20 @@ def main(argv):
     print(f'final: step {out["step"]} test_accuracy={out["test_accuracy"]:.4f} '
           f'best_test_accuracy={out["best_test_accuracy"]:.4f} (step {out["best_step"]}) '
           f'model_bytes={out["model_bytes"]} dense_bytes={out["dense_bytes"]} '
-          f'({out["dense_bytes"] / max(1, out["model_bytes"]):.1f}x smaller)', flush=True)
+          + _smaller(out["dense_bytes"] / max(1, out["model_bytes"])), flush=True)
+  for g in out.get('goals', []):
+    print(f'{g["what"]}: {g["reached"]:.4f} (asked {g["asked"]:.4f}): '
+          + ('met' if g['met'] else f'NOT met; {g["hint"]}'), flush=True)
   if out['stopped']:
     print(f'stopped at step {out["step"]} with a checkpoint; run the same command to continue',
           flush=True)
+
+
+def _smaller(ratio: float) -> str:
+  if ratio >= 1.05:
+    return f'({ratio:.1f}x smaller)'
+  return ('(no smaller than the dense params: a gated run shrinks when export --slice removes '
+          'what its closed gates switch off)')
 
 
 if __name__ == '__main__':

@@ -74,12 +74,25 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
                           'values (a diverged run): not exporting it')
   model_name, model_kwargs = config.model, config.model_kwargs.to_dict()
   params, model_state, param = run.params(), ts.model_state, run.param
+  sliced = None
   if slice_gates:
     from pemn_jax.gating import surgery
+    before_kwargs, before = model_kwargs, run.param.num_params
     _, model_kwargs, params, model_state = surgery.slice_params(
         model_name, model_kwargs, run.num_classes, run.input_shape, params, model_state)
     param = param_lib.build({'name': 'dense'}, params)
     arrays, seed = param.export(params, 0), 0
+    changed = {k: (plain(before_kwargs.get(k)), plain(v)) for k, v in model_kwargs.items()
+               if plain(before_kwargs.get(k)) != plain(v) and k != 'gates'}
+    sliced = {'params_before': before, 'params_after': param.num_params, 'changed': changed}
+    if say is not None:
+      say('sliced: ' + (', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())
+                        or 'no width changed') +
+          f'; params {before:,} -> {param.num_params:,} '
+          f'({4 * before:,} -> {4 * param.num_params:,} bytes as float32)')
+      if not changed:
+        say('warning: no gate is closed, so slicing removed nothing (the gates only): the run '
+            'did not reach a sparsity (its training log ends with the gate sparsity reached)')
   else:
     arrays, seed = jax.jit(param.export)(ts.state, ts.seed), int(ts.seed)
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -88,7 +101,8 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
   header = model_header(model_name, model_kwargs, run.num_classes, run.input_shape,
                         param_lib.resolved_spec(param), seed, config.dataset, run.step)
   size = artifact.write(out, header, arrays, float_codec, mask_codec)
-  result = {'file_bytes': size, 'num_params': param.num_params, 'header': header}
+  result = {'file_bytes': size, 'num_params': param.num_params, 'header': header,
+            **({'sliced': sliced} if sliced else {})}
   if params_dir:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.abspath(params_dir), {'params': params, **model_state}, force=True)

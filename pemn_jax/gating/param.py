@@ -190,6 +190,17 @@ class Gated(Composed):
             'gate_between': jnp.mean((allg >= 0.1) & (jnp.abs(allg - common) >= 0.1)),
             'gate_lambda': self.lam(step)}
 
+  TOLERANCE = 0.02  # a run meets its sparsity within 2 points of it
+
+  def own_goals(self, state, seed):
+    """The exact sparsity of the 0/1 gates against the one asked."""
+    del seed
+    reached, asked = float(self.sparsity_of(self.hard(state))), float(self.sparsity)
+    return [{'what': 'gate sparsity', 'asked': asked, 'reached': reached,
+             'met': reached >= asked - self.TOLERANCE,
+             'hint': f'raise param.strength (now {self.strength:g}) or param.budget, or '
+                     'train longer; export --slice removes only what closed gates switch off'}]
+
   def own_export(self, state, seed):
     del seed
     return sections.nest(sections.MASK, {g: s > self.threshold

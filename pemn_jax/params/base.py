@@ -203,10 +203,23 @@ class Parameterization(abc.ABC):
     del state, seed, step
     return jnp.zeros((), jnp.float32)
 
+  @property
+  def has_regularizer(self) -> bool:
+    """Whether ``regularizer`` adds a term (the trainer then logs it apart
+    from the task loss)."""
+    return type(self).regularizer is not Parameterization.regularizer
+
   def metrics(self, state, seed, step=0) -> dict[str, jax.Array]:
     """Scalars describing the state that the trainer logs (at each log step)."""
     del state, seed, step
     return {}
+
+  def goals(self, state, seed) -> list[dict]:
+    """What the user asked of training that it may miss (e.g. a sparsity a
+    regularizer drives towards), checked at the end of a run: a list of
+    ``{'what', 'asked', 'reached', 'met', 'hint'}`` (empty: nothing to check)."""
+    del state, seed
+    return []
 
   def project(self, state):
     """The state after an optimizer update, projected onto its constraint set
@@ -406,9 +419,21 @@ class Composed(Parameterization):
     own = self.own_regularizer(state, seed, step)
     return src if own is None else own + src
 
+  @property
+  def has_regularizer(self) -> bool:
+    return (self.source.has_regularizer
+            or type(self).own_regularizer is not Composed.own_regularizer)
+
   def metrics(self, state, seed, step=0):
     return {**self.source.metrics(state[sections.SOURCE], seed, step),
             **self.own_metrics(state, seed, step)}
+
+  def own_goals(self, state, seed) -> list[dict]:
+    del state, seed
+    return []
+
+  def goals(self, state, seed):
+    return self.source.goals(state[sections.SOURCE], seed) + self.own_goals(state, seed)
 
   def project(self, state):
     return {**self.own_project(state),

@@ -423,7 +423,11 @@ class _Group:
       raise
     if step == total and not evaluated:  # resumed at the end: evaluate the restored state
       self._evaluate(eval_step, ts, step, write=False)
-    return [tr.result(step, total) for tr in self.trackers]
+    results = [tr.result(step, total) for tr in self.trackers]
+    for i, (m, r) in enumerate(zip(self.members, results, strict=True)):
+      one = jax.tree.map(lambda x, i=i: x[i], ts) if self.stacked else ts
+      r['goals'] = m.param.goals(one.state, one.seed)  # what was asked, and whether it was met
+    return results
 
   def _save(self, ts, step: int):
     if not all_finite((ts.state, ts.opt_state, ts.model_state)):

@@ -53,7 +53,7 @@ def in_dtype(dtype, params, images):
 def loss_fn(model, param: Parameterization, state, model_state, seed, images, labels,
             rng=None, train: bool = True, step=0, materialize=None, dtype=None,
             label_smoothing: float = 0.0):
-  """Cross-entropy (+ the parameterization's regularizer at ``step``).
+  """Cross-entropy + the parameterization's regularizer at ``step``.
 
   Args:
     model, param: the Flax module and the parameterization.
@@ -69,7 +69,7 @@ def loss_fn(model, param: Parameterization, state, model_state, seed, images, la
     label_smoothing: the targets' mass spread uniformly over the classes
       (Szegedy et al.; 0: one-hot).
   Returns:
-    ``(loss, (new_model_state, logits))``.
+    ``(loss + regularizer, (new_model_state, logits, loss, regularizer))``.
   """
   params, images = in_dtype(dtype, (materialize or _materialize)(param, state, seed, rng), images)
   variables = {'params': params, **model_state}
@@ -84,7 +84,8 @@ def loss_fn(model, param: Parameterization, state, model_state, seed, images, la
     loss = optax.softmax_cross_entropy(logits, targets).mean()
   else:
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  return loss + param.regularizer(state, seed, step), (new_model_state, logits)
+  reg = param.regularizer(state, seed, step)
+  return loss + reg, (new_model_state, logits, loss, reg)
 
 
 def eval_batch(model, materialize, model_state, images, labels, weights, rngs=None,
@@ -174,7 +175,7 @@ def make_train_step(model, param: Parameterization, tx: optax.GradientTransforma
 
   def step(ts: TrainState, images, labels, rng=None):
     grad_fn = jax.value_and_grad(loss_fn, argnums=2, has_aux=True)
-    (loss, (model_state, logits)), grads = grad_fn(
+    (_, (model_state, logits, loss, reg)), grads = grad_fn(
         model, param, ts.state, ts.model_state, ts.seed, images, labels, rng, True, ts.step,
         materialize, dtype, label_smoothing)
     updates, opt_state = tx.update(grads, ts.opt_state, ts.state)
@@ -182,6 +183,8 @@ def make_train_step(model, param: Parameterization, tx: optax.GradientTransforma
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
     extra = param.metrics(state, ts.seed, ts.step + 1)
     ts = ts.replace(step=ts.step + 1, state=state, opt_state=opt_state, model_state=model_state)
+    if param.has_regularizer:  # logged apart: 'loss' is the task's cross-entropy
+      extra = {'regularizer': reg, **extra}
     return ts, {'loss': loss, 'accuracy': acc, **extra}
 
   return step

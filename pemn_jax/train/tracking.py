@@ -82,13 +82,17 @@ class Tracker:
     """Logs the steps ``step - len(ms) + 1 .. step`` (``ms``: each step's
     metrics, host scalars); DivergenceError at a non-finite loss."""
     losses = [float(x['loss']) for x in ms]
-    for i, v in enumerate(losses):
-      if not math.isfinite(v):
-        raise self.diverged(step - len(ms) + i + 1, v)
+    for i, x in enumerate(ms):
+      for v in (float(x['loss']), float(x.get('regularizer', 0.0))):
+        if not math.isfinite(v):
+          raise self.diverged(step - len(ms) + i + 1, v)
     # The parameterization's metrics describe its state: the last step's.
+    mean = ('loss', 'accuracy', 'regularizer')  # over the steps; the rest: the last step's
     rec = {'step': step, 'loss': float(np.mean(losses)),
            'accuracy': float(np.mean([x['accuracy'] for x in ms])),
-           **{k: float(ms[-1][k]) for k in ms[-1] if k not in ('loss', 'accuracy')},
+           **({'regularizer': float(np.mean([x['regularizer'] for x in ms]))}
+              if 'regularizer' in ms[-1] else {}),
+           **{k: float(ms[-1][k]) for k in ms[-1] if k not in mean},
            'lr': float(self.sched(step - 1)), 'images_per_s': len(ms) * self.batch_size / seconds,
            'trainable': self.report['trainable'], 'model_bytes': self.report['model_bytes']}
     self.write(rec)

@@ -121,3 +121,46 @@ def test_traced_target_sparsity_gives_that_targets_regularizer():
   want = float(jax.jit(lambda: other.regularizer(state, 0, 100))())
   assert float(traced(other.hyperparams())) == pytest.approx(want, rel=1e-6)
   assert float(traced(param.hyperparams())) != pytest.approx(want, rel=1e-3)
+
+
+def test_the_logged_loss_is_the_task_loss_and_the_regularizer_is_logged_apart():
+  from pemn_jax.train.step import TrainState, make_train_step
+  model, param, shape = gated(spec={'name': 'gated', 'warmup': 0.0, 'ramp': 0.01,
+                                    'strength': 5.0})
+  state = param.init(jax.random.key(0))
+  tx = optax.sgd(0.1)
+  ts = TrainState(step=jnp.int32(50), state=state, opt_state=tx.init(state), model_state={},
+                  seed=jnp.uint32(0))
+  images = jax.random.normal(jax.random.key(1), (8, *shape))
+  labels = jnp.arange(8) % 10
+  _, m = jax.jit(make_train_step(model, param, tx))(ts, images, labels)
+  # Built apart: the model's cross-entropy on the materialized params.
+  logits = model.apply({'params': param.materialize(state, 0)}, images)
+  ce = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+  assert float(m['loss']) == pytest.approx(ce, rel=1e-5)
+  reg = float(param.regularizer(state, 0, 50))
+  assert reg > 1.0 and float(m['regularizer']) == pytest.approx(reg, rel=1e-5)
+  dense = param_lib.build({'name': 'dense'}, models.abstract_params(model, shape))
+  assert not dense.has_regularizer and param.has_regularizer
+
+
+def test_a_missed_target_sparsity_is_reported_and_slicing_warns(mnist_slice, tmp_path):
+  """Gates that never close (the ramp starts after the run): training says the
+  sparsity was NOT met, and export --slice says it removed nothing."""
+  import subprocess
+  import sys
+
+  from conftest import REPO, tiny_config
+
+  from pemn_jax.train.loop import train_and_evaluate
+  spec = {'name': 'gated', 'sparsity': 0.7, 'warmup': 0.99, 'source': {'name': 'dense'}}
+  c = tiny_config(mnist_slice, param=spec, num_steps=6, **{'model_kwargs.gates': True})
+  out = train_and_evaluate(c, str(tmp_path / 'run'))
+  [goal] = out['goals']
+  assert goal['what'] == 'gate sparsity' and goal['asked'] == pytest.approx(0.7)
+  assert goal['reached'] == 0.0 and not goal['met']
+  p = subprocess.run([sys.executable, '-m', 'pemn_jax.export', f'--workdir={tmp_path / "run"}',
+                      f'--out={tmp_path / "s.pemn"}', '--slice'], cwd=REPO, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  assert 'no width changed' in p.stdout and 'slicing removed nothing' in p.stdout, p.stdout

@@ -148,6 +148,11 @@ def test_one_pass_then_sliced_file_evaluates_as_the_run(mnist_slice, tmp_path):
   assert header['param'] == {'name': 'dense'} and header['model_kwargs']['gates'] is False
   h1, h2 = header['model_kwargs']['hidden']
   assert h1 < 32 or h2 < 16
+  n = 784 * h1 + h1 + h1 * h2 + h2 + h2 * 10 + 10  # the sliced MLP's params, by hand
+  assert f'sliced: hidden [32, 16] -> [{h1}, {h2}]; params ' in p.stdout, p.stdout
+  assert f'-> {n:,} (' in p.stdout, p.stdout
+  [goal] = out['goals']  # what training said of its sparsity
+  assert goal['reached'] == pytest.approx(last['gate_sparsity']) and goal['asked'] == 0.5
   assert os.path.getsize(sliced_file) < os.path.getsize(gated_file)
   for path in (gated_file, sliced_file):
     ev = evaluate_artifact(path, 'mnist', mnist_slice['data_dir'], mnist_slice['source_dir'])
