@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import operator
+import re
 
 import ml_collections
 
@@ -385,6 +386,30 @@ def uses_batch_norm(c: ml_collections.ConfigDict) -> bool:
                                   **c.model_kwargs.to_dict())
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.model={c.model!r}: {e}') from None
+
+
+def selected_share(c: ml_collections.ConfigDict, selection: str) -> float:
+  """The fraction of the config's model's kernel weights a leaf selection
+  (``'@stages'``, ``'@kernels'``, a regex) picks, from abstract shapes only.
+
+  Raises:
+    ConfigError: the model cannot be built.
+  """
+  from pemn_jax.kernels import conv
+  from pemn_jax.params.base import KERNELS, select_paths
+  from pemn_jax.pytrees import flatten
+  try:
+    model = models.get(c.model, **c.model_kwargs.to_dict())
+    with conv.forced('xla'):  # (config files run before any backend starts)
+      target = models.abstract_params(model, image_shape(c.dataset, c.image_size))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'config.model={c.model!r}: {e}') from None
+  from flax import traverse_util
+  order = list(traverse_util.flatten_dict(target, sep='/'))  # creation order
+  flat = flatten(target)
+  kernels = {p: math.prod(v.shape) for p, v in flat.items() if re.search(KERNELS, p)}
+  chosen = select_paths(sorted(flat), selection, order)
+  return sum(kernels.get(p, 0) for p in chosen) / max(1, sum(kernels.values()))
 
 
 def dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:

@@ -242,3 +242,20 @@ def test_ring_gradient_by_inverse_permutation_equals_the_scatter_add(assign, dof
   # ... and so does the CPU program's scatter-add, the one jax.grad takes here.
   np.testing.assert_allclose(np.asarray(jax.jit(ring.scatter_gradient)(g, jnp.uint32(11))),
                              want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_rpg_preset_lets_the_ring_carry_an_mlp_and_keeps_the_reference_split_for_resnets():
+  """configs/rpg.py: '@stages' (stem and classifier ordinary) as the
+  reference, unless they hold most kernel weights (an MLP: its first layer)."""
+  from conftest import load_config
+
+  from pemn_jax import config as config_lib
+  mlp = load_config('rpg', 'model=mlp,dataset=mnist')
+  # By hand: @stages of the (300, 100) MLP is its middle layer, 300 x 100 of
+  # 784 x 300 + 300 x 100 + 100 x 10 kernel weights.
+  assert config_lib.selected_share(mlp, '@stages') == pytest.approx(
+      30000 / (784 * 300 + 30000 + 1000))
+  assert mlp.param.select == '@kernels'
+  assert load_config('rpg', 'model=resnet20,dataset=cifar10').param.select == '@stages'
+  assert load_config('rpg', 'model=lenet5').param.select == '@stages'
+  assert load_config('rpg', 'model=mlp,dataset=mnist,generate=@stages').param.select == '@stages'
