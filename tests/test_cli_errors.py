@@ -106,7 +106,7 @@ def test_sigint_stops_evolve_with_its_search_saved(tmp_path, mnist_slice):
   train_and_evaluate(tiny_config(mnist_slice, num_steps=4, param={'name': 'dense'}), str(run))
   argv = [sys.executable, '-m', 'pemn_jax.evolve', '--workdir', str(run), '--out',
           str(tmp_path / 'm.pemn'), '--finetune_steps', '1', '--population', '4',
-          '--sparsity', '0.95']
+          '--sparsity', '0.95', '--log_every', '1']
   p = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True)
   out = ''

@@ -39,6 +39,8 @@ _ACC = flags.DEFINE_float('budget_acc', None,
 _MINB = flags.DEFINE_integer('min_bits', 2, 'Fewest bits per layer.', lower_bound=1,
                              upper_bound=8)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the search.')
+_LOG = flags.DEFINE_integer('log_every', 10, 'Print a generation every this many (a layer\'s end '
+                            'is always printed).', lower_bound=1)
 _MAXGEN = flags.DEFINE_integer('max_generations', 100_000,
                                'Stop (resumably) after this many generations.', lower_bound=1)
 flags.register_validator('sparsity', lambda v: v < 1, '--sparsity must be below 1 (the fraction '
@@ -53,13 +55,14 @@ def main(argv):
   from pemn_jax.cli import exit_statuses
   from pemn_jax.evaluate import evaluate_artifact
   from pemn_jax.evolve.compress import evolve, test_accuracy
+  from pemn_jax.export import artifact
 
   with exit_statuses(also=(ValueError,)):
     out = evolve(_WORKDIR.value, _OUT.value, _METHOD.value, _SPARSITY.value, _POP.value,
                  _CALIB.value, tau=_TAU.value, finetune_steps=_FT.value, budget_kl=_KL.value,
                  budget_acc=_ACC.value, min_bits=_MINB.value, seed=_SEED.value,
                  max_generations=_MAXGEN.value, generation_finetune=_GFT.value,
-                 extra_finetune=_XFT.value)
+                 extra_finetune=_XFT.value, log_every=_LOG.value)
     if not out['finished']:
       print(f'stopped after generation {out["generation"]}; run the same command to continue')
       return
@@ -69,10 +72,22 @@ def main(argv):
         f'the dense float32 params; sparsity {out["sparsity"]:.4f}, {out["avg_bits"]:.2f} bits '
         f'per survivor; test accuracy {ev["accuracy"]:.4f} (teacher {teacher:.4f}, drop '
         f'{100 * (teacher - ev["accuracy"]):.2f} points)')
+  print(layer_table(out, artifact.read(_OUT.value)[0]['sections']))
   if out['generation_distill_steps']:
     print(f'{out["generation_distill_steps"]} of its {out["distill_steps"]} distillation steps '
           'ran between generations: give a baseline --extra_finetune '
           f'{out["generation_distill_steps"]} for the same total')
+
+
+def layer_table(out: dict, sections: list[dict]) -> str:
+  """Per layer: kernel sparsity, bits and quantization method, bytes in the file."""
+  rows = [f'{"layer":<40} {"sparsity":>8} {"bits":>4} {"method":<8} {"bytes":>9}']
+  for p, sparsity in out['layer_sparsity'].items():
+    bits, method = out['bits'].get(p, (32, 'f32'))
+    size = sum(s['length'] for s in sections
+               if s['name'] == f'params/{p}' or s['name'].startswith(f'params/{p}/'))
+    rows.append(f'{p:<40} {sparsity:>8.4f} {bits:>4} {method:<8} {size:>9,}')
+  return '\n'.join(rows)
 
 
 if __name__ == '__main__':

@@ -49,7 +49,8 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
            tolerance: float = 1e-3, finetune_steps: int = 300, budget_kl: float = 0.01,
            budget_acc: float | None = None, min_bits: int = 2, max_bits: int = 8,
            checkpoint_every: int = 10, seed: int = 0, say=print, max_generations: int = 100_000,
-           lr: float = 1e-3, generation_finetune: int = 0, extra_finetune: int = 0) -> dict:
+           lr: float = 1e-3, generation_finetune: int = 0, extra_finetune: int = 0,
+           log_every: int = 10) -> dict:
   """Sparsifies, quantizes and encodes ``workdir``'s trained model into ``out``.
 
   Args:
@@ -78,6 +79,8 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
     extra_finetune: distillation steps added to the final fine-tuning (to
       give a baseline the same total as a DE run: its
       ``generation_distill_steps``).
+    log_every: ``say`` a generation's line every this many generations
+      (each layer's end is always said).
   Returns:
     Sparsity, bits, bytes, timings and evaluation counts, and ``params``: the
     quantized params the file holds (those the bit search evaluated).
@@ -90,7 +93,7 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
               'tolerance': tolerance, 'finetune_steps': finetune_steps, 'seed': seed, 'lr': lr,
               'generation_finetune': generation_finetune, 'extra_finetune': extra_finetune}
   run = restore(workdir, say=say)
-  search = _Search(run, method, sparsity, settings, say)
+  search = _Search(run, method, sparsity, settings, say, log_every)
   t0 = time.time()
   if not search.prune(checkpoint_every, max_generations):
     return {'finished': False, 'generation': search.prog['generation']}
@@ -102,8 +105,10 @@ class _Search:
   """One pruning search of a run's trained model: its state (student
   params, masks, progress), checkpointed in ``RUN/evolve/<method>-s<sparsity>``."""
 
-  def __init__(self, run: Restored, method: str, sparsity: float, settings: dict, say):
+  def __init__(self, run: Restored, method: str, sparsity: float, settings: dict, say,
+               log_every: int = 1):
     self.method, self.settings, self.say = method, settings, say
+    self.log_every = max(1, int(log_every))
     self.model, self.model_state = run.model, run.train_state.model_state
     self.teacher = run.params()
     config = run.config
@@ -236,6 +241,8 @@ class _Search:
       self.finetune(self.settings['generation_finetune'], 'gen_finetuned')
       info['kl'] = p['kl'] = float(self.evo.kl(self.params))
     p['search_seconds'] += time.time() - g0
+    if p['generation'] % self.log_every:
+      return
     self.say(f'gen {p["generation"]} {path}: zeroed {info["k"]}, {info["alive"]} left (target '
              f'{info["want"]}), KL {info["kl"]:.5f} (worst candidate {info["kl_worst"]:.5f}), '
              f'{info["evaluations"] / (time.time() - g0):.0f} candidates/s')
