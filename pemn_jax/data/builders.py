@@ -8,14 +8,38 @@ to encode).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import logging
 import os
 import struct
 import tarfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+
+@contextlib.contextmanager
+def quiet():
+  """TFDS's messages while a local builder is opened and prepared hidden
+  ("Downloading and preparing dataset ..." though nothing is downloaded, a
+  missing-info warning for a folder not prepared yet); errors still show."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def prepare(builder, name: str) -> None:
+  """``builder.download_and_prepare()``, saying so in one line of ours."""
+  with quiet():
+    builder.download_and_prepare()
+  print(f'{name}: prepared once into {builder.data_dir} (later runs read it there)', flush=True)
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck')

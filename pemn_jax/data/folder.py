@@ -173,7 +173,8 @@ def builder(path: str, data_dir: str, prepare: bool = True) -> FolderImages:
     return b
   if not prepare:
     raise FolderError(f'folder:{path} is not prepared in {where}')
-  b.download_and_prepare()
+  from pemn_jax.data.builders import prepare
+  prepare(b, f'folder:{path}')
   with open(os.path.join(where, 'labels.txt'), 'w') as f:
     f.write(''.join(f'{i}\t{c}\n' for i, c in enumerate(classes)))
   with open(info_path, 'w') as f:

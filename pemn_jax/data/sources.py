@@ -140,13 +140,15 @@ def load(name: str, split: str, data_dir: str | None = None, source_dir: str | N
     mean, std = {**STANDARD, **VARIABLE}[tfds_name]
   else:
     cls, default_src, mean, std = LOCAL[name]
-    builder = cls(data_dir=data_dir, source_dir=source_dir or default_src,
-                  file_format='array_record')
-    if not builder.is_prepared():
+    with builders.quiet():
+      builder = cls(data_dir=data_dir, source_dir=source_dir or default_src,
+                    file_format='array_record')
+      prepared = builder.is_prepared()
+    if not prepared:
       if not prepare:
         raise DataError(f'{name} is not prepared in {data_dir!r}')
       try:
-        builder.download_and_prepare()
+        builders.prepare(builder, name)
       except builders.SourceMissingError as e:
         raise DataError(str(e)) from e
     not_prepared = f'{name} could not be read from {data_dir!r}'
