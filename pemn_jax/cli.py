@@ -79,18 +79,22 @@ def run(main):
 
   def checked(argv):
     from absl import logging
-
-    from pemn_jax.config import ConfigError, import_modules
     if not flags.FLAGS['verbosity'].present:  # quiet by default: --verbosity=0 shows INFO logs
       logging.set_verbosity(logging.WARNING)
     try:
       if flags.FLAGS['import'].value:
+        from pemn_jax.config import import_modules
         import_modules(flags.FLAGS['import'].value)
       return main(argv)
     except app.UsageError as e:  # (absl would exit 1 with its usage text)
       fail(e)
-    except ConfigError as e:  # (raised by --import, before main's own policy applies)
-      fail(e)
+    except KeyboardInterrupt:  # (training and evolve save and exit 0 on their own)
+      fail('interrupted (Ctrl-C) before it finished; nothing partial was written', 130)
+    except Exception as e:
+      from pemn_jax.config import ConfigError
+      if isinstance(e, ConfigError):  # (--import's, before main's own policy applies)
+        fail(e)
+      raise
 
   app.run(checked, flags_parser=parse_flags)
 

@@ -158,10 +158,12 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
     with open(tmp, 'wb') as f:
       f.write(data)
     os.replace(tmp, path)
-  except OSError as e:  # a missing folder, a full disk, no permission: nothing is left behind
+  except BaseException as e:  # a missing folder, a full disk, Ctrl-C: nothing is left behind
     with contextlib.suppress(OSError):
       os.remove(tmp)
-    raise ArtifactError(f'cannot write model file {path!r}: {e.strerror or e}') from e
+    if isinstance(e, OSError):
+      raise ArtifactError(f'cannot write model file {path!r}: {e.strerror or e}') from e
+    raise
   return len(data)
 
 
