@@ -243,9 +243,14 @@ class _Search:
     p['search_seconds'] += time.time() - g0
     if p['generation'] % self.log_every:
       return
+    seconds = time.time() - g0
+    # ETA of the pruning: weights still to zero in all layers at this
+    # generation's pace (a rough one: the pace slows as layers near target).
+    left = sum(max(0, int(self.masks[q].sum()) - t) for q, t in self.targets.items())
+    eta = left / max(1, info['k']) * seconds
     self.say(f'gen {p["generation"]} {path}: zeroed {info["k"]}, {info["alive"]} left (target '
              f'{info["want"]}), KL {info["kl"]:.5f} (worst candidate {info["kl_worst"]:.5f}), '
-             f'{info["evaluations"] / (time.time() - g0):.0f} candidates/s')
+             f'{info["evaluations"] / seconds:.0f} candidates/s, pruning eta ~{eta:.0f}s')
 
 
 def _encode(run: Restored, search: _Search, out: str, budget_kl, budget_acc, min_bits,
