@@ -53,7 +53,7 @@ def test_nnx_and_linen_twins_give_the_same_losses_and_gradients(linen, nnx_name,
     ms = models.init_model_state(model, shape)
     step = jax.jit(lambda st, ms, model=model, param=param: jax.value_and_grad(
         loss_fn, argnums=2, has_aux=True)(model, param, st, ms, jnp.uint32(7), x, y, rng, True))
-    (loss, (new_ms, _)), grads = step(state, ms)
+    (loss, (new_ms, *_)), grads = step(state, ms)
     outs.append((loss, grads, new_ms))
   np.testing.assert_allclose(float(outs[0][0]), float(outs[1][0]), rtol=1e-5)
   for ga, gb in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1]), strict=True):
