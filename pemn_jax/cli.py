@@ -108,18 +108,17 @@ def parse_flags(argv):
     fail(_flag_message(e, argv))
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections' overrides
     fail(_override_message(e, argv))
-  for name in ('config',):
-    if name in flags.FLAGS and type(flags.FLAGS[name].value).__name__ == '_ErrorConfig':
-      path = flags.FLAGS[name].config_filename if hasattr(flags.FLAGS[name],
-                                                          'config_filename') else ''
-      fail(_missing_file(path or str(flags.FLAGS[name].serialize())))
+  config = flags.FLAGS['config'] if 'config' in flags.FLAGS else None
+  if type(getattr(config, 'value', None)).__name__ == '_ErrorConfig':  # ml_collections' IOError
+    fail(_missing_file(config.config_filename))
   return rest
 
 
-def close_match(word: str, choices) -> str:
-  """`` (did you mean X?)`` for the choice closest to ``word``, or ``''``."""
+def close_match(word, choices, shown=str) -> str:
+  """`` (did you mean X?)`` for the choice closest to ``word`` (X: ``shown``
+  of it), or ``''``. Every "did you mean" of the CLIs and configs."""
   found = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-  return f' (did you mean {found[0]}?)' if found else ''
+  return f' (did you mean {shown(found[0])}?)' if found else ''
 
 
 def _config_keys(argv) -> list[str]:
@@ -148,10 +147,8 @@ def _flag_message(e, argv) -> str:
   if isinstance(e, flags.UnrecognizedFlagError):
     name = getattr(e, 'flagname', '') or text
     if name.startswith('config.'):
-      return (f'--{name}: no such config key' +
-              close_match(name[7:], _config_keys(argv)).replace('mean ', 'mean --config.'))
-    return f'unknown flag --{name}' + close_match(name, list(flags.FLAGS)).replace(
-        'mean ', 'mean --')
+      return _no_such_key(f'--{name}', argv)
+    return f'unknown flag --{name}' + close_match(name, list(flags.FLAGS), '--{}'.format)
   if 'Error whilst parsing config file' in text:
     head = text.split(': Error whilst parsing', 1)[0]  # 'flag --config=FILE:ARGS'
     last = [ln for ln in text.strip().splitlines() if ln.strip()][-1].strip()
@@ -169,8 +166,13 @@ def _override_message(e, argv) -> str:
          and re.split(r'[.=]', a[2:]).count(first)]
   if not bad:
     return f'a --config.* flag: {type(e).__name__}: {first}'
-  return (f'{bad[0]}: no such config key' +
-          close_match(bad[0][9:], _config_keys(argv)).replace('mean ', 'mean --config.'))
+  return _no_such_key(bad[0], argv)
+
+
+def _no_such_key(flag: str, argv) -> str:
+  """``--config.KEY: no such config key (did you mean --config.NEAR?)``."""
+  return (f'{flag}: no such config key' +
+          close_match(flag[len('--config.'):], _config_keys(argv), '--config.{}'.format))
 
 
 def _missing_file(spec: str) -> str:
@@ -178,6 +180,6 @@ def _missing_file(spec: str) -> str:
   near = ''
   folder = os.path.dirname(path) or '.'
   if os.path.isdir(folder):
-    near = close_match(os.path.basename(path), os.listdir(folder)).replace(
-        'mean ', f'mean {os.path.join(os.path.dirname(path), "")}')
+    near = close_match(os.path.basename(path), os.listdir(folder),
+                       lambda f: os.path.join(os.path.dirname(path), f))
   return f'--config={spec}: no such config file{near}'

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import operator
 import re
@@ -10,6 +9,7 @@ import re
 import ml_collections
 
 from pemn_jax import models
+from pemn_jax.cli import close_match
 from pemn_jax.data import augment as aug
 from pemn_jax.data.sources import DATASETS, image_shape, is_known, is_variable
 from pemn_jax.pytrees import plain
@@ -205,8 +205,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{key}={value!r} is invalid: {what}')
 
   def one_of(ok, key, value, choices, what):
-    near = difflib.get_close_matches(str(value), [str(x) for x in choices], n=1)
-    need(ok, key, value, what + (f' (did you mean {near[0]!r}?)' if near else ''))
+    need(ok, key, value, what + close_match(value, choices, repr))
 
   one_of(is_known(c.dataset), 'dataset', c.dataset, DATASETS, f'must be one of {DATASETS}')
   need(c.image_size is None or is_variable(c.dataset), 'image_size', c.image_size,
@@ -366,9 +365,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                         f'{sorted(defaults)})')
     key, value = item.split('=', 1)
     if key not in defaults:
-      near = difflib.get_close_matches(key, list(defaults), n=1)
-      raise ConfigError(f'unknown config argument {key!r}' +
-                        (f' (did you mean {near[0]}?)' if near else '') +
+      raise ConfigError(f'unknown config argument {key!r}' + close_match(key, defaults) +
                         f'; known: {sorted(defaults)}')
     out[key] = convert(value, kinds[key], f'config argument {key}')
   return ml_collections.ConfigDict(out)

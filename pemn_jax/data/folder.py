@@ -21,6 +21,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from pemn_jax.data import builders
+
 EXTENSIONS = ('.jpg', '.jpeg', '.png')
 EVAL_NAMES = ('val', 'validation', 'test')
 FORMATS = ('JPEG', 'PNG')
@@ -173,8 +175,7 @@ def builder(path: str, data_dir: str, prepare: bool = True) -> FolderImages:
     return b
   if not prepare:
     raise FolderError(f'folder:{path} is not prepared in {where}')
-  from pemn_jax.data.builders import prepare
-  prepare(b, f'folder:{path}')
+  builders.prepare(b, f'folder:{path}')
   with open(os.path.join(where, 'labels.txt'), 'w') as f:
     f.write(''.join(f'{i}\t{c}\n' for i, c in enumerate(classes)))
   with open(info_path, 'w') as f:

@@ -425,8 +425,10 @@ class _Group:
       self._evaluate(eval_step, ts, step, write=False)
     results = [tr.result(step, total) for tr in self.trackers]
     for i, (m, r) in enumerate(zip(self.members, results, strict=True)):
-      one = jax.tree.map(lambda x, i=i: x[i], ts) if self.stacked else ts
-      r['goals'] = m.param.goals(one.state, one.seed)  # what was asked, and whether it was met
+      state, seed = ts.state, ts.seed  # (this member's slice only: not its optimizer state)
+      if self.stacked:
+        state, seed = jax.tree.map(lambda x, i=i: x[i], (state, seed))
+      r['goals'] = m.param.goals(state, seed)  # what was asked, and whether it was met
     return results
 
   def _save(self, ts, step: int):
