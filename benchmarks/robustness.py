@@ -14,9 +14,22 @@ failures (anything else: a wrong result, another exception type, a hang):
 * ``kills``: ``kill -9`` at a random moment of a run (training or checkpoint
   writing), then the same command again -- correct = it ends with the state of
   an undisturbed run;
-* ``bad_configs``: invalid values -- correct = ConfigError naming the key.
+* ``bad_configs``: invalid values -- correct = ConfigError naming the key;
+* ``cost_headers``: tiny model files (a header, no section data) declaring
+  models of random widths, depths, class counts and input sizes -- correct =
+  ArtifactError within 30 s with the process's peak memory under 3 GiB;
+* ``filesystem``: a full disk while training and while exporting (a tmpfs;
+  root only), a read-only checkpoint directory (a read-only bind mount; root
+  only), workdir entries of the wrong type, a killed save's temporary
+  directory, export of a run whose newest step is corrupt -- correct = exit 2
+  with one line and no traceback within 90 s, earlier checkpoints intact (or,
+  for the last two, success: the directory cleaned, the previous step used);
+* ``cli_mistakes``: config mistakes on the command line (a model path that is
+  no model, zero/negative widths, an unreadable data_dir, unknown keys and
+  preset arguments, unparsable values) -- correct = exit 2, the key named,
+  no traceback.
 
-    .venv/bin/python benchmarks/robustness.py                    # ~15 min
+    .venv/bin/python benchmarks/robustness.py                    # ~25 min
     .venv/bin/python benchmarks/robustness.py --smoke            # a few cases each
 
 Last lines: ``<class> tried=<n> correct=<c> failures=<f>``.
@@ -263,16 +276,197 @@ def bad_configs(tmp):
   return len(BAD), ok, bad
 
 
+def cost_headers(n, tmp, rng):
+  import resource
+
+  from pemn_jax.export import artifact
+  from pemn_jax.export.model_file import load
+  pre = struct.Struct('<8sII')
+  ok = bad = 0
+  for i in range(n):
+    model = rng.choice(['mlp', 'lenet5', 'vit', 'convmixer', 'resnet20'])
+    kwargs = {'mlp': lambda: {'hidden': [2 ** rng.randint(4, 16)] * rng.randint(1, 3)},
+              'lenet5': dict, 'resnet20': lambda: {'width': 2 ** rng.randint(3, 12)},
+              'vit': lambda: {'depth': 2 ** rng.randint(1, 16), 'dim': 48, 'num_heads': 3},
+              'convmixer': lambda: {'dim': 2 ** rng.randint(4, 14),
+                                    'depth': 2 ** rng.randint(1, 12)}}[model]()
+    side = 2 ** rng.randint(5, 13)
+    header = {'format': 'pemn_jax model', 'pemn_jax_version': '0', 'jax_version': '0',
+              'model': model, 'model_kwargs': kwargs, 'num_classes': 10 ** rng.randint(1, 6),
+              'input_shape': [side, side, 3], 'param': {'name': 'dense'}, 'seed': 0,
+              'dataset': 'cifar10', 'step': 0, 'sections': []}
+    head = json.dumps(header).encode()
+    blob = pre.pack(artifact.MAGIC, artifact.FORMAT_VERSION, len(head)) + head
+    path = os.path.join(tmp, f'c{i}.pemn')
+    with open(path, 'wb') as f:
+      f.write(blob + hashlib.sha256(blob).digest())
+    t0 = time.time()
+    try:
+      load(path)
+      good = False
+    except artifact.ArtifactError:
+      good = True
+    except Exception as e:  # noqa: BLE001 - counted as a failure
+      print(f'# cost_headers case {i} {model} {kwargs}: {type(e).__name__}: {e}', flush=True)
+      good = False
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
+    good &= time.time() - t0 < 30 and peak < 3
+    if not good:
+      print(f'# cost_headers case {i} {model} {kwargs} {side}px: {time.time() - t0:.1f} s, '
+            f'peak {peak:.2f} GiB', flush=True)
+    ok, bad = ok + good, bad + (not good)
+  return n, ok, bad
+
+
+def _cli(module, args, env=None, timeout=90):
+  try:
+    return subprocess.run([sys.executable, '-m', f'pemn_jax.{module}', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+  except subprocess.TimeoutExpired:
+    return None
+
+
+def _one_line_exit_2(p, *words) -> bool:
+  return (p is not None and p.returncode == 2 and 'Traceback' not in p.stderr
+          and all(w in p.stderr for w in words))
+
+
+def filesystem(tmp):
+  """Each case: (name, callable -> bool); those needing root are skipped
+  (not counted) elsewhere."""
+  root = os.geteuid() == 0 and shutil.which('mount') is not None
+  args = ['--config', 'configs/quickstart.py', '--config.dataset=mnist',
+          '--config.model_kwargs.hidden=(32,)', '--config.train_limit=512',
+          '--config.test_limit=100', '--config.batch_size=32', '--config.eval_batch_size=100',
+          '--config.log_every=4', '--config.checkpoint_every=4', '--config.num_steps=16']
+
+  def trained(wd):
+    p = _cli('main', [*args, '--config.stop_at_step=4', f'--workdir={wd}'])
+    assert p is not None and p.returncode == 0, p and p.stderr[-500:]
+    return wd
+
+  def steps(wd):
+    return sorted(int(x) for x in os.listdir(os.path.join(wd, 'checkpoints')) if x.isdigit())
+
+  def full(what):
+    disk = os.path.join(tmp, f'disk_{what}')
+    os.makedirs(disk)
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', disk], check=True)
+    try:
+      wd = trained(os.path.join(disk, 'run'))
+      with open(os.path.join(disk, 'filler'), 'wb') as f:
+        try:
+          while True:
+            f.write(b'\0' * 65536)
+        except OSError:
+          pass
+      with open(os.path.join(disk, 'filler'), 'r+b') as f:
+        f.truncate(os.path.getsize(os.path.join(disk, 'filler')) - (64 << 10))
+      if what == 'train':
+        p = _cli('main', [*args, f'--workdir={wd}'])
+        return _one_line_exit_2(p, 'No space left') and steps(wd) == [4]
+      out = os.path.join(disk, 'm.pemn')
+      p = _cli('export', [f'--workdir={wd}', f'--out={out}'])
+      return _one_line_exit_2(p, 'No space left') and not [
+          x for x in os.listdir(disk) if x.startswith('m.pemn')]
+    finally:
+      subprocess.run(['umount', '-l', disk])
+
+  def read_only():
+    wd = trained(os.path.join(tmp, 'ro'))
+    ck = os.path.join(wd, 'checkpoints')
+    subprocess.run(['sh', '-c', f'mount --bind "{ck}" "{ck}" && mount -o remount,ro,bind "{ck}"'],
+                   check=True)
+    try:
+      return _one_line_exit_2(_cli('main', [*args, f'--workdir={wd}']), 'not writable')
+    finally:
+      subprocess.run(['umount', '-l', ck])
+
+  def wrong_type(entry, make):
+    wd = os.path.join(tmp, 'wt_' + entry.replace('/', '_'))
+    os.makedirs(os.path.join(wd, os.path.dirname(entry)), exist_ok=True)
+    if make == 'file':
+      open(os.path.join(wd, entry), 'w').close()
+    else:
+      os.makedirs(os.path.join(wd, entry))
+    return _one_line_exit_2(_cli('main', [*args, f'--workdir={wd}']), entry)
+
+  def stale_temp():
+    wd = trained(os.path.join(tmp, 'stale'))
+    os.makedirs(os.path.join(wd, 'checkpoints', '7.orbax-checkpoint-tmp-1700000000'))
+    p = _cli('main', [*args, f'--workdir={wd}'])
+    return (p is not None and p.returncode == 0
+            and not [x for x in os.listdir(os.path.join(wd, 'checkpoints')) if 'tmp' in x])
+
+  def corrupt_newest():
+    wd = trained(os.path.join(tmp, 'corrupt'))
+    p = _cli('main', [*args, '--config.stop_at_step=8', f'--workdir={wd}'])
+    meta = os.path.join(wd, 'checkpoints', '8', 'meta', 'metadata')
+    m = json.load(open(meta))
+    m['best'] = {'test_accuracy': 1.0}
+    json.dump(m, open(meta, 'w'))
+    p = _cli('export', [f'--workdir={wd}', f'--out={os.path.join(tmp, "c.pemn")}'])
+    return p is not None and p.returncode == 0 and 'using step 4' in p.stdout + p.stderr
+
+  cases = [('checkpoints is a file', lambda: wrong_type('checkpoints', 'file')),
+           ('checkpoints/rejected is a file', lambda: wrong_type('checkpoints/rejected', 'file')),
+           ('metrics.jsonl is a directory', lambda: wrong_type('metrics.jsonl', 'dir')),
+           ('lock is a directory', lambda: wrong_type('lock', 'dir')),
+           ('a killed save\'s temporary directory', stale_temp),
+           ('export of a corrupt newest step', corrupt_newest)]
+  if root:
+    cases += [('full disk while training', lambda: full('train')),
+              ('full disk while exporting', lambda: full('export')),
+              ('read-only checkpoints', read_only)]
+  ok = bad = 0
+  for name, case in cases:
+    try:
+      good = bool(case())
+    except Exception as e:  # noqa: BLE001 - counted as a failure
+      print(f'# filesystem {name}: {type(e).__name__}: {e}', flush=True)
+      good = False
+    if not good:
+      print(f'# filesystem {name}: not handled', flush=True)
+    ok, bad = ok + good, bad + (not good)
+  return len(cases), ok, bad
+
+
+CLI_MISTAKES = [('--config.model=os:getcwd', 'config.model'),
+                ('--config.model=os:path', 'config.model'),
+                ('--config.model_kwargs.hidden=(0,)', 'config.model_kwargs'),
+                ('--config.model_kwargs.hidden=(-5,)', 'config.model_kwargs'),
+                ('--config.data_dir=/proc/nonexistent/tfds', 'config.data_dir'),
+                ('--config.nonexistent=1', 'config.nonexistent'),
+                ('--config.param.kind=edge_popup', 'config.param.kind'),
+                ('--config.batch_size=abc', 'config.batch_size'),
+                ('--config=configs/quickstart.py:nonsense=1', 'nonsense')]
+
+
+def cli_mistakes(tmp):
+  ok = bad = 0
+  base = ['--config.train_limit=256', '--config.test_limit=100', '--config.num_steps=2']
+  for i, (flag, named) in enumerate(CLI_MISTAKES):
+    argv = ([flag] if flag.startswith('--config=') else ['--config', 'configs/quickstart.py',
+                                                          flag]) + base
+    p = _cli('main', [*argv, f'--workdir={os.path.join(tmp, f"cli{i}")}'])
+    good = _one_line_exit_2(p, named)
+    if not good:
+      print(f'# cli_mistakes {flag}: rc={p and p.returncode} {p and p.stderr[-300:]}', flush=True)
+    ok, bad = ok + good, bad + (not good)
+  return len(CLI_MISTAKES), ok, bad
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument('--model_files', type=int, default=2000)
   ap.add_argument('--checkpoint_flips', type=int, default=40)
   ap.add_argument('--kills', type=int, default=20)
+  ap.add_argument('--cost_headers', type=int, default=200)
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--smoke', action='store_true', help='3 cases of each')
   args = ap.parse_args()
   if args.smoke:
-    args.model_files, args.checkpoint_flips, args.kills = 3, 1, 1
+    args.model_files, args.checkpoint_flips, args.kills, args.cost_headers = 3, 1, 1, 3
   rng = random.Random(args.seed)
   from pemn_jax.data import sources
   sources.load('mnist', 'train'), sources.load('mnist', 'test')  # prepared once, up front
@@ -282,6 +476,10 @@ def main():
     results['checkpoint_flips'] = checkpoint_flips(args.checkpoint_flips, tmp, rng)
     results['kills'] = kills(args.kills, tmp, rng)
     results['bad_configs'] = bad_configs(tmp)
+    results['cost_headers'] = cost_headers(args.cost_headers, tmp, rng)
+    if not args.smoke:  # (each case is a few subprocesses: the tests cover them)
+      results['filesystem'] = filesystem(tmp)
+      results['cli_mistakes'] = cli_mistakes(tmp)
   for name, (n, ok, bad) in results.items():
     print(f'{name} tried={n} correct={ok} failures={bad}')
 

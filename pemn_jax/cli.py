@@ -2,9 +2,10 @@
 ``export``, ``evaluate``, ``evolve``, ``plot``): each starts with ``run(main)``.
 
 Exit status: 0 done, or stopped cleanly with its state saved (a signal,
-``stop_at_step``); 2 a bad config, flag, file, dataset, checkpoint or workdir
-(one line on stderr naming it); 3 training diverged (the last finite
-checkpoint is kept); 4 another process of a multi-process job was lost (its
+``stop_at_step``); 2 a bad config, flag, file, dataset, checkpoint or workdir,
+or a filesystem fault (a full disk, a read-only directory), one line on
+stderr naming it (earlier checkpoints are kept); 3 training diverged (the last
+finite checkpoint is kept); 4 another process of a multi-process job was lost (its
 log says why; the checkpoints are kept).
 """
 
@@ -51,6 +52,9 @@ def exit_statuses(also: tuple[type[Exception], ...] = ()):
     yield
   except user_errors() + tuple(also) as e:
     fail(e)
+  except OSError as e:  # a filesystem fault the code did not name itself: still one line
+    from pemn_jax.train.workdir import fs_error
+    fail(fs_error('a file could not be read or written', e))
   except DivergenceError as e:
     fail(e, DIVERGED)
   except Exception as e:
@@ -81,6 +85,8 @@ def run(main):
     from absl import logging
     if not flags.FLAGS['verbosity'].present:  # quiet by default: --verbosity=0 shows INFO logs
       logging.set_verbosity(logging.WARNING)
+      # and orbax's tracebacks of a failed background save: the error line names it
+      logging.get_absl_logger().addFilter(lambda r: '/orbax/' not in (r.pathname or ''))
     try:
       if flags.FLAGS['import'].value:
         from pemn_jax.config import import_modules

@@ -16,10 +16,22 @@ _SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
 _BATCH = flags.DEFINE_integer('batch_size', 1000, 'Evaluation batch size.', lower_bound=1)
 _MODEL = flags.DEFINE_string('model', None, 'For a file made with a user model: its '
                              'constructor, package.module:Constructor (files never import code).')
+# What a file's model may cost before anything is built (a file you trust may need more).
+_MAX_PARAMS = flags.DEFINE_integer('max_params', 1 << 27, 'Refuse models with more parameters.',
+                                   lower_bound=1)
+_MAX_CALLS = flags.DEFINE_integer('max_module_calls', 2_000, 'Refuse models making more module '
+                                  'calls in one forward pass (deeper).', lower_bound=1)
+_MAX_OPS = flags.DEFINE_integer('max_ops', 200_000, 'Refuse models whose inference program has '
+                                'more operations.', lower_bound=1)
+_MAX_EXAMPLE = flags.DEFINE_integer('max_example_mib', 256, 'Refuse models whose largest '
+                                    'operation on one example needs more MiB.', lower_bound=1)
+_MAX_BATCH = flags.DEFINE_integer('max_batch_mib', 2048, 'Lower the batch size until its largest '
+                                  'operation fits in this many MiB.', lower_bound=1)
 
 
 def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split='test',
-                      batch_size=1000, model=None) -> dict:
+                      batch_size=1000, model=None, limits=None, max_batch_bytes=2 << 30,
+                      say=None) -> dict:
   """Accuracy of a model file on a dataset split.
 
   Args:
@@ -27,17 +39,28 @@ def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split=
     dataset: default: the file's training dataset.
     data_dir, source_dir: see ``data.sources.load``.
     split: the split.
-    batch_size: evaluation batch size.
+    batch_size: evaluation batch size (lowered until the batch's largest
+      operation fits ``max_batch_bytes``).
     model: for a file made with a user model, its constructor or import path.
+    limits: what the file's model may cost (``models.cost.Limits``).
+    max_batch_bytes: see ``batch_size``.
+    say: where to say that the batch size was lowered (default: nowhere).
   Returns:
-    ``{'accuracy', 'loss', 'examples', 'dataset'}``.
+    ``{'accuracy', 'loss', 'examples', 'dataset', 'batch_size'}``.
   """
   from pemn_jax.data import sources
   from pemn_jax.data.pipeline import Pipeline
   from pemn_jax.export.model_file import load
+  from pemn_jax.models import cost
   from pemn_jax.train.step import evaluate_params
 
-  header, model, params, model_state = load(path, model=model)
+  header, model, params, model_state = load(path, limits, model=model)
+  fits = cost.batch_within(cost.measure(model, header['input_shape']), batch_size,
+                           max_batch_bytes)
+  if fits < batch_size and say is not None:
+    say(f'note: batch size {batch_size} -> {fits}: its largest operation must fit in '
+        f'{max_batch_bytes / 2**20:.0f} MiB (--max_batch_mib)')
+  batch_size = fits
   name = dataset or header['dataset']
   ds = sources.load(name, split, data_dir, source_dir, image_size=(
       header['input_shape'][0] if sources.is_variable(name) else None))
@@ -45,7 +68,7 @@ def evaluate_artifact(path, dataset=None, data_dir=None, source_dir=None, split=
     raise ValueError(f'dataset images are {ds.image_shape}, the model takes '
                      f'{tuple(header["input_shape"])}')
   out = evaluate_params(model, params, model_state, Pipeline(ds, batch_size, 0, training=False))
-  return {**out, 'dataset': ds.name}
+  return {**out, 'dataset': ds.name, 'batch_size': batch_size}
 
 
 def main(argv):
@@ -53,8 +76,12 @@ def main(argv):
   from pemn_jax.cli import exit_statuses
 
   with exit_statuses(also=(ValueError,)):
+    from pemn_jax.models.cost import Limits
+    limits = Limits(max_params=_MAX_PARAMS.value, max_module_calls=_MAX_CALLS.value,
+                    max_ops=_MAX_OPS.value, max_example_bytes=_MAX_EXAMPLE.value << 20)
     out = evaluate_artifact(_ART.value, _DATASET.value, _DATA_DIR.value, _SOURCE_DIR.value,
-                            _SPLIT.value, _BATCH.value, _MODEL.value)
+                            _SPLIT.value, _BATCH.value, _MODEL.value, limits,
+                            _MAX_BATCH.value << 20, say=print)
   print(f'{_ART.value}: {out["dataset"]} {_SPLIT.value} accuracy={out["accuracy"]:.4f} '
         f'({out["examples"]} examples)')
 

@@ -151,6 +151,10 @@ def load(name: str, split: str, data_dir: str | None = None, source_dir: str | N
         builders.prepare(builder, name)
       except builders.SourceMissingError as e:
         raise DataError(str(e)) from e
+      except OSError as e:  # an unwritable or vanished data_dir
+        from pemn_jax.train.workdir import fs_error
+        raise DataError(fs_error(f'cannot prepare {name} into data_dir={data_dir!r} '
+                                 '(config.data_dir)', e)) from e
     not_prepared = f'{name} could not be read from {data_dir!r}'
   try:
     skip = {'image': tfds.decode.SkipDecoding()} if decoder and name.startswith('tfds:') else None

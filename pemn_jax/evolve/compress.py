@@ -93,6 +93,7 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
               'tolerance': tolerance, 'finetune_steps': finetune_steps, 'seed': seed, 'lr': lr,
               'generation_finetune': generation_finetune, 'extra_finetune': extra_finetune}
   run = restore(workdir, say=say)
+  settings['teacher_step'] = run.step  # (a search resumed on another step's teacher mixes two)
   search = _Search(run, method, sparsity, settings, say, log_every)
   t0 = time.time()
   if not search.prune(checkpoint_every, max_generations):
@@ -145,8 +146,9 @@ class _Search:
     step, restored, prog = ckpt.restore_latest(abstract)
     settings = self.settings
     if restored is not None and 'settings' in prog:
-      differ = {k: (prog['settings'].get(k), v) for k, v in settings.items()
-                if prog['settings'].get(k) != v}
+      saved = prog['settings']  # (searches before teacher_step was saved: not compared)
+      differ = {k: (saved.get(k), v) for k, v in settings.items()
+                if saved.get(k, v if k == 'teacher_step' else None) != v}
       if differ:
         raise ValueError(
             f'{self.state_dir} holds a {self.method} search with other settings ('
@@ -179,7 +181,7 @@ class _Search:
     """Runs (or resumes) the pruning and the final fine-tuning; False when
     stopped by ``max_generations`` or SIGINT/SIGTERM (the search saved)."""
     with WorkdirLock(self.state_dir):
-      ckpt = Checkpointer(self.state_dir, keep=2)
+      ckpt = Checkpointer(self.state_dir, keep=2, writer=True)
       try:
         self._restore(ckpt)
         layers = list(self.targets)

@@ -167,6 +167,29 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
   return len(data)
 
 
+def _unique_keys(pairs):
+  out = {}
+  for k, v in pairs:
+    if k in out:
+      raise ValueError(f'the key {k[:64]!r} appears twice in one object')
+    out[k] = v
+  return out
+
+
+def _no_constant(name):
+  raise ValueError(f'{name} is not a JSON number')
+
+
+def strict_json(raw: bytes):
+  """A header's JSON as ``write`` makes it: UTF-8 without a byte-order mark,
+  no key twice in an object, no NaN/Infinity (ValueError otherwise; Python's
+  ``json.loads`` would accept all three, the last duplicate winning)."""
+  if raw.startswith(b'\xef\xbb\xbf'):
+    raise ValueError('it starts with a byte-order mark (not as written)')
+  text = raw.decode('utf-8')  # strict: UTF-16/32 and invalid bytes are refused
+  return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
 def read_header(path: str) -> tuple[dict, bytes, int]:
   """(header, body, offset of the first section in body): everything but the
   sections checked. Raises ArtifactError naming what is wrong."""
@@ -188,7 +211,7 @@ def read_header(path: str) -> tuple[dict, bytes, int]:
   if head_len > schema.MAX_HEADER_BYTES or _PREFIX.size + head_len > len(body):
     raise ArtifactError(f'{path!r}: header length {head_len} is out of range')
   try:
-    header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len])
+    header = strict_json(body[_PREFIX.size:_PREFIX.size + head_len])
   except (ValueError, RecursionError) as e:
     raise ArtifactError(f'{path!r}: unreadable header: {str(e)[:200]}') from None
   base = _PREFIX.size + head_len

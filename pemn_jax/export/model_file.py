@@ -9,7 +9,9 @@ rebuilds a model and its params from a file, checking it first.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +21,12 @@ import orbax.checkpoint as ocp
 from pemn_jax import __version__, models
 from pemn_jax import params as param_lib
 from pemn_jax.export import artifact
+from pemn_jax.models import cost
 from pemn_jax.params import sections
 from pemn_jax.pytrees import all_finite, flatten, plain, unflatten
-from pemn_jax.train.checkpoint import CheckpointError
+from pemn_jax.train.checkpoint import CheckpointError, release_orbax_threads
 from pemn_jax.train.run import restore
-
-# A model file rebuilds a model of at most this many parameters unless the
-# caller allows more (a crafted header could otherwise ask for terabytes).
-MAX_PARAMS = 1 << 29
+from pemn_jax.train.workdir import fs_error
 
 
 def model_header(model: str, model_kwargs: dict, num_classes: int, input_shape,
@@ -100,15 +100,33 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
                                                      flatten(model_state).items()}))
   header = model_header(model_name, model_kwargs, run.num_classes, run.input_shape,
                         param_lib.resolved_spec(param), seed, config.dataset, run.step)
-  size = artifact.write(out, header, arrays, float_codec, mask_codec)
+  if params_dir:  # first: a failure of either leaves neither under its final name
+    _save_params(os.path.abspath(params_dir), {'params': params, **model_state})
+  try:
+    size = artifact.write(out, header, arrays, float_codec, mask_codec)
+  except BaseException:
+    if params_dir:
+      shutil.rmtree(params_dir, ignore_errors=True)
+    raise
   result = {'file_bytes': size, 'num_params': param.num_params, 'header': header,
             **({'sliced': sliced} if sliced else {})}
   if params_dir:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.abspath(params_dir), {'params': params, **model_state}, force=True)
-    ckptr.wait_until_finished()
     result['params_dir'] = params_dir
   return result
+
+
+def _save_params(path: str, tree):
+  """An orbax checkpoint of ``tree`` at ``path``; ArtifactError (its
+  temporary directory removed) if it cannot be written."""
+  try:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, tree, force=True)
+    ckptr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+    release_orbax_threads()
+    for tmp in glob.glob(glob.escape(path) + '.orbax-checkpoint-tmp*'):
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise artifact.ArtifactError(fs_error(f'cannot write the dense params to {path}', e)) from e
 
 
 def expected_sections(model, param, input_shape) -> dict[str, tuple[tuple, bool]]:
@@ -125,50 +143,29 @@ def expected_sections(model, param, input_shape) -> dict[str, tuple[tuple, bool]
   return expected
 
 
-def load(path: str, max_params: int = MAX_PARAMS, model=None):
+def load(path: str, limits: cost.Limits | None = None, model=None):
   """(header, model, params, model_state) from a ``.pemn`` file.
 
   The file names its model; no code is ever imported because a file says so:
   a registry model is built by name; a file made with a user model (an import
   path in the header) loads only when the caller passes ``model``. The header
-  is checked against a schema, every section against what the rebuilt model
-  needs, and the model's size against ``max_params``, before anything is
-  decoded or allocated.
+  is parsed strictly and checked against a schema, the declared model's cost
+  against ``limits`` (from abstract shapes: parameters, depth, operations,
+  activations), every section against what the rebuilt model needs, before
+  anything is decoded or allocated; rebuilt params must be finite.
 
   Args:
     path: the model file.
-    max_params: refuse models with more parameters than this.
+    limits: what the model may cost (default ``cost.Limits()``).
     model: the model's constructor or import path (the caller's choice), for
       files made with a user model; it is built with the file's kwargs.
   Returns:
     ``(header, model, params, model_state)``.
   Raises:
-    ArtifactError: naming what is wrong with the file.
+    ArtifactError: naming what is wrong with the file (or the limit it exceeds).
   """
   header, body, base = artifact.read_header(path)
-  name = header['model']
-  if model is None and name not in models.REGISTRY:
-    raise artifact.ArtifactError(
-        f'{path!r} was made with model {name!r}, which is not a registry model; no code is '
-        'imported because a file names it: pass the model (load(path, model=...), evaluate '
-        '--model=package.module:Constructor) to load it')
-  try:
-    if model is None:
-      model = models.get(name, num_classes=header['num_classes'], **header['model_kwargs'])
-    else:
-      ctor = models.import_object(model) if isinstance(model, str) else model
-      model = models.build(ctor, header['num_classes'], header['model_kwargs'], name)
-    target = models.abstract_params(model, tuple(header['input_shape']))  # shapes only
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(target))
-    if n > max_params:
-      raise artifact.ArtifactError(f'{path!r}: the model has {n} parameters, more than '
-                                   f'max_params={max_params}')
-    param = param_lib.build(header['param'], target, model=model)
-  except artifact.ArtifactError:
-    raise
-  except Exception as e:  # noqa: BLE001 - any failure to rebuild from header values
-    raise artifact.ArtifactError(f'{path!r}: cannot rebuild the model from its header: '
-                                 f'{type(e).__name__}: {str(e)[:300]}') from None
+  model, param = rebuild(path, header, limits or cost.Limits(), model)
   try:
     expected = expected_sections(model, param, header['input_shape'])
   except Exception as e:  # noqa: BLE001
@@ -187,4 +184,35 @@ def load(path: str, max_params: int = MAX_PARAMS, model=None):
   except Exception as e:  # noqa: BLE001
     raise artifact.ArtifactError(f'{path!r}: cannot rebuild the params: {type(e).__name__}: '
                                  f'{str(e)[:300]}') from None
+  if not all_finite(params):
+    raise artifact.ArtifactError(f'{path!r}: its sections rebuild params that are not finite '
+                                 '(a corrupted or crafted file)')
   return header, model, params, model_state
+
+
+def rebuild(path: str, header: dict, limits: cost.Limits, model=None):
+  """(model, parameterization) a checked header declares, its cost within
+  ``limits`` (ArtifactError otherwise); nothing is allocated."""
+  name = header['model']
+  if model is None and name not in models.REGISTRY:
+    raise artifact.ArtifactError(
+        f'{path!r} was made with model {name!r}, which is not a registry model; no code is '
+        'imported because a file names it: pass the model (load(path, model=...), evaluate '
+        '--model=package.module:Constructor) to load it')
+  try:
+    if model is None:
+      model = models.get(name, num_classes=header['num_classes'], **header['model_kwargs'])
+    else:
+      ctor = models.import_object(model) if isinstance(model, str) else model
+      model = models.build(ctor, header['num_classes'], header['model_kwargs'], name)
+    cost.check(model, tuple(header['input_shape']), limits)
+    target = models.abstract_params(model, tuple(header['input_shape']))  # shapes only
+    return model, param_lib.build(header['param'], target, model=model)
+  except cost.CostError as e:
+    raise artifact.ArtifactError(f'{path!r} declares a model beyond this loader\'s limits: {e} '
+                                 '(a file you trust: raise the limit, e.g. evaluate '
+                                 '--max_params / --max_module_calls / --max_example_mib)'
+                                 ) from None
+  except Exception as e:  # noqa: BLE001 - any failure to rebuild from header values
+    raise artifact.ArtifactError(f'{path!r}: cannot rebuild the model from its header: '
+                                 f'{type(e).__name__}: {str(e)[:300]}') from None

@@ -20,9 +20,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from flax import traverse_util
 
 from pemn_jax.kernels import conv
+from pemn_jax.models import cost
 from pemn_jax.models.convmixer import ConvMixer
 from pemn_jax.models.layers import DepthwiseConv
 from pemn_jax.models.mlp import MLP, LeNet5
@@ -142,20 +144,27 @@ def build(ctor, num_classes: int = 10, kwargs=None, name=None):
       kwargs = {'num_classes': num_classes, **kwargs}
   except (TypeError, ValueError):  # no signature: give it everything
     kwargs = {'num_classes': num_classes, **kwargs}
+  if not (inspect.isclass(target) or inspect.isfunction(target) or inspect.ismethod(target)):
+    raise ValueError(f'{name or ctor!r} is a {type(target).__name__}, not a model: give a Flax '
+                     'module class (Linen or NNX) or a function that returns one')
   try:
     if is_nnx_class(target) or 'rngs' in takes:  # an NNX module class or factory
       return NNXModel(ctor, **kwargs)
-    return ctor(**kwargs)
+    model = ctor(**kwargs)
   except TypeError as e:
     raise ValueError(f'bad options for model {name or ctor!r}: {e}') from None
+  if not isinstance(model, (nn.Module, NNXModel)):
+    raise ValueError(f'{name or ctor!r} returned a {type(model).__name__}, not a Flax module')
+  return model
 
 
 def _dummy(input_shape):
   return jnp.zeros((1, *input_shape), jnp.float32)
 
 
-def abstract_variables(model, input_shape):
-  """All variable collections as ShapeDtypeStructs (nothing is computed).
+def abstract_variables(model, input_shape, max_module_calls: int | None = None):
+  """All variable collections as ShapeDtypeStructs (nothing is computed);
+  ``max_module_calls``: stop (``cost.CostError``) a Linen model making more.
 
   Dicts come back in the order ``model.init`` creates the variables (module
   execution order for compact modules), not JAX's sorted pytree order: named
@@ -165,7 +174,7 @@ def abstract_variables(model, input_shape):
   orders = {}
 
   def init(key, x):  # a fresh closure each call: eval_shape caches traces
-    variables = model.init(key, x)
+    variables = cost.bounded_init(model, key, x, max_module_calls)
     for col, tree in variables.items():
       orders[col] = list(traverse_util.flatten_dict(tree))
     return variables

@@ -8,14 +8,26 @@ is read back and checked once complete (*verified*); old steps are deleted by
 this class, never the newest verified one; ``restore_latest`` tries steps
 from newest to oldest and moves those that fail to ``checkpoints/rejected/``
 (nothing is deleted); if none restores it raises and touches nothing.
+
+A save that cannot be written (a full disk, a read-only or vanished
+directory) raises CheckpointSaveError at once -- checked before orbax
+starts (free space for another step of the size of the last one, a writable
+directory), or when its background write fails -- with the earlier steps
+kept, the failed step's temporary directory removed and orbax's background
+threads of that save released (a failed async save leaves them waiting for
+each other's signals: the process could never exit). Temporary directories
+of saves that a killed process left are removed at start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 
 import jax
@@ -23,10 +35,32 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from pemn_jax.ops.hashing import lowbias32
+from pemn_jax.train.workdir import WorkdirError, fs_error
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored; it is left untouched on disk."""
+
+
+class CheckpointSaveError(WorkdirError):
+  """A checkpoint that could not be written; the earlier ones are kept."""
+
+
+def release_orbax_threads():
+  """Ends the background threads of a failed async orbax save: each waits
+  (up to orbax's coordination timeout, minutes) for a signal that the failed
+  thread never sends, and they are not daemons, so the process could not
+  exit. Each is cancelled and given its signal; it then returns without
+  running. (orbax 0.12's ``_SignalingThread``; nothing to do if absent.)"""
+  try:
+    from orbax.checkpoint._src.futures import future
+  except ImportError:
+    return
+  kind = getattr(future, '_SignalingThread', None)
+  for t in threading.enumerate():
+    if kind is not None and isinstance(t, kind) and t.is_alive():
+      t.cancel()
+      future.set_signals(t._receive_signals, operation_id=t._operation_id)  # noqa: SLF001
 
 
 def meta_digest(meta: dict) -> str:
@@ -100,17 +134,48 @@ def _without_opt_state(got: list, want: list, state) -> tuple[list, list]:
   return got, want[:1 + n_state] + want[len(want) - n_model - 1:]
 
 
+def _tree_bytes(path: str) -> int:
+  """The bytes of the files under ``path``."""
+  total = 0
+  for d, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(d, f))
+      except OSError:
+        continue
+  return total
+
+
 class Checkpointer:
   """Saves, verifies, rotates and restores train states in ``workdir/checkpoints``."""
 
-  def __init__(self, workdir: str, keep: int, verify: bool = True):
+  def __init__(self, workdir: str, keep: int, verify: bool = True, writer: bool = False):
+    """Args:
+      workdir: the run's directory.
+      keep: how many steps rotation keeps (plus the newest verified one).
+      verify: read back each save.
+      writer: this process trains in ``workdir`` (holding its lock): the
+        temporary directories of saves a killed run left are removed. (A
+        reader, like export during training, must not: one may be a save
+        in flight.)
+    """
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.keep, self.verify = int(keep), bool(verify)
-    self.manager = ocp.CheckpointManager(
-        self.directory, item_names=('state', 'meta'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+    if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+      raise WorkdirError(f'{self.directory!r} is not a directory, but the checkpoints are kept '
+                         'there: move it away or use another --workdir')
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, item_names=('state', 'meta'),
+          options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                               cleanup_tmp_directories=writer))
+    except OSError as e:
+      raise WorkdirError(fs_error(f'cannot use the checkpoint directory {self.directory}', e)
+                         ) from None
     self._unverified = None        # (step, abstract state) of the last save
     self._closed = False
+    self._failed = False           # a save failed: nothing more is written or waited for
+    self._step_bytes = 0           # the size on disk of the last verified step
     self.last_verified = None      # newest step known to restore to its digest
     self.messages: list[str] = []  # what happened, for the user
 
@@ -119,14 +184,23 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, train_state, meta: dict, force: bool = False):
-    """Saves asynchronously; the previous save is verified first."""
+    """Saves asynchronously; the previous save is verified first.
+
+    Raises:
+      CheckpointSaveError: this save (or the previous one) cannot be
+        written; the earlier steps are kept.
+    """
     self._verify_pending()
+    self._check_room(step)
     digest = [int(x) for x in jax.device_get(state_digest(train_state))]
     meta = {**meta, 'digest': digest}
     meta['meta_digest'] = meta_digest(meta)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state),
-        meta=ocp.args.JsonSave(meta)), force=force)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(train_state),
+          meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+      raise self._save_failed(step, e) from e
     self._unverified = (step, jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
         train_state))
@@ -136,7 +210,10 @@ class Checkpointer:
       return
     step, abstract = self._unverified
     self._unverified = None
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - the background write failed
+      raise self._save_failed(step, e) from e
     if self.verify:
       try:
         self.restore(step, abstract)
@@ -145,7 +222,54 @@ class Checkpointer:
                              'older steps are kept')
         return
     self.last_verified = step
+    self._step_bytes = _tree_bytes(os.path.join(self.directory, str(step)))
     self._rotate()
+
+  def _check_room(self, step: int):
+    """CheckpointSaveError before writing step ``step`` into a directory that
+    is not writable or has less free space than the last step took (process
+    0 looks; in a multi-process job every process gets its answer)."""
+    cause = ''
+    if jax.process_index() == 0:
+      if not os.access(self.directory, os.W_OK | os.X_OK):
+        cause = 'it is not writable (a read-only filesystem or mount, or its permissions)'
+      else:
+        with contextlib.suppress(OSError):
+          st = os.statvfs(self.directory)
+          free = st.f_bavail * st.f_frsize
+          if free < self._step_bytes + (1 << 16):
+            cause = (f'No space left on device: {free / 2**20:.2f} MiB free, the last step '
+                     f'took {self._step_bytes / 2**20:.2f} MiB')
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if bool(multihost_utils.broadcast_one_to_all(jnp.asarray(bool(cause)))):
+        cause = cause or 'process 0 found its directory full or not writable (see its log)'
+    if cause:
+      raise self._save_failed(step, None, cause)
+
+  def _save_failed(self, step: int, e, cause: str = '') -> CheckpointSaveError:
+    """The error of a save that failed: threads released, its temporary
+    files removed, what is kept and how to resume said."""
+    self._failed = True
+    release_orbax_threads()
+    if jax.process_index() == 0:
+      for tmp in glob.glob(os.path.join(glob.escape(self.directory),
+                                        f'{step}.orbax-checkpoint-tmp*')):
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+      self.manager.reload()
+      kept = sorted(int(s) for s in self.manager.all_steps())
+    except Exception:  # noqa: BLE001 - the directory may be gone
+      kept = []
+    what = f'cannot save checkpoint step {step} in {self.directory}'
+    line = f'{what}: {cause}' if cause else fs_error(what, e)
+    if kept:
+      after = (f'The earlier checkpoints (steps {", ".join(map(str, kept))}) are kept: make room '
+               f'(or fix the directory) and run the same command again to resume from step '
+               f'{kept[-1]}.')
+    else:
+      after = 'No earlier checkpoint exists: make room (or fix the directory) and run again.'
+    return CheckpointSaveError(f'{line}. {after}')
 
   def _rotate(self):
     steps = self.all_steps()
@@ -221,6 +345,7 @@ class Checkpointer:
         self.messages.append(f'checkpoint step {bad} was rejected ({e}); moved to {dest}; '
                              f'resuming from step {step}')
       self.last_verified = step
+      self._step_bytes = _tree_bytes(os.path.join(self.directory, str(step)))
       return step, state, meta
     if failures:
       detail = '; '.join(str(e) for _, e in failures[:3])
@@ -247,8 +372,12 @@ class Checkpointer:
   def _reject(self, step: int) -> str:
     dest = os.path.join(self.directory, 'rejected', f'{step}-{int(time.time())}')
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), dest)
+      try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+      except OSError as e:
+        raise WorkdirError(fs_error(f'cannot move the corrupt checkpoint step {step} to {dest}',
+                                    e)) from None
     self.manager.reload()
     return dest
 
@@ -272,7 +401,9 @@ class Checkpointer:
     return None
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the pending save and verifies it (CheckpointSaveError if
+    it failed)."""
+    self._verify_pending()
 
   def abandon(self):
     """Stops using the manager without finishing pending saves (another
@@ -285,6 +416,7 @@ class Checkpointer:
     if self._closed:
       return
     self._closed = True
+    if self._failed:  # (waiting would raise the failure again)
+      return
     self._verify_pending()
-    self.manager.wait_until_finished()
     self.manager.close()

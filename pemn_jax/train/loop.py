@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import time
 from typing import Any
 
@@ -25,7 +26,7 @@ from pemn_jax.config import ConfigError, validate
 from pemn_jax.data.prefetch import Prefetcher
 from pemn_jax.params.base import Parameterization
 from pemn_jax.pytrees import all_finite
-from pemn_jax.train.checkpoint import Checkpointer
+from pemn_jax.train.checkpoint import Checkpointer, CheckpointSaveError
 from pemn_jax.train.multihost import lost_peer
 from pemn_jax.train.optim import make_schedule, set_hyperparams
 from pemn_jax.train.run import Run, check_same_config, storage_report
@@ -177,7 +178,7 @@ def train(run: Run, members: list[Member], say=None, progress: Progress | None =
   say = say or _say
   progress = progress or Progress(say)
   cfg = members[0].config
-  ckpts = [Checkpointer(m.workdir, cfg.keep_checkpoints, cfg.verify_checkpoints)
+  ckpts = [Checkpointer(m.workdir, cfg.keep_checkpoints, cfg.verify_checkpoints, writer=True)
            for m in members]
   trackers = [Tracker(m.workdir, storage_report(m.param), make_schedule(
       m.config.optimizer, run.total, run.pipe.steps_per_epoch), cfg.batch_size,
@@ -210,11 +211,17 @@ def train(run: Run, members: list[Member], say=None, progress: Progress | None =
                      [trackers[i] for i in idx], shardings, say, progress)
       results.update(zip(idx, group.fit(start, [restored[i] for i in idx]), strict=True))
     return [results[i] for i in range(len(members))]
-  finally:
+  finally:  # every member closed, even if one's last save fails (its error is raised)
+    failed = None
     for ck, tr in zip(ckpts, trackers, strict=True):
-      ck.close()
+      try:
+        ck.close()
+      except CheckpointSaveError as e:
+        failed = failed or e
       warn(ck)
       tr.close()
+    if failed is not None and sys.exc_info()[1] is None:
+      raise failed
 
 
 def step_functions(run: Run, stacked: bool = False):

@@ -52,8 +52,22 @@ def make_model(config, num_classes: int):
 
 
 def make_param(config, model, input_shape, total_steps: int = 1) -> param_lib.Parameterization:
-  """``config.param`` built on ``model``'s params (ConfigError naming it)."""
-  target = models.abstract_params(model, tuple(input_shape))
+  """``config.param`` built on ``model``'s params (ConfigError naming it, or
+  the model's config keys when the model cannot be built on ``input_shape``
+  or has an empty parameter: a zero or negative width, say)."""
+  kwargs = dict(config.get('model_kwargs') or {})
+  which = f'config.model_kwargs={kwargs!r}' if kwargs else f'config.model={config.model!r}'
+  try:  # (abstract: nothing is allocated)
+    target = models.abstract_params(model, tuple(input_shape))
+  except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:
+    first = str(e).strip().split('\n')[0][:300]
+    raise ConfigError(f'{which}: model {config.model!r} cannot be built on inputs of shape '
+                      f'{tuple(input_shape)}: {type(e).__name__}: {first}') from None
+  empty = [(jax.tree_util.keystr(k), x.shape) for k, x in
+           jax.tree_util.tree_flatten_with_path(target)[0] if 0 in x.shape]
+  if empty:
+    raise ConfigError(f'{which}: model {config.model!r} has empty parameters (a zero width?): '
+                      + ', '.join(f'{k} of shape {s}' for k, s in empty[:3]))
   try:
     return param_lib.build(config.param, target, model=model, total_steps=total_steps)
   except (ValueError, TypeError) as e:

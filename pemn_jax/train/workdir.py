@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -28,7 +29,35 @@ def prepare(workdir: str) -> str:
     raise WorkdirError(f'workdir {path!r} exists and is not a directory')
   if not os.access(path, os.W_OK | os.X_OK):
     raise WorkdirError(f'workdir {path!r} is not writable')
+  for name, want_dir in LAYOUT.items():  # what a run writes there must be of its kind
+    entry = os.path.join(path, name)
+    if os.path.lexists(entry) and os.path.isdir(entry) != want_dir:
+      raise WorkdirError(f'{entry!r} is {"not " if want_dir else ""}a directory, but a run '
+                         f'keeps its {name} there as a {"directory" if want_dir else "file"}: '
+                         'move it away or use another --workdir')
   return path
+
+
+# What a run keeps in its workdir: name -> whether it is a directory.
+LAYOUT = {'checkpoints': True, 'checkpoints/rejected': True, 'tensorboard': True,
+          'lock': False, 'metrics.jsonl': False}
+
+
+def fs_error(what: str, e: BaseException) -> str:
+  """``what`` failed because of ``e`` (an OSError, or an error wrapping one,
+  like tensorstore's): one line naming the cause and the path."""
+  cause = e
+  while cause is not None and not isinstance(cause, OSError):
+    cause = cause.__cause__ or cause.__context__
+  if cause is not None and cause.strerror:
+    where = f' ({cause.filename})' if cause.filename else ''
+    return f'{what}: {cause.strerror}{where}'
+  text = str(e).strip().split('\n')[0]
+  for known in ('No space left on device', 'Read-only file system', 'Permission denied',
+                'Disk quota exceeded', 'Not a directory', 'Is a directory'):
+    if known in text:  # a library's wrapper of the OS error: its cause first
+      return f'{what}: {known}'
+  return f'{what}: {type(e).__name__}: {text[:300]}'
 
 
 class WorkdirLock:
@@ -50,7 +79,10 @@ class WorkdirLock:
   def __enter__(self):
     ok, message = True, ''
     if jax.process_index() == 0:
-      f = open(self.path, 'a+')  # noqa: SIM115 - held for the run's lifetime
+      try:
+        f = open(self.path, 'a+')  # noqa: SIM115 - held for the run's lifetime
+      except OSError as e:
+        raise WorkdirError(fs_error('cannot open the workdir lock file', e)) from None
       try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         held = True
@@ -67,11 +99,17 @@ class WorkdirLock:
       else:
         f.seek(0)
         self.previous = f.read().strip()  # a dead run's (stale) lock, if any
-        f.seek(0)
-        f.truncate()
-        f.write(f'pid {os.getpid()} on {socket.gethostname()} since '
-                f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
-        f.flush()
+        try:
+          f.seek(0)
+          f.truncate()
+          f.write(f'pid {os.getpid()} on {socket.gethostname()} since '
+                  f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+          f.flush()
+        except OSError as e:
+          with contextlib.suppress(OSError):  # (closing flushes the same bytes again)
+            f.close()
+          raise WorkdirError(fs_error(f'cannot write the workdir lock file {self.path}', e)
+                             ) from None
         self.file = f
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

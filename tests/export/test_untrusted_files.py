@@ -5,6 +5,7 @@ quickly and without allocating more than the model needs; plus a fuzz test."""
 import hashlib
 import json
 import os
+import re
 import resource
 import struct
 import subprocess
@@ -98,7 +99,7 @@ CRAFTED = {
     'unknown_model': (set_key(['model'], 'os.system'), 'not a registry model'),
     'unknown_param': (set_key(['param', 'name'], 'evil'), 'unknown parameterization'),
     'bad_option': (set_key(['param', 'keep'], 'all'), 'rebuild the model'),
-    'nan_keep': (set_key(['param', 'keep'], float('nan')), 'finite'),
+    'nan_keep': (set_key(['param', 'keep'], float('nan')), 'NaN is not a JSON number'),
     'seed_too_big': (set_key(['seed'], 2**40), 'seed'),
     'bool_step': (set_key(['step'], True), 'step'),
     'extra_field': (set_key(['exec'], 'rm -rf /'), 'only the fields'),
@@ -261,3 +262,85 @@ def test_crafted_quant_sections_are_refused(tmp_path):
     return sections[:i] + np.full(1, np.nan, '<f4').tobytes() + sections[i + 4:]
   with pytest.raises(artifact.ArtifactError, match='non-finite'):
     artifact.read(craft(good, tmp_path, sections_edit=nan_codebook, name='nan'))
+
+
+# --- Cost: a few hundred bytes must not make a loader build a huge model ---
+
+# One generated header (no section data) per resource axis: what each declares
+# costs gigabytes or hours to build; each must be refused, by the limit named,
+# before anything is allocated.
+RESOURCE_AXES = {
+    'width': ({'model': 'mlp', 'model_kwargs': {'hidden': [65536, 65536]}}, 'max_params'),
+    'depth': ({'model': 'vit', 'model_kwargs': {'depth': 65536}, 'input_shape': [32, 32, 3]},
+              'max_module_calls'),
+    'classes': ({'model': 'mlp', 'num_classes': 1_000_000}, 'max_example_bytes'),
+    'input_size': ({'model': 'convmixer', 'input_shape': [8192, 8192, 3]}, 'max_example_bytes'),
+    'mask_length': ({'param': {'name': 'masked', 'keep': 0.5},
+                     'sections': [{'name': 'mask/params/Dense_0/kernel', 'codec': 'bits',
+                                   'shape': [2**31], 'offset': 0, 'length': 0, 'ones': 1}]},
+                    'model needs|elements'),
+}
+
+_UNDER_LIMIT = '''
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # 3 GiB of address space
+from pemn_jax.export import artifact
+from pemn_jax.export.model_file import load
+for path in sys.argv[1:]:
+  t0 = time.time()
+  try:
+    load(path)
+    print('LOADED', path, flush=True)
+  except artifact.ArtifactError as e:
+    print(f'REFUSED {time.time() - t0:.1f}s', e, flush=True)
+'''
+
+
+def test_each_resource_axis_is_refused_quickly_under_a_memory_limit(tmp_path):
+  from conftest import minimal_header
+  paths = []
+  for name, (fields, _) in RESOURCE_AXES.items():
+    header = {**minimal_header(), **{k: v for k, v in fields.items() if k != 'sections'}}
+    path = tmp_path / f'{name}.pemn'
+    raw = json.dumps({**header, 'sections': fields.get('sections', [])}).encode()
+    body = PREFIX.pack(artifact.MAGIC, artifact.FORMAT_VERSION, len(raw)) + raw
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    assert path.stat().st_size < 700  # a tiny file
+    paths.append(str(path))
+  p = subprocess.run([sys.executable, '-c', _UNDER_LIMIT, *paths], cwd=REPO, capture_output=True,
+                     text=True, timeout=300)
+  lines = [ln for ln in p.stdout.splitlines() if ln.startswith(('REFUSED', 'LOADED'))]
+  assert p.returncode == 0 and len(lines) == len(RESOURCE_AXES), p.stdout + p.stderr[-3000:]
+  for (name, (_, limit)), line in zip(RESOURCE_AXES.items(), lines, strict=True):
+    assert line.startswith('REFUSED'), (name, line)
+    assert re.search(limit, line), (name, line)
+    assert float(line.split()[1][:-1]) < 30, (name, line)  # seconds
+
+
+def test_strict_header_json(good_file, tmp_path):
+  _, header, _ = split(open(good_file, 'rb').read())
+  text = json.dumps(header)
+  cases = {
+      # a second "seed" would silently win in json.loads
+      'duplicate_key': ((text[:-1] + ', "seed": 7}').encode(), 'appears twice'),
+      'utf16': text.encode('utf-16'), 'bom': b'\xef\xbb\xbf' + text.encode(),
+      'nan_constant': text.replace('"seed": ', '"seed": NaN, "x": ').encode(),
+  }
+  cases = {k: (v if isinstance(v, tuple) else (v, 'unreadable header')) for k, v in cases.items()}
+  for name, (raw, msg) in cases.items():
+    path = craft(good_file, tmp_path, raw_header=raw, name=name)
+    with pytest.raises(artifact.ArtifactError, match=msg):
+      load(path)
+
+
+def test_params_rebuilt_non_finite_are_refused(good_file, tmp_path):
+  """Finite sections and header values whose rebuilt params are not (a
+  prototype of float32's largest values, times a huge ``gain``'s std)."""
+  def huge_prototype(header, sections):
+    s = section(header, 'source/prototype')
+    big = np.full(s['length'] // 4, 3.4e38, '<f4').tobytes()
+    return sections[:s['offset']] + big + sections[s['offset'] + s['length']:]
+  path = craft(good_file, tmp_path, edit=set_key(['param', 'source', 'gain'], 1e30),
+               sections_edit=huge_prototype, name='huge')
+  with pytest.raises(artifact.ArtifactError, match='not finite'):
+    load(path)
