@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from absl import flags
 
+from pemn_jax.models.cost import Limits
+
 _ART = flags.DEFINE_string('artifact', None, 'Model file (.pemn).', required=True)
 _DATASET = flags.DEFINE_string('dataset', None, "Dataset (default: the file's training dataset).")
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
@@ -17,14 +19,17 @@ _BATCH = flags.DEFINE_integer('batch_size', 1000, 'Evaluation batch size.', lowe
 _MODEL = flags.DEFINE_string('model', None, 'For a file made with a user model: its '
                              'constructor, package.module:Constructor (files never import code).')
 # What a file's model may cost before anything is built (a file you trust may need more).
-_MAX_PARAMS = flags.DEFINE_integer('max_params', 1 << 27, 'Refuse models with more parameters.',
-                                   lower_bound=1)
-_MAX_CALLS = flags.DEFINE_integer('max_module_calls', 2_000, 'Refuse models making more module '
-                                  'calls in one forward pass (deeper).', lower_bound=1)
-_MAX_OPS = flags.DEFINE_integer('max_ops', 200_000, 'Refuse models whose inference program has '
-                                'more operations.', lower_bound=1)
-_MAX_EXAMPLE = flags.DEFINE_integer('max_example_mib', 256, 'Refuse models whose largest '
-                                    'operation on one example needs more MiB.', lower_bound=1)
+_LIMITS = Limits()
+_MAX_PARAMS = flags.DEFINE_integer('max_params', _LIMITS.max_params, 'Refuse models with more '
+                                   'parameters.', lower_bound=1)
+_MAX_CALLS = flags.DEFINE_integer('max_module_calls', _LIMITS.max_module_calls, 'Refuse models '
+                                  'making more module calls in one forward pass (deeper).',
+                                  lower_bound=1)
+_MAX_OPS = flags.DEFINE_integer('max_ops', _LIMITS.max_ops, 'Refuse models whose inference '
+                                'program has more operations.', lower_bound=1)
+_MAX_EXAMPLE = flags.DEFINE_integer('max_example_mib', _LIMITS.max_example_bytes >> 20, 'Refuse '
+                                    'models whose largest operation on one example needs more '
+                                    'MiB.', lower_bound=1)
 _MAX_BATCH = flags.DEFINE_integer('max_batch_mib', 2048, 'Lower the batch size until its largest '
                                   'operation fits in this many MiB.', lower_bound=1)
 
@@ -76,7 +81,6 @@ def main(argv):
   from pemn_jax.cli import exit_statuses
 
   with exit_statuses(also=(ValueError,)):
-    from pemn_jax.models.cost import Limits
     limits = Limits(max_params=_MAX_PARAMS.value, max_module_calls=_MAX_CALLS.value,
                     max_ops=_MAX_OPS.value, max_example_bytes=_MAX_EXAMPLE.value << 20)
     out = evaluate_artifact(_ART.value, _DATASET.value, _DATA_DIR.value, _SOURCE_DIR.value,

@@ -38,7 +38,10 @@ MISTAKES = [
     (['pemn_jax.main', *QS, '--config.model=resnet_18'], "did you mean 'resnet18'?"),
     (['pemn_jax.main', *QS, '--config.optimizer.name=adamx'], "did you mean 'adam'?"),
     (['pemn_jax.main', *QS, '--config.param.keep=1.5'], 'keep fraction must be in (0, 1]'),
-    (['pemn_jax.main', *QS, '--config.model=os:getcwd'], "bad options for model 'os:getcwd'"),
+    (['pemn_jax.main', *QS, '--config.model=os:getcwd'], "'os:getcwd' is a builtin_function_"
+     'or_method, not a model'),
+    (['pemn_jax.main', *QS, '--config.model_kwargs.hidden=(0,)'],
+     "config.model_kwargs={'hidden': (0,)}: model 'mlp' cannot be built"),
     (['pemn_jax.main', '--config', 'configs/quickstart.py:epochs=-1', '--workdir', '/tmp/x'],
      'config.num_epochs=-1.0 is invalid'),
     (['pemn_jax.main', *QS, '--bogus=1'], 'unknown flag --bogus'),

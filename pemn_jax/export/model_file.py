@@ -129,14 +129,16 @@ def _save_params(path: str, tree):
     raise artifact.ArtifactError(fs_error(f'cannot write the dense params to {path}', e)) from e
 
 
-def expected_sections(model, param, input_shape) -> dict[str, tuple[tuple, bool]]:
+def expected_sections(model, param, input_shape, variables=None
+                      ) -> dict[str, tuple[tuple, bool]]:
   """``{section name: (shape, is_mask)}`` a file of this model must hold,
   derived from the parameterization's ``export`` and the model's collections
-  (nothing is allocated)."""
+  (``variables``: its ``abstract_variables`` if known; nothing is allocated)."""
   state = jax.eval_shape(param.init, jax.random.key(0))
   out = jax.eval_shape(param.export, state, jnp.uint32(0))
   expected = {k: (tuple(v.shape), v.dtype == jnp.bool_) for k, v in out.items()}
-  variables = models.abstract_variables(model, tuple(input_shape))
+  if variables is None:
+    variables = models.abstract_variables(model, tuple(input_shape))
   states = flatten({c: t for c, t in variables.items() if c != 'params'})
   expected.update(sections.nest(sections.MODEL_STATE, {k: (tuple(v.shape), False)
                                                         for k, v in states.items()}))
@@ -165,9 +167,9 @@ def load(path: str, limits: cost.Limits | None = None, model=None):
     ArtifactError: naming what is wrong with the file (or the limit it exceeds).
   """
   header, body, base = artifact.read_header(path)
-  model, param = rebuild(path, header, limits or cost.Limits(), model)
+  model, param, variables = rebuild(path, header, limits or cost.Limits(), model)
   try:
-    expected = expected_sections(model, param, header['input_shape'])
+    expected = expected_sections(model, param, header['input_shape'], variables)
   except Exception as e:  # noqa: BLE001
     raise artifact.ArtifactError(f'{path!r}: cannot derive the sections of its model: '
                                  f'{type(e).__name__}: {str(e)[:300]}') from None
@@ -191,8 +193,9 @@ def load(path: str, limits: cost.Limits | None = None, model=None):
 
 
 def rebuild(path: str, header: dict, limits: cost.Limits, model=None):
-  """(model, parameterization) a checked header declares, its cost within
-  ``limits`` (ArtifactError otherwise); nothing is allocated."""
+  """(model, parameterization, abstract variables) a checked header
+  declares, its cost within ``limits`` (ArtifactError otherwise); nothing is
+  allocated."""
   name = header['model']
   if model is None and name not in models.REGISTRY:
     raise artifact.ArtifactError(
@@ -205,9 +208,10 @@ def rebuild(path: str, header: dict, limits: cost.Limits, model=None):
     else:
       ctor = models.import_object(model) if isinstance(model, str) else model
       model = models.build(ctor, header['num_classes'], header['model_kwargs'], name)
-    cost.check(model, tuple(header['input_shape']), limits)
-    target = models.abstract_params(model, tuple(header['input_shape']))  # shapes only
-    return model, param_lib.build(header['param'], target, model=model)
+    shape = tuple(header['input_shape'])
+    variables = models.abstract_variables(model, shape, limits.max_module_calls)  # shapes only
+    cost.check(model, shape, limits, variables)
+    return model, param_lib.build(header['param'], variables['params'], model=model), variables
   except cost.CostError as e:
     raise artifact.ArtifactError(f'{path!r} declares a model beyond this loader\'s limits: {e} '
                                  '(a file you trust: raise the limit, e.g. evaluate '

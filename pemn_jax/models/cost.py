@@ -33,14 +33,15 @@ class Limits:
   Attributes:
     max_params: parameters (2^27: 512 MiB as float32; ViT-B is 86M).
     max_module_calls: Linen module calls of one forward pass (a depth bound:
-      ResNet-152 makes ~500).
+      ResNet-152 makes ~500; tracing takes ~4 ms a call, so the bound also
+      caps the time to refuse a too-deep model at a few seconds).
     max_ops: operations of the inference program of one example (a compile
       size bound).
     max_example_bytes: the largest operation's inputs + outputs for one
       example (an activation bound: 256 MiB is a 1024x1024x64 float32 map).
   """
   max_params: int = 1 << 27
-  max_module_calls: int = 2_000
+  max_module_calls: int = 1_000
   max_ops: int = 200_000
   max_example_bytes: int = 1 << 28
 
@@ -87,13 +88,14 @@ def _bytes(v) -> int:
   return math.prod(shape) * jnp.dtype(dtype).itemsize
 
 
-def measure(model, input_shape, max_module_calls: int | None = None) -> dict:
+def measure(model, input_shape, max_module_calls: int | None = None, variables=None) -> dict:
   """The cost of ``model`` on inputs of ``input_shape`` (one example, no batch axis).
 
   Args:
     model: a Linen module or ``NNXModel``.
     input_shape: one example's shape.
     max_module_calls: stop tracing after this many Linen module calls.
+    variables: the model's ``abstract_variables`` if already traced.
   Returns:
     ``params`` (count), ``param_bytes``, ``ops`` (equations of the inference
     program of one example) and ``example_bytes`` (the largest inputs +
@@ -102,7 +104,8 @@ def measure(model, input_shape, max_module_calls: int | None = None) -> dict:
     CostError: more than ``max_module_calls`` module calls.
   """
   from pemn_jax import models
-  variables = models.abstract_variables(model, tuple(input_shape), max_module_calls)
+  if variables is None:
+    variables = models.abstract_variables(model, tuple(input_shape), max_module_calls)
   leaves = jax.tree.leaves(variables.get('params', {}))
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
 
@@ -122,9 +125,9 @@ def measure(model, input_shape, max_module_calls: int | None = None) -> dict:
           'ops': ops, 'example_bytes': peak}
 
 
-def check(model, input_shape, limits: Limits = Limits()) -> dict:
+def check(model, input_shape, limits: Limits = Limits(), variables=None) -> dict:
   """``measure``, refused (CostError naming the limit) beyond ``limits``."""
-  cost = measure(model, input_shape, limits.max_module_calls)
+  cost = measure(model, input_shape, limits.max_module_calls, variables)
   for key, limit, what in (('params', limits.max_params, 'parameters'),
                            ('ops', limits.max_ops, 'operations in its inference program'),
                            ('example_bytes', limits.max_example_bytes,

@@ -96,21 +96,21 @@ def train_group(variants: list[Variant], workdir: str, say=print,
                     make_param(c, run.model, run.train_ds.image_shape, run.total), v.name)
              for i, (d, c, v) in enumerate(zip(dirs, configs, variants, strict=True))]
   t0 = time.time()
-  with contextlib.ExitStack() as locks:
+  out = []
+  with contextlib.ExitStack() as locks:  # each variant's directory locked until its result is in
     for d in dirs:
       locks.enter_context(WorkdirLock(d))
     results = train(run, members, say, progress)
-  wall = time.time() - t0
-  out = []
-  for v, d, r in zip(variants, dirs, results, strict=True):
-    res = {'variant': v.name, 'values': v.values, **r, 'group_size': len(variants),
-           'group_wall_s': wall, 'config': plain(v.config.to_dict())}
-    if not r['stopped'] and jax.process_index() == 0:
-      tmp = os.path.join(d, RESULT + '.tmp')
-      with open(tmp, 'w') as f:
-        json.dump(res, f, indent=1, default=str)
-      os.replace(tmp, os.path.join(d, RESULT))
-    out.append(res)
+    wall = time.time() - t0
+    for v, d, r in zip(variants, dirs, results, strict=True):
+      res = {'variant': v.name, 'values': v.values, **r, 'group_size': len(variants),
+             'group_wall_s': wall, 'config': plain(v.config.to_dict())}
+      if not r['stopped'] and jax.process_index() == 0:
+        tmp = os.path.join(d, RESULT + '.tmp')
+        with open(tmp, 'w') as f:
+          json.dump(res, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(d, RESULT))
+      out.append(res)
   return out
 
 

@@ -82,7 +82,7 @@ def test_a_full_disk_stops_training_and_export_with_exit_2_and_the_rerun_resumes
     os.makedirs(os.path.join(wd, 'checkpoints', '99.orbax-checkpoint-tmp'))  # a killed save's
     filler, env = disk / 'filler', None
     if real:  # fill the disk but for 64 KiB (the lock and log writes fit, a step does not)
-      with open(filler, 'wb') as f, contextlib.suppress(OSError):
+      with open(filler, 'wb', buffering=0) as f, contextlib.suppress(OSError):
         while True:
           f.write(b'\0' * 65536)
       with open(filler, 'r+b') as f:
