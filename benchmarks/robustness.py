@@ -478,8 +478,8 @@ def main():
              'cost_headers': lambda tmp: cost_headers(args.cost_headers, tmp, rng),
              'filesystem': filesystem, 'cli_mistakes': cli_mistakes}
   # (--smoke: filesystem and cli_mistakes are a few subprocesses per case; the tests run them)
-  chosen = args.classes or [c for c in classes if not (args.smoke and c in ('filesystem',
-                                                                             'cli_mistakes'))]
+  chosen = [c for c in args.classes or classes
+            if not (args.smoke and c in ('filesystem', 'cli_mistakes'))]
   with tempfile.TemporaryDirectory() as tmp:
     for name in chosen:
       results[name] = classes[name](tmp)
