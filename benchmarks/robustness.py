@@ -247,11 +247,28 @@ BAD = [('seed', 2**40), ('seed', -3), ('optimizer.lr', float('inf')), ('optimize
        ('model_kwargs', {'hidden': (32,), 'depth': 3})]
 
 
+def tally(name, cases) -> tuple[int, int, int]:
+  """(tried, correct, failures) of ``cases``, ``(label, case)`` pairs where
+  ``case()`` says whether it was handled; one that raises is a failure. Each
+  failure is printed with its label."""
+  ok = 0
+  for label, case in cases:
+    try:
+      good = bool(case())
+    except Exception as e:  # noqa: BLE001 - counted as a failure
+      print(f'# {name} {label}: {type(e).__name__}: {e}', flush=True)
+      good = False
+    if not good:
+      print(f'# {name} {label}: not handled', flush=True)
+    ok += good
+  return len(cases), ok, len(cases) - ok
+
+
 def bad_configs(tmp):
   from pemn_jax.config import ConfigError
   from pemn_jax.train.loop import train_and_evaluate
-  ok = bad = 0
-  for i, (key, value) in enumerate(BAD):
+
+  def case(i, key, value):
     c = config(2)
     a, _, b = key.partition('.')
     try:
@@ -260,20 +277,14 @@ def bad_configs(tmp):
       else:
         c[a] = value
     except (TypeError, ValueError):  # ConfigDict's own type check refuses it
-      ok += 1
-      continue
+      return True
     try:
       train_and_evaluate(c, os.path.join(tmp, f'bad{i}'))
-      good = False
+      return False
     except ConfigError as e:
-      good = a in str(e)
-    except Exception as e:  # noqa: BLE001 - counted as a failure
-      print(f'# bad_configs {key}={value!r}: {type(e).__name__}: {e}', flush=True)
-      good = False
-    if not good:
-      print(f'# bad_configs {key}={value!r}: not refused by name', flush=True)
-    ok, bad = ok + good, bad + (not good)
-  return len(BAD), ok, bad
+      return a in str(e)  # refused by name
+  return tally('bad_configs', [(f'{k}={v!r}', lambda i=i, k=k, v=v: case(i, k, v))
+                               for i, (k, v) in enumerate(BAD)])
 
 
 def cost_headers(n, tmp, rng):
@@ -418,17 +429,7 @@ def filesystem(tmp):
     cases += [('full disk while training', lambda: full('train')),
               ('full disk while exporting', lambda: full('export')),
               ('read-only checkpoints', read_only)]
-  ok = bad = 0
-  for name, case in cases:
-    try:
-      good = bool(case())
-    except Exception as e:  # noqa: BLE001 - counted as a failure
-      print(f'# filesystem {name}: {type(e).__name__}: {e}', flush=True)
-      good = False
-    if not good:
-      print(f'# filesystem {name}: not handled', flush=True)
-    ok, bad = ok + good, bad + (not good)
-  return len(cases), ok, bad
+  return tally('filesystem', cases)
 
 
 CLI_MISTAKES = [('--config.model=os:getcwd', 'config.model'),
@@ -443,17 +444,18 @@ CLI_MISTAKES = [('--config.model=os:getcwd', 'config.model'),
 
 
 def cli_mistakes(tmp):
-  ok = bad = 0
   base = ['--config.train_limit=256', '--config.test_limit=100', '--config.num_steps=2']
-  for i, (flag, named) in enumerate(CLI_MISTAKES):
+
+  def case(i, flag, named):
     argv = ([flag] if flag.startswith('--config=') else ['--config', 'configs/quickstart.py',
                                                           flag]) + base
     p = _cli('main', [*argv, f'--workdir={os.path.join(tmp, f"cli{i}")}'])
-    good = _one_line_exit_2(p, named)
-    if not good:
+    if not _one_line_exit_2(p, named):
       print(f'# cli_mistakes {flag}: rc={p and p.returncode} {p and p.stderr[-300:]}', flush=True)
-    ok, bad = ok + good, bad + (not good)
-  return len(CLI_MISTAKES), ok, bad
+      return False
+    return True
+  return tally('cli_mistakes', [(flag, lambda i=i, f=flag, n=named: case(i, f, n))
+                                for i, (flag, named) in enumerate(CLI_MISTAKES)])
 
 
 def main():

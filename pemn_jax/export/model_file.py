@@ -9,7 +9,6 @@ rebuilds a model and its params from a file, checking it first.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 
@@ -24,7 +23,7 @@ from pemn_jax.export import artifact
 from pemn_jax.models import cost
 from pemn_jax.params import sections
 from pemn_jax.pytrees import all_finite, flatten, plain, unflatten
-from pemn_jax.train.checkpoint import CheckpointError, release_orbax_threads
+from pemn_jax.train.checkpoint import CheckpointError, discard_failed_save
 from pemn_jax.train.run import restore
 from pemn_jax.train.workdir import fs_error
 
@@ -123,9 +122,7 @@ def _save_params(path: str, tree):
     ckptr.save(path, tree, force=True)
     ckptr.wait_until_finished()
   except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
-    release_orbax_threads()
-    for tmp in glob.glob(glob.escape(path) + '.orbax-checkpoint-tmp*'):
-      shutil.rmtree(tmp, ignore_errors=True)
+    discard_failed_save(path)
     raise artifact.ArtifactError(fs_error(f'cannot write the dense params to {path}', e)) from e
 
 

@@ -174,7 +174,8 @@ def abstract_variables(model, input_shape, max_module_calls: int | None = None):
   orders = {}
 
   def init(key, x):  # a fresh closure each call: eval_shape caches traces
-    variables = cost.bounded_init(model, key, x, max_module_calls)
+    with cost.bounded(model, max_module_calls):
+      variables = model.init(key, x)
     for col, tree in variables.items():
       orders[col] = list(traverse_util.flatten_dict(tree))
     return variables

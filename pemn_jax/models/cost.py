@@ -13,6 +13,7 @@ must be in memory at once per example, a lower bound on the peak).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -46,27 +47,22 @@ class Limits:
   max_example_bytes: int = 1 << 28
 
 
-def _counting(limit: int):
+def bounded(model, max_module_calls: int | None):
+  """A context in which tracing ``model`` stops with CostError after
+  ``max_module_calls`` Linen module calls (nothing for None, or for an NNX
+  model: built as declared, the registry's have fixed depths)."""
+  if max_module_calls is None or not isinstance(model, nn.Module):
+    return contextlib.nullcontext()
   calls = [0]
 
   def interceptor(next_fun, args, kwargs, context):
     if context.method_name == '__call__':
       calls[0] += 1
-      if calls[0] > limit:
-        raise CostError(f'the model makes more than max_module_calls={limit} module calls in '
-                        'one forward pass (too deep)')
+      if calls[0] > max_module_calls:
+        raise CostError(f'the model makes more than max_module_calls={max_module_calls} module '
+                        'calls in one forward pass (too deep)')
     return next_fun(*args, **kwargs)
-  return interceptor
-
-
-def bounded_init(model, key, x, max_module_calls: int | None):
-  """``model.init(key, x)``, stopped with CostError after ``max_module_calls``
-  Linen module calls (NNX models are built as declared: their registry
-  architectures have fixed depths)."""
-  if max_module_calls is None or not isinstance(model, nn.Module):
-    return model.init(key, x)
-  with nn.intercept_methods(_counting(max_module_calls)):
-    return model.init(key, x)
+  return nn.intercept_methods(interceptor)
 
 
 def _ops(jaxpr):
@@ -110,10 +106,8 @@ def measure(model, input_shape, max_module_calls: int | None = None, variables=N
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
 
   def forward(v, x):
-    if isinstance(model, nn.Module) and max_module_calls is not None:
-      with nn.intercept_methods(_counting(max_module_calls)):
-        return model.apply(v, x, train=False)
-    return model.apply(v, x, train=False)
+    with bounded(model, max_module_calls):
+      return model.apply(v, x, train=False)
 
   jaxpr = jax.make_jaxpr(forward)(variables, x).jaxpr
   ops = peak = 0

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from pemn_jax.ops.hashing import lowbias32
-from pemn_jax.train.workdir import WorkdirError, fs_error
+from pemn_jax.train.workdir import WorkdirError, check_kind, fs_error
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +44,16 @@ class CheckpointError(RuntimeError):
 
 class CheckpointSaveError(WorkdirError):
   """A checkpoint that could not be written; the earlier ones are kept."""
+
+
+def discard_failed_save(path: str):
+  """After an orbax save to ``path`` failed: its background threads released
+  (``release_orbax_threads``) and its temporary directories removed (process
+  0). Used for training checkpoints and export's dense-params checkpoint."""
+  release_orbax_threads()
+  if jax.process_index() == 0:
+    for tmp in glob.glob(glob.escape(path) + '.orbax-checkpoint-tmp*'):
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def release_orbax_threads():
@@ -161,9 +171,7 @@ class Checkpointer:
     """
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.keep, self.verify = int(keep), bool(verify)
-    if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
-      raise WorkdirError(f'{self.directory!r} is not a directory, but the checkpoints are kept '
-                         'there: move it away or use another --workdir')
+    check_kind(workdir, 'checkpoints')  # (readers, like export, come here without prepare)
     try:
       self.manager = ocp.CheckpointManager(
           self.directory, item_names=('state', 'meta'),
@@ -175,7 +183,6 @@ class Checkpointer:
     self._unverified = None        # (step, abstract state) of the last save
     self._closed = False
     self._failed = False           # a save failed: nothing more is written or waited for
-    self._step_bytes = 0           # the size on disk of the last verified step
     self.last_verified = None      # newest step known to restore to its digest
     self.messages: list[str] = []  # what happened, for the user
 
@@ -222,24 +229,26 @@ class Checkpointer:
                              'older steps are kept')
         return
     self.last_verified = step
-    self._step_bytes = _tree_bytes(os.path.join(self.directory, str(step)))
     self._rotate()
 
   def _check_room(self, step: int):
     """CheckpointSaveError before writing step ``step`` into a directory that
-    is not writable or has less free space than the last step took (process
-    0 looks; in a multi-process job every process gets its answer)."""
+    is not writable or has less free space than the last verified step
+    takes (process 0 looks; in a multi-process job every process gets its
+    answer)."""
     cause = ''
     if jax.process_index() == 0:
       if not os.access(self.directory, os.W_OK | os.X_OK):
         cause = 'it is not writable (a read-only filesystem or mount, or its permissions)'
       else:
+        last = (0 if self.last_verified is None else
+                _tree_bytes(os.path.join(self.directory, str(self.last_verified))))
         with contextlib.suppress(OSError):
           st = os.statvfs(self.directory)
           free = st.f_bavail * st.f_frsize
-          if free < self._step_bytes + (1 << 16):
+          if free < last + (1 << 16):
             cause = (f'No space left on device: {free / 2**20:.2f} MiB free, the last step '
-                     f'took {self._step_bytes / 2**20:.2f} MiB')
+                     f'took {last / 2**20:.2f} MiB')
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       if bool(multihost_utils.broadcast_one_to_all(jnp.asarray(bool(cause)))):
@@ -251,11 +260,7 @@ class Checkpointer:
     """The error of a save that failed: threads released, its temporary
     files removed, what is kept and how to resume said."""
     self._failed = True
-    release_orbax_threads()
-    if jax.process_index() == 0:
-      for tmp in glob.glob(os.path.join(glob.escape(self.directory),
-                                        f'{step}.orbax-checkpoint-tmp*')):
-        shutil.rmtree(tmp, ignore_errors=True)
+    discard_failed_save(os.path.join(self.directory, str(step)))
     try:
       self.manager.reload()
       kept = sorted(int(s) for s in self.manager.all_steps())
@@ -345,7 +350,6 @@ class Checkpointer:
         self.messages.append(f'checkpoint step {bad} was rejected ({e}); moved to {dest}; '
                              f'resuming from step {step}')
       self.last_verified = step
-      self._step_bytes = _tree_bytes(os.path.join(self.directory, str(step)))
       return step, state, meta
     if failures:
       detail = '; '.join(str(e) for _, e in failures[:3])

@@ -24,6 +24,7 @@ from pemn_jax import params as param_lib
 from pemn_jax.config import RESUMABLE_KEYS, ConfigError, config_differences, without_legacy
 from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
+from pemn_jax.pytrees import flatten
 from pemn_jax.train.checkpoint import Checkpointer, CheckpointError, replicated_sharding
 from pemn_jax.train.optim import make_optimizer, with_pruning
 from pemn_jax.train.sharding import Layout, ShardingError
@@ -63,8 +64,7 @@ def make_param(config, model, input_shape, total_steps: int = 1) -> param_lib.Pa
     first = str(e).strip().split('\n')[0][:300]
     raise ConfigError(f'{which}: model {config.model!r} cannot be built on inputs of shape '
                       f'{tuple(input_shape)}: {type(e).__name__}: {first}') from None
-  empty = [(jax.tree_util.keystr(k), x.shape) for k, x in
-           jax.tree_util.tree_flatten_with_path(target)[0] if 0 in x.shape]
+  empty = [(k, x.shape) for k, x in flatten(target).items() if 0 in x.shape]
   if empty:
     raise ConfigError(f'{which}: model {config.model!r} has empty parameters (a zero width?): '
                       + ', '.join(f'{k} of shape {s}' for k, s in empty[:3]))

@@ -29,18 +29,24 @@ def prepare(workdir: str) -> str:
     raise WorkdirError(f'workdir {path!r} exists and is not a directory')
   if not os.access(path, os.W_OK | os.X_OK):
     raise WorkdirError(f'workdir {path!r} is not writable')
-  for name, want_dir in LAYOUT.items():  # what a run writes there must be of its kind
-    entry = os.path.join(path, name)
-    if os.path.lexists(entry) and os.path.isdir(entry) != want_dir:
-      raise WorkdirError(f'{entry!r} is {"not " if want_dir else ""}a directory, but a run '
-                         f'keeps its {name} there as a {"directory" if want_dir else "file"}: '
-                         'move it away or use another --workdir')
+  for name in LAYOUT:  # what a run writes there must be of its kind
+    check_kind(path, name)
   return path
 
 
 # What a run keeps in its workdir: name -> whether it is a directory.
 LAYOUT = {'checkpoints': True, 'checkpoints/rejected': True, 'tensorboard': True,
           'lock': False, 'metrics.jsonl': False}
+
+
+def check_kind(workdir: str, name: str):
+  """WorkdirError if ``workdir/name`` (a ``LAYOUT`` entry) exists and is not
+  of the kind a run keeps there."""
+  want_dir, entry = LAYOUT[name], os.path.join(os.path.abspath(workdir), name)
+  if os.path.lexists(entry) and os.path.isdir(entry) != want_dir:
+    raise WorkdirError(f'{entry!r} is {"not " if want_dir else ""}a directory, but a run '
+                       f'keeps its {name} there as a {"directory" if want_dir else "file"}: '
+                       'move it away or use another --workdir')
 
 
 def fs_error(what: str, e: BaseException) -> str:
