@@ -55,6 +55,7 @@ MISTAKES = [
     (['pemn_jax.export', '--workdir', '/x', '--out', '/tmp/x.pemn', '--float_codec', 'f8'],
      '--float_codec=f8'),
     (['pemn_jax.export', '--workdir', '/x'], '--out'),
+    ([*EVOLVE, '--density', 'Dense_1/kernel'], 'each --density is KERNEL=FRACTION'),
     (['pemn_jax.evaluate', '--artifact', '/nonexistent.pemn'], 'cannot read model file'),
     (['pemn_jax.evaluate', '--artifact', 'README.md'], 'is not a pemn_jax model file'),
     (['pemn_jax.evaluate', '--artifact', 'x.pemn', '--batch_size', '0'], '--batch_size=0'),

@@ -87,6 +87,86 @@ def test_quantizers_and_the_quant_section_roundtrip(method, bits, tmp_path):
   assert sec['codec'] == 'quant' and sec['bits'] == bits and sec['method'] == method
 
 
+def test_varints_and_unused_levels(tmp_path):
+  """Symbol counts are varints (exact over the u32 range, refused past it);
+  levels no weight uses are not stored, and the file decodes the same."""
+  values = [0, 1, 127, 128, 300, 16383, 16384, 2**32 - 1]
+  blob = codecs.encode_varints(values)
+  assert len(blob) == 1 + 1 + 1 + 2 + 2 + 2 + 3 + 5
+  np.testing.assert_array_equal(codecs.decode_varints(blob, len(values)), values)
+  for bad in (blob[:-1], blob + b'\0'):
+    with pytest.raises(ValueError, match='varints'):
+      codecs.decode_varints(bad, len(values))
+  with pytest.raises(ValueError, match='out of range'):
+    codecs.encode_varints([2**32])
+  w = np.zeros((10, 10), np.float32)
+  w[0, :6] = [-1, -1, 2, 2, 2, 5]
+  codebook = np.linspace(-1, 6.5, 16).astype(np.float32)  # levels 0, 6 and 12 used
+  q = codecs.Quantized(w != 0, Q.assign(w[w != 0], codebook), codebook, 'uniform', 4)
+  path = str(tmp_path / 'u.pemn')
+  artifact.write(path, minimal_header(), {'params/w': q})
+  header, arrays = artifact.read(path)
+  assert header['sections'][0]['levels'] == 3 and header['sections'][0]['bits'] == 4
+  np.testing.assert_array_equal(arrays['params/w'], q.dense())
+  assert set(np.unique(q.dense()[w != 0])) == {-1.0, 2.0, 5.0}
+
+
+def test_codebook_tuning_moves_only_levels_and_lowers_the_divergence(small):
+  """Trained quantization: positions and symbols stay, every kept weight
+  still equals its symbol's level, and the KL to the teacher (computed here
+  from the model's outputs) falls on the batches it was tuned on."""
+  model, params, _ = small
+  teacher = jax.tree.map(lambda x: x * 1.0, params)
+  flat = flatten(params)
+  rng = np.random.default_rng(0)
+  student = {}
+  for p, v in flat.items():  # a pruned copy, every leaf at 2 bits
+    w = np.asarray(v).copy()
+    if p.endswith('kernel'):
+      w[rng.random(w.shape) < 0.5] = 0
+    student[p] = Q.quantize(w, 2, 'kmeans')
+  batches = [jax.random.normal(jax.random.key(10 + i), (32, 28, 28, 1)) for i in range(40)]
+
+  def kl(qs):
+    from pemn_jax.pytrees import unflatten
+    p = unflatten({k: jnp.asarray(q.dense()) for k, q in qs.items()})
+    x = jnp.concatenate(batches)
+    t = jax.nn.log_softmax(model.apply({'params': teacher}, x))
+    s = jax.nn.log_softmax(model.apply({'params': p}, x))
+    return float(jnp.mean(jnp.sum(jnp.exp(t) * (t - s), -1)))
+  tuned = S.CodebookTuner(model, {}, teacher, lr=1e-2)(params, student, batches)
+  assert set(tuned) == set(student)
+  for p, q in student.items():
+    t = tuned[p]
+    np.testing.assert_array_equal(t.mask, q.mask)
+    np.testing.assert_array_equal(t.symbols, q.symbols)
+    assert (t.bits, t.method, t.codebook.shape) == (q.bits, q.method, q.codebook.shape)
+    d = t.dense()
+    assert np.all(d[~q.mask] == 0) and np.array_equal(d[q.mask], t.codebook[q.symbols])
+  assert any(not np.array_equal(tuned[p].codebook, q.codebook) for p, q in student.items())
+  assert kl(tuned) < 0.8 * kl(student)
+
+
+def test_layer_targets_with_fixed_densities(small):
+  from pemn_jax.evolve.compress import layer_targets
+  from pemn_jax.ops.topk import num_kept
+  _, params, _ = small
+  order = ['Dense_0/kernel', 'Dense_1/kernel', 'Dense_2/kernel']
+  sizes = {p: int(np.prod(flatten(params)[p].shape)) for p in order}  # 25088, 512, 160
+  erk = layer_targets(params, order, 0.9)
+  t = layer_targets(params, order, 0.9, {'Dense_1/kernel': 0.5, 'Dense_2/kernel': 1.0})
+  assert list(t) == order and t['Dense_1/kernel'] == 256 and t['Dense_2/kernel'] == 160
+  # The rest of the budget goes to the only free kernel: 10% of all, less the fixed ones.
+  want = 0.1 * sum(sizes.values()) - 256 - 160
+  assert t['Dense_0/kernel'] == num_kept(sizes['Dense_0/kernel'], want / sizes['Dense_0/kernel'])
+  assert t != erk and sum(t.values()) == pytest.approx(sum(erk.values()), abs=3)
+  for bad, msg in [({'Dense_9/kernel': 0.5}, 'not kernels of this model'),
+                   ({'Dense_1/kernel': 0.0}, r'in \(0, 1\]'),
+                   ({'Dense_0/kernel': 0.5}, 'lower them')]:
+    with pytest.raises(ValueError, match=msg):
+      layer_targets(params, order, 0.9, bad)
+
+
 def test_kmeans_beats_uniform_on_gaussian_weights():
   w = np.random.default_rng(0).normal(size=5000).astype(np.float32)
   mse = {m: float(np.mean((Q.quantize(w, 3, m).dense() - w) ** 2)) for m in ('uniform', 'kmeans')}
@@ -143,7 +223,10 @@ def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(teacher_r
   assert out['finished'] and out['sparsity'] == pytest.approx(0.8, abs=0.01)
   header, _, params, _ = load(str(tmp_path / 'de.pemn'))
   assert tree_equal(params, out['params'])  # exactly the quantized params that were evaluated
-  assert any(s['codec'] == 'quant' for s in header['sections'])
+  # Kernels and leftovers (biases, at the default 4 bits) are all quantized.
+  params_sections = [s for s in header['sections'] if s['name'].startswith('params/')]
+  assert params_sections and all(s['codec'] == 'quant' for s in params_sections)
+  assert all(s['bits'] == 4 for s in params_sections if s['name'].endswith('bias'))
   for p, s in out['layer_sparsity'].items():  # per-layer targets, exactly
     n = int(np.prod(flatten(params)[p].shape))
     assert int((np.asarray(flatten(params)[p]) != 0).sum()) <= n - int(s * n) + 0

@@ -3,6 +3,7 @@
     python -m pemn_jax.evolve --workdir RUN --out model.pemn [--sparsity 0.9]
         [--method de|magnitude] [--population 32] [--tau 0.1] [--budget_kl 0.01 | --budget_acc 0.5]
         [--finetune_steps 300] [--generation_finetune 0] [--extra_finetune 0]
+        [--density Dense_1/kernel=0.5 ...] [--leftover_bits 4] [--quant_finetune 500]
 
 Resumes from RUN/evolve/<method>-s<sparsity>/ when that search was stopped.
 Prints progress per generation and, at the end, the file's size, its
@@ -38,11 +39,47 @@ _ACC = flags.DEFINE_float('budget_acc', None,
                           'Accuracy points (calibration) it may cost instead.', lower_bound=0.0)
 _MINB = flags.DEFINE_integer('min_bits', 2, 'Fewest bits per layer.', lower_bound=1,
                              upper_bound=8)
+_LEFT = flags.DEFINE_integer('leftover_bits', 4, 'Bits of the params that are not pruned kernels '
+                             '(biases, norms; k-means codebooks); 0: float32.', lower_bound=0,
+                             upper_bound=8)
+_QFT = flags.DEFINE_integer('quant_finetune', 500, 'Distillation steps of the codebooks after '
+                            'the bit allocation (trained quantization); 0: none.', lower_bound=0)
+_DENSITY = flags.DEFINE_multi_string('density', [], 'KERNEL=FRACTION: a kernel\'s fraction kept, '
+                                     'fixed (the rest of the sparsity is ERK-allocated over the '
+                                     'other kernels); repeat for several.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the search.')
 _LOG = flags.DEFINE_integer('log_every', 10, 'Print a generation every this many (a layer\'s end '
                             'is always printed).', lower_bound=1)
 _MAXGEN = flags.DEFINE_integer('max_generations', 100_000,
                                'Stop (resumably) after this many generations.', lower_bound=1)
+
+
+def parse_densities(items) -> dict[str, float]:
+  """``['PATH=D', ...]`` -> ``{PATH: D}`` (ValueError naming a bad item)."""
+  out = {}
+  for item in items:
+    path, _, value = item.rpartition('=')
+    try:
+      d = float(value)
+    except ValueError:
+      path = ''
+    if not path or path in out:
+      raise ValueError(f'--density={item}: expected KERNEL=FRACTION once per kernel, e.g. '
+                       'Dense_1/kernel=0.5')
+    out[path] = d
+  return out
+
+
+def _densities_ok(items) -> bool:
+  try:
+    parse_densities(items)
+  except ValueError:
+    return False
+  return True
+
+
+flags.register_validator('density', _densities_ok, 'each --density is KERNEL=FRACTION, once per '
+                         'kernel, e.g. Dense_1/kernel=0.5')
 flags.register_validator('sparsity', lambda v: v < 1, '--sparsity must be below 1 (the fraction '
                          'of kernel weights removed; 1 would remove them all)')
 
@@ -62,7 +99,9 @@ def main(argv):
                  _CALIB.value, tau=_TAU.value, finetune_steps=_FT.value, budget_kl=_KL.value,
                  budget_acc=_ACC.value, min_bits=_MINB.value, seed=_SEED.value,
                  max_generations=_MAXGEN.value, generation_finetune=_GFT.value,
-                 extra_finetune=_XFT.value, log_every=_LOG.value)
+                 extra_finetune=_XFT.value, log_every=_LOG.value,
+                 densities=parse_densities(_DENSITY.value) or None,
+                 leftover_bits=_LEFT.value or None, quant_finetune=_QFT.value)
     if not out['finished']:
       print(f'stopped after generation {out["generation"]}; run the same command to continue')
       return

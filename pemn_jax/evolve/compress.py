@@ -35,13 +35,46 @@ from pemn_jax.train.workdir import WorkdirLock, prepare
 METHODS = ('de', 'magnitude')
 
 
-def layer_targets(params, order, sparsity: float) -> dict[str, int]:
+def layer_targets(params, order, sparsity: float,
+                  densities: dict[str, float] | None = None) -> dict[str, int]:
   """Weights each kernel keeps: ERK allocation of ``sparsity`` over all kernels
-  (small layers keep more), counts by the ``n - int(s * n)`` rule."""
+  (small layers keep more), counts by the ``n - int(s * n)`` rule.
+
+  Args:
+    params: the teacher's params.
+    order: leaf paths in creation order.
+    sparsity: fraction of all kernel weights removed.
+    densities: ``{kernel path: fraction kept}`` fixed for these kernels; the
+      rest of the budget is ERK-allocated over the others (where a kernel's
+      positions cost most per kept weight, in sparse layers, the model file
+      is smallest with survivors moved to denser layers; a speed-vs-accuracy
+      choice the caller makes, see docs/directed_evolution.md).
+  Returns:
+    ``{kernel path: weights kept}`` in creation order.
+  """
   flat = flatten(params)
   paths = [p for p in order if p.endswith('kernel') and p in flat]
-  dens = erk_densities([flat[p].shape for p in paths], sparsity)
-  return {p: num_kept(int(np.prod(flat[p].shape)), d) for p, d in zip(paths, dens, strict=True)}
+  sizes = {p: int(np.prod(flat[p].shape)) for p in paths}
+  densities = dict(densities or {})
+  unknown = sorted(set(densities) - set(paths))
+  if unknown:
+    raise ValueError(f'densities name {unknown}, which are not kernels of this model; its '
+                     f'kernels: {paths}')
+  bad = {p: d for p, d in densities.items() if not 0.0 < d <= 1.0}
+  if bad:
+    raise ValueError(f'a density is a fraction kept in (0, 1]; got {bad}')
+  fixed = {p: num_kept(sizes[p], d) for p, d in densities.items()}
+  rest = [p for p in paths if p not in fixed]
+  left = (1.0 - sparsity) * sum(sizes.values()) - sum(fixed.values())
+  n_rest = sum(sizes[p] for p in rest)
+  if rest and not 0 < left <= n_rest:
+    raise ValueError(f'densities {densities} keep {sum(fixed.values())} weights, which leaves '
+                     f'{left:.0f} of the {(1 - sparsity) * sum(sizes.values()):.0f} sparsity '
+                     f'{sparsity:g} keeps for the other {n_rest} kernel weights: lower them')
+  rest_sparsity = 1.0 - left / n_rest if fixed else sparsity  # (unchanged without densities)
+  dens = erk_densities([flat[p].shape for p in rest], rest_sparsity) if rest else []
+  fixed.update({p: num_kept(sizes[p], d) for p, d in zip(rest, dens, strict=True)})
+  return {p: fixed[p] for p in paths}
 
 
 def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
@@ -50,7 +83,8 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
            budget_acc: float | None = None, min_bits: int = 2, max_bits: int = 8,
            checkpoint_every: int = 10, seed: int = 0, say=print, max_generations: int = 100_000,
            lr: float = 1e-3, generation_finetune: int = 0, extra_finetune: int = 0,
-           log_every: int = 10) -> dict:
+           log_every: int = 10, densities: dict[str, float] | None = None,
+           leftover_bits: int | None = 4, quant_finetune: int = 500) -> dict:
   """Sparsifies, quantizes and encodes ``workdir``'s trained model into ``out``.
 
   Args:
@@ -81,6 +115,14 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
       ``generation_distill_steps``).
     log_every: ``say`` a generation's line every this many generations
       (each layer's end is always said).
+    densities: ``{kernel path: fraction kept}`` fixed for these kernels, the
+      rest ERK-allocated (``layer_targets``).
+    leftover_bits: the params that are not pruned kernels (biases, norms) are
+      stored as ``2^leftover_bits``-level k-means codebooks (None: float32);
+      when that alone breaks the budget, they stay float32.
+    quant_finetune: distillation steps of the codebooks after the bit
+      allocation (trained quantization, ``search.CodebookTuner``; kept when it
+      lowers the calibration fitness; 0: none).
   Returns:
     Sparsity, bits, bytes, timings and evaluation counts, and ``params``: the
     quantized params the file holds (those the bit search evaluated).
@@ -91,14 +133,16 @@ def evolve(workdir: str, out: str, method: str = 'de', sparsity: float = 0.9,
   # must not silently resume (or overwrite) the saved one.
   settings = {'population': population, 'calibration': calibration, 'tau': tau,
               'tolerance': tolerance, 'finetune_steps': finetune_steps, 'seed': seed, 'lr': lr,
-              'generation_finetune': generation_finetune, 'extra_finetune': extra_finetune}
+              'generation_finetune': generation_finetune, 'extra_finetune': extra_finetune,
+              'densities': dict(densities) if densities else None}
   run = restore(workdir, say=say)
   settings['teacher_step'] = run.step  # (a search resumed on another step's teacher mixes two)
   search = _Search(run, method, sparsity, settings, say, log_every)
   t0 = time.time()
   if not search.prune(checkpoint_every, max_generations):
     return {'finished': False, 'generation': search.prog['generation']}
-  return {**_encode(run, search, out, budget_kl, budget_acc, min_bits, max_bits),
+  return {**_encode(run, search, out, budget_kl, budget_acc, min_bits, max_bits, leftover_bits,
+                   quant_finetune),
           'seconds': time.time() - t0}
 
 
@@ -122,7 +166,8 @@ class _Search:
     images, labels = self.pipe.examples(self.pipe.order(0)[:min(settings['calibration'], n)])
     self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
     self.state_dir = prepare(os.path.join(run.workdir, 'evolve', f'{method}-s{sparsity:g}'))
-    self.targets = layer_targets(self.teacher, run.param.order, sparsity)  # kernels, creation order
+    self.targets = layer_targets(self.teacher, run.param.order, sparsity,  # creation order
+                                 settings['densities'])
     self.evo = S.Evolution(self.model, self.model_state, self.images, self.teacher,
                            settings['population'], settings['tau'], settings['tolerance'])
     self.distill = S.Distiller(self.model, self.model_state, self.teacher, settings['lr'])
@@ -256,8 +301,9 @@ class _Search:
 
 
 def _encode(run: Restored, search: _Search, out: str, budget_kl, budget_acc, min_bits,
-            max_bits) -> dict:
-  """Per-layer bits under the budget, and the model file."""
+            max_bits, leftover_bits, quant_finetune) -> dict:
+  """Per-layer bits under the budget, the codebooks' fine-tuning, and the
+  model file."""
   model, model_state, images, labels = search.model, search.model_state, search.images, \
       search.labels
   accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(
@@ -266,28 +312,44 @@ def _encode(run: Restored, search: _Search, out: str, budget_kl, budget_acc, min
   flat, layers, masks, prog = flatten(search.params), list(search.targets), search.masks, \
       search.prog
 
-  def fitness(layers_dense):
-    f = dict(flat)
+  # The leftovers (biases, norms: every params leaf that is not a pruned
+  # kernel) at a fixed number of bits, inside the fitness the budget bounds.
+  leftovers = {p: Q.quantize(np.asarray(v), leftover_bits, 'kmeans') for p, v in flat.items()
+               if p not in layers and np.size(v)} if leftover_bits else {}
+  base = {**flat, **{p: jnp.asarray(q.dense()) for p, q in leftovers.items()}}
+
+  def fitness(layers_dense, f=None):
+    f = dict(base if f is None else f)
     f.update({p: jnp.asarray(v) for p, v in layers_dense.items()})
     p = unflatten(f)
     if budget_acc is not None:
       return 100 * (teacher_acc - float(accuracy(p)))
     return float(search.evo.kl(p))
-  budget = fitness({}) + (budget_acc if budget_acc is not None else budget_kl)
+  budget = fitness({}, flat) + (budget_acc if budget_acc is not None else budget_kl)
+  if leftovers and fitness({p: Q.quantize(np.asarray(flat[p]), max_bits, 'kmeans').dense()
+                            for p in layers}) > budget:
+    leftovers, base = {}, flat  # quantizing them alone would break the budget
   q0 = time.time()
   alloc = Q.allocate_bits({p: np.asarray(flat[p]) for p in layers}, fitness, budget, min_bits,
                           max_bits)
+  quantized, fit = {**alloc.layers, **leftovers}, alloc.fitness
+  if quant_finetune and quantized:
+    tuner = S.CodebookTuner(model, model_state, search.teacher, search.settings['lr'])
+    tuned = tuner(search.params, quantized, search.batches(quant_finetune))
+    tuned_fit = fitness({p: q.dense() for p, q in tuned.items()})
+    if tuned_fit <= fit:  # (on the calibration batch; kept only when it helps there)
+      quantized, fit = tuned, tuned_fit
   quant_s = time.time() - q0
   arrays = sections.nest(sections.PARAMS, {p: np.asarray(v) for p, v in flat.items()
-                                           if p not in alloc.layers})
-  arrays.update(sections.nest(sections.PARAMS, alloc.layers))
+                                           if p not in quantized})
+  arrays.update(sections.nest(sections.PARAMS, quantized))
   arrays.update(sections.nest(sections.MODEL_STATE, {k: np.asarray(v) for k, v in
                                                      flatten(model_state).items()}))
   header = model_header(run.config.model, run.config.model_kwargs.to_dict(), run.num_classes,
                         run.input_shape, {'name': 'dense'}, 0, run.config.dataset, run.step)
   size = artifact.write(out, header, arrays, 'f32')
   final = dict(flat)
-  final.update({p: jnp.asarray(q.dense()) for p, q in alloc.layers.items()})
+  final.update({p: jnp.asarray(q.dense()) for p, q in quantized.items()})
   kept = sum(int(masks[p].sum()) for p in layers)
   total = sum(masks[p].size for p in layers)
   n = run.param.num_params
@@ -296,7 +358,8 @@ def _encode(run: Restored, search: _Search, out: str, budget_kl, budget_acc, min
           'layer_sparsity': {p: 1 - int(masks[p].sum()) / masks[p].size for p in layers},
           'avg_bits': alloc.avg_bits, 'bits': {p: (q.bits, q.method)
                                                for p, q in alloc.layers.items()},
-          'kl_pruned': prog['kl'], 'kl_quantized': alloc.fitness if budget_acc is None else None,
+          'leftover_bits': leftover_bits, 'quant_finetune': quant_finetune,
+          'kl_pruned': prog['kl'], 'kl_quantized': fit if budget_acc is None else None,
           'generations': prog['generation'], 'evaluations': prog['evaluations'],
           'search_seconds': prog['search_seconds'], 'quantize_seconds': quant_s,
           'distill_steps': prog['finetuned'] + prog['gen_finetuned'],

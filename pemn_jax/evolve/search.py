@@ -26,6 +26,7 @@ public: these are our choices, documented in docs/directed_evolution.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -181,6 +182,60 @@ class Distiller:
     for images in batches:
       params, opt = self._step(params, opt, images, self.teacher, self.model_state, mask_tree)
     return params
+
+
+class CodebookTuner:
+  """Trained quantization (Han et al. 2016, "Deep Compression", section 3.3):
+  with every quantized leaf's positions and symbols fixed, distillation toward
+  the teacher moves each codebook level by the summed gradient of the weights
+  that use it (Adam); the other params stay as they are. One jitted step.
+
+  Args:
+    model: the Flax model.
+    model_state: its batch statistics (fixed).
+    teacher_params: the trained params.
+    lr: Adam's learning rate.
+  """
+
+  def __init__(self, model, model_state, teacher_params, lr: float = 1e-3):
+    self.model_state, self.teacher = model_state, teacher_params
+    self.tx = tx = optax.adam(lr)
+
+    def build(codebooks, rest, layout):
+      f = dict(rest)
+      f.update({p: jnp.where(keep, codebooks[p][sym], 0.0) for p, (sym, keep) in layout.items()})
+      return unflatten(f)
+
+    def step(codebooks, opt, images, teacher, model_state, rest, layout):
+      t = jax.nn.log_softmax(model.apply({'params': teacher, **model_state}, images,
+                                         train=False))
+
+      def loss(cb):
+        s = jax.nn.log_softmax(model.apply({'params': build(cb, rest, layout), **model_state},
+                                           images, train=False))
+        return jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+      updates, opt = tx.update(jax.grad(loss)(codebooks), opt, codebooks)
+      return optax.apply_updates(codebooks, updates), opt
+    self._step = jax.jit(step)
+
+  def __call__(self, params, layers: dict, batches) -> dict:
+    """Fine-tunes the codebooks of ``layers`` (``{leaf path: Quantized}``,
+    replacing those leaves of ``params``) on ``batches`` (an iterable of
+    images). Returns ``{leaf path: Quantized}`` with the same mask, symbols,
+    method and bits and the tuned codebooks."""
+    rest = {p: v for p, v in flatten(params).items() if p not in layers}
+    layout = {}
+    for p, q in layers.items():
+      sym = np.zeros(q.mask.size, np.int32)
+      sym[np.asarray(q.mask).reshape(-1)] = q.symbols
+      layout[p] = (jnp.asarray(sym.reshape(q.mask.shape)), jnp.asarray(q.mask))
+    codebooks = {p: jnp.asarray(q.codebook, jnp.float32) for p, q in layers.items()}
+    opt = self.tx.init(codebooks)
+    for images in batches:
+      codebooks, opt = self._step(codebooks, opt, images, self.teacher, self.model_state, rest,
+                                  layout)
+    return {p: dataclasses.replace(q, codebook=np.asarray(codebooks[p], np.float32))
+            for p, q in layers.items()}
 
 
 def magnitude_masks(params, targets: dict[str, int]) -> dict[str, np.ndarray]:

@@ -2,8 +2,10 @@
 
 Layout::
 
-    b'PEMNJAX\\0'  u32 format version  u32 header length  header (UTF-8 JSON)
+    b'PEMNJAX\\0'  u32 format version  u32 header length  header
     section bytes ...                  sha256 of everything before (32 bytes)
+
+The header is compact UTF-8 JSON, zlib-compressed.
 
 The header holds the model and parameterization config, the seed and a table
 of sections (name, codec, shape, offset, length); sections are float arrays
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -30,7 +33,9 @@ from pemn_jax.export import codecs, schema
 from pemn_jax.params.sections import is_mask
 
 MAGIC = b'PEMNJAX\x00'
-FORMAT_VERSION = 2  # 2: rANS masks (version 1's bitwise arithmetic code is not read)
+# 3: zlib-compressed header, 16,384-symbol rANS streams, varint symbol counts;
+# 2: rANS masks; 1: arithmetic-coded masks. Only the current one is read.
+FORMAT_VERSION = 3
 _PREFIX = struct.Struct('<8sII')
 
 
@@ -74,14 +79,18 @@ def _decode_positions(blob, kind: str, n: int, nnz: int) -> np.ndarray:
 
 
 def _encode_quantized(q: codecs.Quantized):
-  """A ``quant`` section: positions, float32 codebook, symbol counts (u32),
-  rANS-coded symbols."""
+  """A ``quant`` section: positions, float32 codebook, symbol counts
+  (varints), rANS-coded symbols."""
   kind, index = _encode_positions(np.asarray(q.mask).reshape(-1))
+  counts = np.bincount(np.asarray(q.symbols, np.int64), minlength=len(q.codebook))
+  used = counts > 0
+  if used.any() and not used.all():  # levels no weight uses are not stored (same values)
+    q = codecs.Quantized(q.mask, np.cumsum(used)[q.symbols] - 1, q.codebook[used], q.method,
+                         q.bits)
+    counts = counts[used]
   levels = len(q.codebook)
-  counts = np.bincount(np.asarray(q.symbols, np.int64), minlength=levels)
   symbols = codecs.rans_encode_symbols(q.symbols, counts) if q.nnz else b''
-  blob = (index + np.asarray(q.codebook, '<f4').tobytes() + counts.astype('<u4').tobytes()
-          + symbols)
+  blob = index + np.asarray(q.codebook, '<f4').tobytes() + codecs.encode_varints(counts) + symbols
   return blob, {'index': kind, 'index_length': len(index), 'nnz': q.nnz, 'levels': levels,
                 'bits': int(q.bits), 'method': q.method, 'symbols_length': len(symbols)}
 
@@ -91,12 +100,13 @@ def _decode_quantized(blob, s):
   levels, il = s['levels'], s['index_length']
   pos = _decode_positions(blob[:il], s['index'], n, s['nnz'])
   codebook = np.frombuffer(blob, '<f4', levels, il).astype(np.float32)
-  counts = np.frombuffer(blob, '<u4', levels, il + 4 * levels).astype(np.int64)
+  sym_at = s['length'] - s['symbols_length']
+  counts = codecs.decode_varints(blob[il + 4 * levels:sym_at], levels)
   if int(counts.sum()) != s['nnz']:
     raise ValueError(f'symbol counts sum to {int(counts.sum())}, not nnz={s["nnz"]}')
   if not np.isfinite(codebook).all():
     raise ValueError('the codebook holds non-finite values')
-  sym_blob = blob[il + 8 * levels:]
+  sym_blob = blob[sym_at:]
   sym = (codecs.rans_decode_symbols(sym_blob, s['nnz'], counts) if s['nnz']
          else np.zeros(0, np.int64))
   out = np.zeros(n, np.float32)
@@ -150,7 +160,7 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
                      'length': len(blob), **extra})
     blobs.append(blob)
     offset += len(blob)
-  head = json.dumps({**header, 'sections': sections}, sort_keys=True).encode()
+  head = encode_header({**header, 'sections': sections})
   body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b''.join(blobs)
   data = body + hashlib.sha256(body).digest()
   tmp = f'{path}.tmp{os.getpid()}'
@@ -180,6 +190,28 @@ def _no_constant(name):
   raise ValueError(f'{name} is not a JSON number')
 
 
+def encode_header(header: dict) -> bytes:
+  """A header as a file of the current format holds it: compact JSON, sorted
+  keys, zlib-compressed (level 9)."""
+  return zlib.compress(json.dumps(header, sort_keys=True, separators=(',', ':')).encode(), 9)
+
+
+def decode_header(raw: bytes):
+  """Inverse of ``encode_header``: decompressed to at most
+  ``schema.MAX_HEADER_BYTES``, then ``strict_json``. ValueError when it is
+  not one complete zlib stream within that size."""
+  d = zlib.decompressobj()
+  try:
+    text = d.decompress(raw, schema.MAX_HEADER_BYTES + 1)
+  except zlib.error as e:
+    raise ValueError(f'the header is not zlib-compressed data ({e})') from None
+  if len(text) > schema.MAX_HEADER_BYTES:
+    raise ValueError(f'the header decompresses to more than {schema.MAX_HEADER_BYTES} bytes')
+  if not d.eof or d.unused_data:
+    raise ValueError('the compressed header is incomplete or followed by other bytes')
+  return strict_json(text)
+
+
 def strict_json(raw: bytes):
   """A header's JSON as ``write`` makes it: UTF-8 without a byte-order mark,
   no key twice in an object, no NaN/Infinity (ValueError otherwise; Python's
@@ -203,7 +235,8 @@ def read_header(path: str) -> tuple[dict, bytes, int]:
   _, version, head_len = _PREFIX.unpack_from(data)
   if version != FORMAT_VERSION:
     raise ArtifactError(f'{path!r} has format version {version}; this pemn_jax reads version '
-                        f'{FORMAT_VERSION}' + (' (re-export it from its run)' if version == 1
+                        f'{FORMAT_VERSION}' + (' (re-export it from its run, or rerun its '
+                                               'evolve command)' if version < FORMAT_VERSION
                                                else ''))
   body, digest = data[:-32], data[-32:]
   if hashlib.sha256(body).digest() != digest:
@@ -211,7 +244,7 @@ def read_header(path: str) -> tuple[dict, bytes, int]:
   if head_len > schema.MAX_HEADER_BYTES or _PREFIX.size + head_len > len(body):
     raise ArtifactError(f'{path!r}: header length {head_len} is out of range')
   try:
-    header = strict_json(body[_PREFIX.size:_PREFIX.size + head_len])
+    header = decode_header(body[_PREFIX.size:_PREFIX.size + head_len])
   except (ValueError, RecursionError) as e:
     raise ArtifactError(f'{path!r}: unreadable header: {str(e)[:200]}') from None
   base = _PREFIX.size + head_len
@@ -297,6 +330,6 @@ def report(header: dict, file_bytes: int, num_params: int) -> str:
     ent = sum(codecs.entropy_bits(s['ones'], math.prod(s['shape'])) for s in masks)
     lines.append(f'masks: {got / n:.4f} bits/weight achieved vs H(k) {ent / n:.4f} vs 1 bit '
                  f'(bit-packed)')
-  head = len(json.dumps(header, sort_keys=True))
-  lines.append(f'header (config, seed, section table): ~{head} bytes')
+  head = len(encode_header(header))
+  lines.append(f'header (config, seed, section table; compressed): ~{head} bytes')
   return '\n'.join(lines)

@@ -138,12 +138,14 @@ def check_section(i: int, s, body_len: int):
           s.get('nnz'))
     _need(_int(s.get('bits')) and 1 <= s['bits'] <= 8, f'{w}.bits', 'an integer in [1, 8]',
           s.get('bits'))
-    _need(s.get('levels') == 2 ** s['bits'], f'{w}.levels', '2**bits', s.get('levels'))
+    _need(_int(s.get('levels')) and 1 <= s['levels'] <= 2 ** s['bits'], f'{w}.levels',
+          'an integer in [1, 2**bits]', s.get('levels'))
     _need(s.get('method') in QUANT_METHODS, f'{w}.method', f'one of {QUANT_METHODS}',
           s.get('method'))
     for k in ('index_length', 'symbols_length'):
       _need(_int(s.get(k)) and s[k] >= 0, f'{w}.{k}', 'an integer >= 0', s.get(k))
-    _need(s['index_length'] + 8 * s['levels'] + s['symbols_length'] == s['length'], w,
+    counts = s['length'] - s['index_length'] - 4 * s['levels'] - s['symbols_length']
+    _need(s['levels'] <= counts <= 5 * s['levels'], w,  # (counts: 1-5 byte varints)
           'parts that add up to its length', s['length'])
   elif codec == 'sparse':
     known |= {'values_codec', 'index', 'nnz', 'index_length'}

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -40,12 +41,12 @@ def good_file(mnist_slice, tmp_path_factory):
 
 def split(data: bytes):
   _, version, head_len = PREFIX.unpack_from(data)
-  header = json.loads(data[PREFIX.size:PREFIX.size + head_len])
+  header = json.loads(zlib.decompress(data[PREFIX.size:PREFIX.size + head_len]))
   return version, header, data[PREFIX.size + head_len:-32]
 
 
 def join(header, sections: bytes, version=artifact.FORMAT_VERSION, raw_header=None) -> bytes:
-  head = raw_header if raw_header is not None else json.dumps(header).encode()
+  head = zlib.compress(raw_header if raw_header is not None else json.dumps(header).encode())
   body = PREFIX.pack(artifact.MAGIC, version, len(head)) + head + sections
   return body + hashlib.sha256(body).digest()  # a valid checksum: only content checks can refuse
 
@@ -263,6 +264,17 @@ def test_crafted_quant_sections_are_refused(tmp_path):
   with pytest.raises(artifact.ArtifactError, match='non-finite'):
     artifact.read(craft(good, tmp_path, sections_edit=nan_codebook, name='nan'))
 
+  def counts_edit(byte):
+    def edit(header, sections):
+      s = sec(header)
+      i = s['offset'] + s['index_length'] + 4 * s['levels']  # the first count's varint
+      return sections[:i] + bytes([byte(sections[i])]) + sections[i + 1:]
+    return edit
+  for name, byte, msg in [('count_continues', lambda b: b | 0x80, 'varints'),
+                          ('count_off', lambda b: b ^ 1, 'counts sum')]:
+    with pytest.raises(artifact.ArtifactError, match=msg):
+      artifact.read(craft(good, tmp_path, sections_edit=counts_edit(byte), name=name))
+
 
 # --- Cost: a few hundred bytes must not make a loader build a huge model ---
 
@@ -302,7 +314,7 @@ def test_each_resource_axis_is_refused_quickly_under_a_memory_limit(tmp_path):
   for name, (fields, _) in RESOURCE_AXES.items():
     header = {**minimal_header(), **{k: v for k, v in fields.items() if k != 'sections'}}
     path = tmp_path / f'{name}.pemn'
-    raw = json.dumps({**header, 'sections': fields.get('sections', [])}).encode()
+    raw = zlib.compress(json.dumps({**header, 'sections': fields.get('sections', [])}).encode())
     body = PREFIX.pack(artifact.MAGIC, artifact.FORMAT_VERSION, len(raw)) + raw
     path.write_bytes(body + hashlib.sha256(body).digest())
     assert path.stat().st_size < 700  # a tiny file
@@ -344,3 +356,28 @@ def test_params_rebuilt_non_finite_are_refused(good_file, tmp_path):
                sections_edit=huge_prototype, name='huge')
   with pytest.raises(artifact.ArtifactError, match='not finite'):
     load(path)
+
+
+def test_compressed_header_bounds_and_format_2(good_file, tmp_path):
+  """Format 3's zlib header: a bomb past the header limit, bytes that are not
+  zlib, a truncated stream and trailing bytes are refused; a format-2 file
+  (plain JSON header) is refused with what to do."""
+  version, header, sections = split(open(good_file, 'rb').read())
+  assert version == 3
+  text = json.dumps(header).encode()
+  bomb = zlib.compress(text[:-1] + b', "x": "' + b' ' * (2 << 20) + b'"}', 9)
+  assert len(bomb) < 8 << 10  # a few KB that would inflate past 2 MiB
+  cases = {'bomb': (bomb, 'more than'), 'not_zlib': (text, 'not zlib'),
+           'cut': (zlib.compress(text)[:-6], 'incomplete'),
+           'trailing': (zlib.compress(text) + b'\0', 'followed by other bytes')}
+  for name, (raw, msg) in cases.items():
+    body = PREFIX.pack(artifact.MAGIC, 3, len(raw)) + raw + sections
+    path = tmp_path / f'{name}.pemn'
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    with pytest.raises(artifact.ArtifactError, match=msg):
+      load(str(path))
+  body = PREFIX.pack(artifact.MAGIC, 2, len(text)) + text + sections
+  old = tmp_path / 'format2.pemn'
+  old.write_bytes(body + hashlib.sha256(body).digest())
+  with pytest.raises(artifact.ArtifactError, match='format version 2.*re-export it from its run'):
+    load(str(old))
