@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(_HERE)
@@ -101,7 +102,7 @@ def model_files(n, tmp, rng):
   data = open(good, 'rb').read()
   pre = struct.Struct('<8sII')
   _, version, hl = pre.unpack_from(data)
-  header = json.loads(data[pre.size:pre.size + hl])
+  header = artifact.decode_header(data[pre.size:pre.size + hl])
   sections = data[pre.size + hl:-32]
   ref = [x.shape for x in jax.tree.leaves(load(good)[2])]
   values = [None, True, -1, 0, 2**40, 1e308, float('nan'), float('inf'), '', '(a+)+$', '@stages',
@@ -137,7 +138,7 @@ def model_files(n, tmp, rng):
         body[rng.randrange(len(body))] = rng.randrange(256)
     else:
       body = body[:rng.randrange(len(body))]
-    head = json.dumps(h).encode()
+    head = zlib.compress(json.dumps(h).encode())  # (NaN/inf values: not strict JSON)
     blob = pre.pack(artifact.MAGIC, version, len(head)) + head + bytes(body)
     path = os.path.join(tmp, f'm{i}.pemn')
     with open(path, 'wb') as f:
@@ -306,7 +307,7 @@ def cost_headers(n, tmp, rng):
               'model': model, 'model_kwargs': kwargs, 'num_classes': 10 ** rng.randint(1, 6),
               'input_shape': [side, side, 3], 'param': {'name': 'dense'}, 'seed': 0,
               'dataset': 'cifar10', 'step': 0, 'sections': []}
-    head = json.dumps(header).encode()
+    head = artifact.encode_header(header)
     blob = pre.pack(artifact.MAGIC, artifact.FORMAT_VERSION, len(head)) + head
     path = os.path.join(tmp, f'c{i}.pemn')
     with open(path, 'wb') as f:

@@ -47,11 +47,11 @@ def _encode_float_section(x, float_codec):
   """Dense floats, or -- when smaller -- the nonzeros plus their positions as a
   bitmap (bit-packed or rANS-coded) or as uint32 indices."""
   dense = codecs.encode_floats(x, float_codec)
-  nz = np.asarray(x).reshape(-1) != 0
+  nz = np.asarray(x) != 0
   nnz = int(nz.sum())
   if nnz == nz.size or x.size < 64:
     return float_codec, dense, {}
-  values = codecs.encode_floats(np.asarray(x).reshape(-1)[nz], float_codec)
+  values = codecs.encode_floats(np.asarray(x)[nz], float_codec)
   kind, index = _encode_positions(nz)
   if len(index) + len(values) >= len(dense):
     return float_codec, dense, {}
@@ -60,14 +60,17 @@ def _encode_float_section(x, float_codec):
 
 
 def _encode_positions(nz: np.ndarray) -> tuple[str, bytes]:
-  """The smallest code of a flat 0/1 position array: bitmap, rANS bitmap, u32."""
+  """The smallest code of a 0/1 position array (its shape kept: ``rans1``
+  reads it column-major): bitmap, rANS bitmaps, u32 (row-major) indices."""
   index = {c: codecs.encode_mask(nz, c) for c in codecs.MASK_CODECS}
   index['u32'] = np.flatnonzero(nz).astype('<u4').tobytes()
   kind = min(index, key=lambda c: len(index[c]))
   return kind, index[kind]
 
 
-def _decode_positions(blob, kind: str, n: int, nnz: int) -> np.ndarray:
+def _decode_positions(blob, kind: str, shape, nnz: int) -> np.ndarray:
+  """Row-major flat positions of a ``shape`` array's nonzeros."""
+  n = math.prod(shape)
   if kind == 'u32':
     if len(blob) != 4 * nnz:
       raise ValueError(f'position index has {len(blob)} bytes for {nnz} positions')
@@ -75,13 +78,13 @@ def _decode_positions(blob, kind: str, n: int, nnz: int) -> np.ndarray:
     if pos.size and (pos.max() >= n or (np.diff(pos) <= 0).any()):
       raise ValueError('positions are out of range or not increasing')
     return pos
-  return np.flatnonzero(codecs.decode_mask(blob, kind, (n,), nnz))
+  return np.flatnonzero(codecs.decode_mask(blob, kind, shape, nnz))
 
 
 def _encode_quantized(q: codecs.Quantized):
   """A ``quant`` section: positions, float32 codebook, symbol counts
   (varints), rANS-coded symbols."""
-  kind, index = _encode_positions(np.asarray(q.mask).reshape(-1))
+  kind, index = _encode_positions(np.asarray(q.mask))
   counts = np.bincount(np.asarray(q.symbols, np.int64), minlength=len(q.codebook))
   used = counts > 0
   if used.any() and not used.all():  # levels no weight uses are not stored (same values)
@@ -98,7 +101,7 @@ def _encode_quantized(q: codecs.Quantized):
 def _decode_quantized(blob, s):
   shape, n = tuple(s['shape']), math.prod(s['shape'])
   levels, il = s['levels'], s['index_length']
-  pos = _decode_positions(blob[:il], s['index'], n, s['nnz'])
+  pos = _decode_positions(blob[:il], s['index'], shape, s['nnz'])
   codebook = np.frombuffer(blob, '<f4', levels, il).astype(np.float32)
   sym_at = s['length'] - s['symbols_length']
   counts = codecs.decode_varints(blob[il + 4 * levels:sym_at], levels)
@@ -117,7 +120,7 @@ def _decode_quantized(blob, s):
 def _decode_sparse(blob, s):
   shape, n = tuple(s['shape']), math.prod(s['shape'])
   idx_blob, val_blob = blob[:s['index_length']], blob[s['index_length']:]
-  pos = _decode_positions(idx_blob, s['index'], n, s['nnz'])
+  pos = _decode_positions(idx_blob, s['index'], shape, s['nnz'])
   out = np.zeros(n, np.float32)
   out[pos] = codecs.decode_floats(val_blob, s['values_codec'], (s['nnz'],))
   return out.reshape(shape)

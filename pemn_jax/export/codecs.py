@@ -1,5 +1,6 @@
 """Codecs for artifact sections: floats (f32/f16/bf16) and binary masks
-(bit-packed, or an interleaved rANS entropy code reaching ~H(k) bits/weight)."""
+(bit-packed, an interleaved rANS entropy code reaching ~H(k) bits/weight, or
+its order-1 form where a bit's probability depends on its neighbour's)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import ml_dtypes
 import numpy as np
 
 FLOAT_CODECS = {'f32': np.float32, 'f16': np.float16, 'bf16': ml_dtypes.bfloat16}
-MASK_CODECS = ('bits', 'rans')
+MASK_CODECS = ('bits', 'rans', 'rans1')
 QUANT_METHODS = ('uniform', 'kmeans', 'log')
 
 
@@ -101,60 +102,59 @@ def quantize_counts(counts) -> np.ndarray:
   return f
 
 
-def rans_encode_symbols(symbols: np.ndarray, counts) -> bytes:
-  """rANS code of symbols in [0, len(counts)) with static frequencies from
-  ``counts`` (which the decoder is given too)."""
-  sym = np.asarray(symbols).reshape(-1).astype(np.intp)
-  n = sym.size
-  freq = quantize_counts(counts).astype(np.uint64)
-  if n == 0 or (freq == np.uint64(_M)).any():  # nothing, or one symbol: nothing to code
-    return b''
-  cum = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint64)
+def _tables(counts) -> tuple[np.ndarray, np.ndarray]:
+  """(freq, cum) of shape (contexts, symbols) from per-context counts."""
+  freq = np.stack([quantize_counts(c) for c in np.atleast_2d(counts)]).astype(np.uint64)
+  cum = np.concatenate([np.zeros((len(freq), 1), np.uint64), np.cumsum(freq, 1)[:, :-1]], 1)
+  return freq, cum.astype(np.uint64)
+
+
+def _layout(n: int) -> tuple[int, int]:
   streams = rans_streams(n)
-  steps = -(-n // streams)
-  pad = np.full(streams * steps, int(np.argmax(freq)), np.intp)  # the likeliest symbol
-  pad[:n] = sym
-  pad = pad.reshape(streams, steps)
+  return streams, -(-n // streams)
+
+
+def _rans_encode(pad: np.ndarray, freq, cum, markov: bool) -> bytes:
+  """Interleaved rANS of ``pad`` (streams x steps symbols); the context of a
+  symbol is the one before it in its stream (0 first) when ``markov``, else 0."""
+  streams, steps = pad.shape
+  prev = np.zeros_like(pad)
+  if markov:
+    prev[:, 1:] = pad[:, :-1]
   x = np.full(streams, _LOW, np.uint64)
   words = np.zeros((steps, streams), np.uint16)
   emitted = np.zeros((steps, streams), bool)
   for t in range(steps - 1, -1, -1):   # rANS encodes backwards
-    s = pad[:, t]
-    f = freq[s]
+    s, c = pad[:, t], prev[:, t]
+    f = freq[c, s]
     e = x >= (f << np.uint64(16))      # renormalize: at most one word per symbol
     words[t] = (x & np.uint64(0xFFFF)).astype(np.uint16)
     emitted[t] = e
     x = np.where(e, x >> np.uint64(16), x)
-    x = (x // f) * np.uint64(_M) + (x % f) + cum[s]
+    x = (x // f) * np.uint64(_M) + (x % f) + cum[c, s]
   return x.astype('<u4').tobytes() + words[emitted].astype('<u2').tobytes()
 
 
-def rans_decode_symbols(data: bytes, n: int, counts) -> np.ndarray:
-  """Inverse of ``rans_encode_symbols``; ValueError on data that is not a valid
-  code of n symbols with these counts (bounded time whatever the bytes)."""
-  counts = np.asarray(counts, np.int64)
-  freq = quantize_counts(counts).astype(np.uint64)
-  if n == 0 or (freq == np.uint64(_M)).any():
-    if data:
-      raise ValueError('a constant symbol stream has no coded bytes')
-    return np.full(n, int(np.argmax(freq)), np.int64)
-  cum = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint64)
-  table = np.repeat(np.arange(freq.size), freq.astype(np.int64))  # slot -> symbol
-  streams = rans_streams(n)
-  steps = -(-n // streams)
+def _rans_decode(data: bytes, n: int, freq, cum, markov: bool) -> np.ndarray:
+  """Inverse of ``_rans_encode``: the first n symbols, in stream order
+  (ValueError on data that is not a valid code; bounded time whatever the
+  bytes)."""
+  streams, steps = _layout(n)
   if len(data) < 4 * streams or (len(data) - 4 * streams) % 2:
     raise ValueError(f'rANS stream of {len(data)} bytes does not fit {streams} streams')
   if len(data) - 4 * streams > 2 * streams * steps:
     raise ValueError('rANS stream has more words than it can read')
+  table = np.stack([np.repeat(np.arange(f.size), f.astype(np.int64)) for f in freq])  # slot->sym
   x = np.frombuffer(data, '<u4', streams).astype(np.uint64)
   words = np.frombuffer(data, '<u2', offset=4 * streams).astype(np.uint64)
   out = np.empty((steps, streams), np.int64)
   mask, ptr = np.uint64(_M - 1), 0
+  c = np.zeros(streams, np.int64)
   for t in range(steps):
     slot = x & mask
-    s = table[slot.astype(np.intp)]
+    s = table[c, slot.astype(np.intp)]
     out[t] = s
-    x = freq[s] * (x >> np.uint64(_PREC)) + slot - cum[s]
+    x = freq[c, s] * (x >> np.uint64(_PREC)) + slot - cum[c, s]
     need = x < np.uint64(_LOW)
     k = int(np.count_nonzero(need))
     if k:
@@ -162,12 +162,92 @@ def rans_decode_symbols(data: bytes, n: int, counts) -> np.ndarray:
         raise ValueError('rANS stream is truncated')
       x[need] = (x[need] << np.uint64(16)) | words[ptr:ptr + k]
       ptr += k
+    if markov:
+      c = s
   if ptr != words.size or (x != np.uint64(_LOW)).any():
     raise ValueError('rANS stream is corrupt (the decoder did not end in its start state)')
-  sym = out.T.reshape(-1)[:n]
+  return out.T.reshape(-1)[:n]
+
+
+def rans_encode_symbols(symbols: np.ndarray, counts) -> bytes:
+  """rANS code of symbols in [0, len(counts)) with static frequencies from
+  ``counts`` (which the decoder is given too)."""
+  sym = np.asarray(symbols).reshape(-1).astype(np.intp)
+  n = sym.size
+  freq, cum = _tables(counts)
+  if n == 0 or (freq == np.uint64(_M)).any():  # nothing, or one symbol: nothing to code
+    return b''
+  streams, steps = _layout(n)
+  pad = np.full(streams * steps, int(np.argmax(freq[0])), np.intp)  # the likeliest symbol
+  pad[:n] = sym
+  return _rans_encode(pad.reshape(streams, steps), freq, cum, markov=False)
+
+
+def rans_decode_symbols(data: bytes, n: int, counts) -> np.ndarray:
+  """Inverse of ``rans_encode_symbols``; ValueError on data that is not a valid
+  code of n symbols with these counts (bounded time whatever the bytes)."""
+  counts = np.asarray(counts, np.int64)
+  freq, cum = _tables(counts)
+  if n == 0 or (freq == np.uint64(_M)).any():
+    if data:
+      raise ValueError('a constant symbol stream has no coded bytes')
+    return np.full(n, int(np.argmax(freq[0])), np.int64)
+  sym = _rans_decode(data, n, freq, cum, markov=False)
   if not np.array_equal(np.bincount(sym, minlength=counts.size), counts):
     raise ValueError('rANS stream decodes to other symbol counts (corrupt data)')
   return sym
+
+
+def _transitions(pad: np.ndarray, n: int) -> np.ndarray:
+  """(previous bit, bit) counts over the first n symbols of padded streams
+  (a stream's first bit counts under previous bit 0)."""
+  prev = np.zeros_like(pad)
+  prev[:, 1:] = pad[:, :-1]
+  real = (np.arange(pad.size) < n).reshape(pad.shape)
+  return np.bincount(2 * prev[real] + pad[real], minlength=4).reshape(2, 2)
+
+
+def rans1_encode(bits: np.ndarray) -> bytes:
+  """Order-1 rANS of a 0/1 array in column-major order (the first axis
+  fastest: for a ``(inputs, outputs)`` kernel, one unit's inputs in a row,
+  where neighbouring inputs -- pixels -- are kept or pruned together): the
+  probability of a bit depends on the bit before it in its stream. Four
+  varint transition counts, then the streams; b'' if constant."""
+  flat = np.asarray(bits, bool).reshape(-1, order='F').astype(np.intp)
+  n, ones = flat.size, int(flat.sum())
+  if ones in (0, n):
+    return b''
+  streams, steps = _layout(n)
+  pad = np.zeros(streams * steps, np.intp)
+  pad[:n] = flat
+  pad = pad.reshape(streams, steps)
+  counts = _transitions(pad, n)
+  freq, cum = _tables(counts + 1)  # (+1: padding and unseen transitions stay codable)
+  return encode_varints(counts.reshape(-1)) + _rans_encode(pad, freq, cum, markov=True)
+
+
+def rans1_decode(data: bytes, shape, ones: int) -> np.ndarray:
+  """Inverse of ``rans1_encode`` (ValueError on data that is not a valid code
+  of this many ones)."""
+  n = math.prod(shape)
+  if not 0 <= ones <= n:
+    raise ValueError(f'mask with {ones} ones of {n}')
+  if ones in (0, n):
+    if data:
+      raise ValueError('a constant mask has no coded bytes')
+    return np.full(shape, ones == n, bool)
+  counts, at = read_varints(data, 4)
+  counts = counts.reshape(2, 2)
+  if int(counts.sum()) != n or int(counts[:, 1].sum()) != ones:
+    raise ValueError('the mask\'s transition counts do not match its size and number of ones')
+  freq, cum = _tables(counts + 1)
+  flat = _rans_decode(data[at:], n, freq, cum, markov=True)
+  streams, steps = _layout(n)
+  pad = np.zeros(streams * steps, np.int64)
+  pad[:n] = flat
+  if not np.array_equal(_transitions(pad.reshape(streams, steps), n), counts):
+    raise ValueError('the mask decodes to other transition counts (corrupt data)')
+  return flat.astype(bool).reshape(shape, order='F')
 
 
 def encode_varints(values) -> bytes:
@@ -183,10 +263,15 @@ def encode_varints(values) -> bytes:
   return bytes(out)
 
 
-def decode_varints(data: bytes, count: int) -> np.ndarray:
-  """Exactly ``count`` varints filling ``data`` (ValueError otherwise)."""
-  out, v, shift = [], 0, 0
-  for b in data:
+def read_varints(data: bytes, count: int) -> tuple[np.ndarray, int]:
+  """The first ``count`` varints of ``data`` and the bytes they take
+  (ValueError when data ends first or one is longer than 5 bytes)."""
+  out, v, shift, i = [], 0, 0, 0
+  while len(out) < count:
+    if i >= len(data):
+      raise ValueError(f'{len(data)} bytes do not hold {count} varints')
+    b = data[i]
+    i += 1
     if shift > 28:
       raise ValueError('a varint is longer than 5 bytes')
     v |= (b & 0x7F) << shift
@@ -194,9 +279,15 @@ def decode_varints(data: bytes, count: int) -> np.ndarray:
     if b < 0x80:
       out.append(v)
       v, shift = 0, 0
-  if shift or len(out) != count:
+  return np.asarray(out, np.int64), i
+
+
+def decode_varints(data: bytes, count: int) -> np.ndarray:
+  """Exactly ``count`` varints filling ``data`` (ValueError otherwise)."""
+  out, used = read_varints(data, count)
+  if used != len(data):
     raise ValueError(f'{len(data)} bytes do not hold exactly {count} varints')
-  return np.asarray(out, np.int64)
+  return out
 
 
 def rans_encode(bits: np.ndarray) -> bytes:
@@ -224,10 +315,13 @@ def rans_decode(data: bytes, n: int, ones: int) -> np.ndarray:
 
 
 def encode_mask(mask: np.ndarray, codec: str) -> bytes:
+  """A boolean array (its shape matters to ``rans1``'s order) as ``codec``."""
   if codec == 'bits':
     return np.packbits(np.asarray(mask, np.uint8).reshape(-1)).tobytes()
   if codec == 'rans':
     return rans_encode(mask)
+  if codec == 'rans1':
+    return rans1_encode(mask)
   raise ValueError(f'unknown mask codec {codec!r}; known: {MASK_CODECS}')
 
 
@@ -239,6 +333,8 @@ def decode_mask(data: bytes, codec: str, shape, ones: int) -> np.ndarray:
     out = np.unpackbits(np.frombuffer(data, np.uint8))[:n]
   elif codec == 'rans':
     out = rans_decode(data, n, ones)
+  elif codec == 'rans1':
+    return rans1_decode(data, tuple(shape), ones)
   else:
     raise ValueError(f'unknown mask codec {codec!r}; known: {MASK_CODECS}')
   return out.reshape(shape).astype(bool)
