@@ -47,7 +47,7 @@ def layer_targets(params, order, sparsity: float,
     densities: ``{kernel path: fraction kept}`` fixed for these kernels; the
       rest of the budget is ERK-allocated over the others (where a kernel's
       positions cost most per kept weight, in sparse layers, the model file
-      is smallest with survivors moved to denser layers; a speed-vs-accuracy
+      is smallest with survivors moved to denser layers; a size-vs-accuracy
       choice the caller makes, see docs/directed_evolution.md).
   Returns:
     ``{kernel path: weights kept}`` in creation order.

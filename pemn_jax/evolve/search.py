@@ -184,11 +184,34 @@ class Distiller:
     return params
 
 
+@jax.custom_vjp
+def codebook_lookup(codebook, symbols):
+  """``codebook[symbols]``, whose gradient per level is a masked sum over the
+  weights (one contiguous reduce per level) instead of a gather's transpose,
+  a scatter-add of every weight into the codebook (N-sized on accelerators)."""
+  return codebook[symbols]
+
+
+def _lookup_fwd(codebook, symbols):
+  return codebook[symbols], (codebook, symbols)
+
+
+def _lookup_bwd(res, g):
+  codebook, symbols = res
+  levels = jnp.arange(codebook.shape[0], dtype=symbols.dtype)
+  grad = jax.lax.map(lambda j: jnp.sum(jnp.where(symbols == j, g, 0.0)), levels)  # O(N) memory
+  return grad.astype(codebook.dtype), np.zeros(symbols.shape, jax.dtypes.float0)
+
+
+codebook_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 class CodebookTuner:
   """Trained quantization (Han et al. 2016, "Deep Compression", section 3.3):
   with every quantized leaf's positions and symbols fixed, distillation toward
   the teacher moves each codebook level by the summed gradient of the weights
-  that use it (Adam); the other params stay as they are. One jitted step.
+  that use it (Adam; ``codebook_lookup``: no scatter); the other params stay
+  as they are. One jitted step.
 
   Args:
     model: the Flax model.
@@ -203,7 +226,8 @@ class CodebookTuner:
 
     def build(codebooks, rest, layout):
       f = dict(rest)
-      f.update({p: jnp.where(keep, codebooks[p][sym], 0.0) for p, (sym, keep) in layout.items()})
+      f.update({p: jnp.where(keep, codebook_lookup(codebooks[p], sym), 0.0)
+                for p, (sym, keep) in layout.items()})
       return unflatten(f)
 
     def step(codebooks, opt, images, teacher, model_state, rest, layout):
