@@ -39,6 +39,12 @@ from pemn_jax.ops.topk import topk_mask
 from pemn_jax.pytrees import flatten, unflatten
 
 
+def teacher_logp(model, model_state, teacher_params, images):
+  """The teacher's log-probabilities on ``images``."""
+  return jax.nn.log_softmax(model.apply({'params': teacher_params, **model_state}, images,
+                                        train=False))
+
+
 def kl_fn(model, model_state, images, teacher_logp):
   """``params -> mean KL(teacher || student)`` on a fixed batch."""
   def kl(params):
@@ -65,8 +71,8 @@ class Evolution:
                tau: float = 0.1, tolerance: float = 1e-3):
     self.model, self.model_state, self.images = model, model_state, images
     self.population, self.tau, self.tolerance = int(population), float(tau), float(tolerance)
-    self.teacher_logp = jax.jit(lambda p: jax.nn.log_softmax(
-        model.apply({'params': p, **model_state}, images, train=False)))(teacher_params)
+    self.teacher_logp = jax.jit(lambda p: teacher_logp(model, model_state, p, images))(
+        teacher_params)
     self.kl = jax.jit(kl_fn(model, model_state, images, self.teacher_logp))
     self._pop, self._one = {}, {}
     n = jax.device_count()
@@ -163,12 +169,7 @@ class Distiller:
       return unflatten({p: v * mflat[p] if p in mflat else v for p, v in flat.items()})
 
     def step(params, opt, images, teacher, model_state, mask_tree):
-      t = jax.nn.log_softmax(model.apply({'params': teacher, **model_state}, images,
-                                         train=False))
-
-      def loss(p):
-        s = jax.nn.log_softmax(model.apply({'params': p, **model_state}, images, train=False))
-        return jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+      loss = kl_fn(model, model_state, images, teacher_logp(model, model_state, teacher, images))
       grads = masked(jax.grad(loss)(params), mask_tree)
       updates, opt = tx.update(grads, opt, params)
       return masked(optax.apply_updates(params, updates), mask_tree), opt
@@ -231,14 +232,9 @@ class CodebookTuner:
       return unflatten(f)
 
     def step(codebooks, opt, images, teacher, model_state, rest, layout):
-      t = jax.nn.log_softmax(model.apply({'params': teacher, **model_state}, images,
-                                         train=False))
-
-      def loss(cb):
-        s = jax.nn.log_softmax(model.apply({'params': build(cb, rest, layout), **model_state},
-                                           images, train=False))
-        return jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
-      updates, opt = tx.update(jax.grad(loss)(codebooks), opt, codebooks)
+      kl = kl_fn(model, model_state, images, teacher_logp(model, model_state, teacher, images))
+      updates, opt = tx.update(jax.grad(lambda cb: kl(build(cb, rest, layout)))(codebooks), opt,
+                               codebooks)
       return optax.apply_updates(codebooks, updates), opt
     self._step = jax.jit(step)
 
