@@ -139,7 +139,7 @@ def tiny(cmd: str, tmp: Path):
   elif 'pemn_jax.ablate' in joined:
     out += ['--set=' + t.removeprefix('--config.') for t in TINY] + ['--noplots']
   elif 'pemn_jax.evolve' in joined:
-    out += ['--population=4', '--calibration=64', '--finetune_steps=2']
+    out += ['--population=4', '--calibration=64', '--finetune_steps=2', '--quant_finetune=5']
   elif 'scripts/quickstart.sh' in joined:
     env['WORKDIR'] = str(tmp / 'quickstart')
     env['PYTHON'] = sys.executable
