@@ -332,7 +332,7 @@ def claim_de(run: Runner, a):
                        f'epochs={ep}', [run.seeds])
   # --smoke: a tiny search at 50% (a 3-step teacher fails the KL tolerance
   # often, so a search to 90% takes hundreds of small generations).
-  kw = dict(population=4, calibration=128, finetune_steps=5,
+  kw = dict(population=4, calibration=128, finetune_steps=5, quant_finetune=5,
             checkpoint_every=100_000) if run.smoke else {}
   lines = ['| method | sparsity | avg bits | file bytes | compression | acc drop (points) |',
            '| --- | --- | --- | --- | --- | --- |']
