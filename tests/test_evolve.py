@@ -248,6 +248,13 @@ def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(teacher_r
   params_sections = [s for s in header['sections'] if s['name'].startswith('params/')]
   assert params_sections and all(s['codec'] == 'quant' for s in params_sections)
   assert all(s['bits'] == 4 for s in params_sections if s['name'].endswith('bias'))
+  # A budget nothing meets (below the float student's own KL): quantizing the
+  # biases alone breaks it, so they stay float32.
+  evolve(str(tmp_path / 'run'), str(tmp_path / 'z.pemn'), sparsity=0.8, population=4,
+         calibration=64, finetune_steps=5, say=lambda *_: None, budget_kl=-1.0)
+  header = artifact.read(str(tmp_path / 'z.pemn'))[0]
+  biases = [s for s in header['sections'] if s['name'].endswith('bias')]
+  assert biases and all(s['codec'] == 'f32' for s in biases)
   for p, s in out['layer_sparsity'].items():  # per-layer targets, exactly
     n = int(np.prod(flatten(params)[p].shape))
     assert int((np.asarray(flatten(params)[p]) != 0).sum()) <= n - int(s * n) + 0

@@ -326,12 +326,12 @@ def _encode(run: Restored, search: _Search, out: str, budget_kl, budget_acc, min
       return 100 * (teacher_acc - float(accuracy(p)))
     return float(search.evo.kl(p))
   budget = fitness({}, flat) + (budget_acc if budget_acc is not None else budget_kl)
-  if leftovers and fitness({p: Q.quantize(np.asarray(flat[p]), max_bits, 'kmeans').dense()
-                            for p in layers}) > budget:
-    leftovers, base = {}, flat  # quantizing them alone would break the budget
   q0 = time.time()
-  alloc = Q.allocate_bits({p: np.asarray(flat[p]) for p in layers}, fitness, budget, min_bits,
-                          max_bits)
+  kernels = {p: np.asarray(flat[p]) for p in layers}
+  alloc = Q.allocate_bits(kernels, fitness, budget, min_bits, max_bits)
+  if leftovers and alloc.history[0][1] > budget:  # (its start: every kernel at max_bits)
+    leftovers, base = {}, flat  # quantizing the leftovers alone breaks the budget
+    alloc = Q.allocate_bits(kernels, fitness, budget, min_bits, max_bits)
   quantized, fit = {**alloc.layers, **leftovers}, alloc.fitness
   if quant_finetune and quantized:
     tuner = S.CodebookTuner(model, model_state, search.teacher, search.settings['lr'])
