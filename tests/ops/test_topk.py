@@ -81,3 +81,28 @@ def test_traced_count_matches_static_count():
   f = jax.jit(lambda v, k: topk_mask(v, kept=k))
   for k in (1, 5, 20, 37):
     np.testing.assert_array_equal(np.asarray(f(v, jnp.int32(k))), np.asarray(topk_mask(v, kept=k)))
+
+
+def test_vmapped_variants_equal_the_reference_and_run_in_a_loop():
+  # A sweep's stacked variants: per-variant values and counts, one with ties
+  # at its threshold (the tie search runs) and the others without.
+  rng = np.random.default_rng(3)
+  vals = rng.standard_normal((4, 300)).astype(np.float32)
+  vals[1, 10:60] = 0.25  # 50 ties, most of which straddle the 120th largest
+  vals[1, :10] = 9.0
+  ks = np.array([1, 120, 150, 300], np.int32)
+  f = jax.jit(jax.vmap(lambda v, k: topk_mask(v, kept=k)))
+  out = np.asarray(f(jnp.asarray(vals), jnp.asarray(ks)))
+  for v, k, m in zip(vals, ks, out, strict=True):
+    np.testing.assert_array_equal(m, reference_topk(v, int(k)))
+  # On CPU the variants are computed one after another: the count passes run
+  # on one variant's 300 values, never on all four variants' 1,200 at once.
+  # Lowered for TPU they stay batched.
+  args = (jnp.asarray(vals), jnp.asarray(ks))
+  cpu = f.trace(*args).lower(lowering_platforms=('cpu',)).as_text()
+  tpu = f.trace(*args).lower(lowering_platforms=('tpu',)).as_text()
+  assert 'tensor<4x300xui32>' not in cpu and 'tensor<300xui32>' in cpu
+  assert 'tensor<4x300xui32>' in tpu
+  # Differentiable (zero derivative), batched or not.
+  g = jax.grad(lambda v: jnp.sum(jax.vmap(lambda x: topk_mask(x, 0.5) * x)(v)))(vals)
+  np.testing.assert_array_equal(np.asarray(g), np.stack([reference_topk(v, 150) for v in vals]))
