@@ -11,19 +11,29 @@ Workloads (batch 128 of 32x32x3, random data, one optimizer step each):
   randomly permuted per layer), each forward sorts the scores of every layer
   to a 0/1 mask (straight-through), biases and BN affine params train.
 
-Both sides run in this process, interleaved one step each per round (so load
-changes hit both alike); medians and interquartile ranges of ``--steps``
-timed steps after ``--warmup``. pemn_jax is timed three times: as it runs
-by default (``pemn_jax.kernels.conv`` 'auto': oneDNN's convolutions through
-XLA's FFI where ``pip install -e '.[cpu]'`` installed them, see
-``pemn_jax.kernels.dnnl_conv``), with its XLA-based kernel gradient
-(``PEMN_JAX_CONV=cpu``) and with XLA's own convolution gradients
-(``PEMN_JAX_CONV=xla``), so each gain is measured in the same run. PyTorch (CPU build, ``pip install
-torch==2.13.0``) is needed by this benchmark only, never by the library.
+As a user meets them (the default): each side in its own process with its
+own defaults, a fresh process per side and round, the sides alternated and
+their order rotated every round. pemn_jax runs as its trainer does
+(``pemn_jax.kernels.cpu_tuning`` and, where ``pip install -e '.[cpu]'``
+installed them, oneDNN's convolutions through XLA's FFI: see
+``pemn_jax.kernels.dnnl_conv``); PyTorch (CPU build, ``pip install
+torch==2.13.0``; needed by this benchmark only, never by the library) runs
+untouched, once in NCHW and once in channels_last memory format, and the
+faster of the two is PyTorch's figure (the line says which). Each process
+times ``--steps`` steps after ``--warmup``; a side's figure is the median of
+its ``--rounds`` per-process medians.
+
+``--in_process`` times instead both frameworks in this one process,
+interleaved one step each per round, pemn_jax three ways: by default, with
+its XLA-based kernel gradient (``PEMN_JAX_CONV=cpu``) and with XLA's own
+convolution gradients (``PEMN_JAX_CONV=xla``). There PyTorch shares what
+pemn_jax sets for its process (``OMP_WAIT_POLICY=PASSIVE``, XLA's thread
+pools beside its own) and runs slower than alone.
 
     .venv/bin/python benchmarks/vs_pytorch.py
-    .venv/bin/python benchmarks/vs_pytorch.py --workloads resnet20_dense_sgd --steps 20
-    .venv/bin/python benchmarks/vs_pytorch.py --layers       # per conv layer shape, fwd+bwd
+    .venv/bin/python benchmarks/vs_pytorch.py --workloads resnet20_dense_sgd --rounds 8 --steps 20
+    .venv/bin/python benchmarks/vs_pytorch.py --in_process   # both in one process
+    .venv/bin/python benchmarks/vs_pytorch.py --layers       # + per conv layer (one process)
     .venv/bin/python benchmarks/vs_pytorch.py --smoke        # tiny (checks the script)
 
 Last lines, one per workload:
@@ -33,23 +43,33 @@ Last lines, one per workload:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
-from pemn_jax.kernels import cpu_tuning
+import numpy as np
 
-CPU_TUNING = cpu_tuning.configure()  # before JAX's CPU backend starts
+# A PyTorch side's own process (``--child=torch...``) imports nothing of JAX or
+# pemn_jax: it runs as a PyTorch user's process does.
+TORCH_CHILD = any(a.startswith('--child=torch') for a in sys.argv)
+BASE_ENV = dict(os.environ)  # as the user started this process: what each side's process gets
+if not TORCH_CHILD:
+  from pemn_jax.kernels import cpu_tuning
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+  CPU_TUNING = cpu_tuning.configure()  # before JAX's CPU backend starts
 
-from pemn_jax import models  # noqa: E402
-from pemn_jax import params as param_lib  # noqa: E402
-from pemn_jax.kernels import conv as fast_conv  # noqa: E402
-from pemn_jax.kernels import dnnl_conv  # noqa: E402
-from pemn_jax.train import create_train_state, make_train_step  # noqa: E402
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from pemn_jax import models
+  from pemn_jax import params as param_lib
+  from pemn_jax.kernels import conv as fast_conv
+  from pemn_jax.kernels import dnnl_conv
+  from pemn_jax.train import create_train_state, make_train_step
 
 try:
   import torch
@@ -226,15 +246,20 @@ def jax_step(name, impl, batch, shape, smoke):
   return run
 
 
-def torch_step(name, batch, shape, smoke):
+def torch_step(name, batch, shape, smoke, channels_last=False):
   torch.manual_seed(0)
   x = torch.randn(batch, shape[2], shape[0], shape[1])
   y = torch.arange(batch) % 10
   if name == 'resnet20_dense_sgd':
     net = torch_resnet20(width=4 if smoke else 16, blocks=1 if smoke else 3)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
   else:
     net = (torch_masked_convmixer(dim=16, depth=1) if smoke else torch_masked_convmixer())
+  if channels_last:  # NHWC activations and weights: PyTorch's oneDNN path without reorders
+    net = net.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  if name == 'resnet20_dense_sgd':
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  else:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=5e-3)
   return torch_step_fn(net, opt, x, y)
 
@@ -304,55 +329,115 @@ def layer_table(warmup, steps, smoke):
   return rows
 
 
+SIDES = ('pemn_jax', 'torch', 'torch_cl')  # torch_cl: PyTorch in channels_last format
+
+
+def child(side, name, args):
+  """One side's process: ``--warmup`` + ``--steps`` steps of ``name``; prints
+  one JSON line of the timed steps' seconds."""
+  shape = (28, 28, 1) if args.smoke and side == 'pemn_jax' else (32, 32, 3)
+  if side == 'pemn_jax':
+    fn = jax_step(name, 'auto', args.batch, shape, args.smoke)
+    info = {'cpu_tuning': CPU_TUNING, 'onednn': dnnl_conv.version() if dnnl_conv.available()
+            else f'unavailable ({dnnl_conv.unavailable_reason()})'}
+  else:
+    fn = torch_step(name, args.batch, shape, args.smoke, channels_last=side == 'torch_cl')
+    info = {'threads': torch.get_num_threads(), 'omp_wait_policy':
+            os.environ.get('OMP_WAIT_POLICY', '(default)')}
+  times = timed({side: fn}, args.warmup, args.steps)[side]
+  print(json.dumps({'side': side, 'workload': name, 'times': times, **info}), flush=True)
+
+
+def separate(name, args, sides) -> dict:
+  """Per side, the median of its processes' medians; each process started
+  with this process's environment as the user gave it (``BASE_ENV``)."""
+  per = {k: [] for k in sides}
+  for r in range(args.rounds):
+    for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+      cmd = [sys.executable, os.path.abspath(__file__), f'--child={side}', '--workloads', name,
+             '--batch', str(args.batch), '--steps', str(args.steps), '--warmup',
+             str(args.warmup)] + (['--smoke'] if args.smoke else [])
+      p = subprocess.run(cmd, env=BASE_ENV, capture_output=True, text=True, check=False)
+      if p.returncode:
+        raise SystemExit(f'{name} {side} failed (exit {p.returncode}):\n{p.stderr[-3000:]}')
+      out = json.loads(p.stdout.strip().splitlines()[-1])
+      med = statistics.median(out['times'])
+      per[side].append(med)
+      extra = {k: v for k, v in out.items() if k not in ('side', 'workload', 'times')}
+      print(f'{name} round {r} {side}: median {med:.4f} s {extra}', flush=True)
+  return {k: stats(v) for k, v in per.items()}
+
+
+def in_process(name, args):
+  shape = (28, 28, 1) if args.smoke else (32, 32, 3)
+  tshape = (32, 32, 3)  # the torch models take CIFAR shapes even in the smoke run
+  fns = {'pemn_jax': jax_step(name, 'auto', args.batch, shape, args.smoke),
+         'pemn_jax_cpu': jax_step(name, 'cpu', args.batch, shape, args.smoke),
+         'pemn_jax_xla': jax_step(name, 'xla', args.batch, shape, args.smoke)}
+  if torch is not None:
+    fns['torch'] = torch_step(name, args.batch, tshape, args.smoke)
+  t = timed(fns, args.warmup, args.steps)
+  s = {k: stats(v) for k, v in t.items()}
+  for k, (med, lo, hi) in s.items():
+    print(f'{name} {k} (in process): median {med:.4f} s, IQR [{lo:.4f}, {hi:.4f}]', flush=True)
+  print(f'{name} XLA-gradient / fast-path: {s["pemn_jax_xla"][0] / s["pemn_jax"][0]:.2f}x, '
+        f'XLA-based fast path / fast path: {s["pemn_jax_cpu"][0] / s["pemn_jax"][0]:.2f}x')
+  return s
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument('--workloads', default=','.join(WORKLOADS))
   ap.add_argument('--batch', type=int, default=128)
-  ap.add_argument('--steps', type=int, default=10)
+  ap.add_argument('--steps', type=int, default=10, help='timed steps per process (or round)')
   ap.add_argument('--warmup', type=int, default=2)
-  ap.add_argument('--threads', type=int, default=0, help='torch threads (0: all cores)')
-  ap.add_argument('--layers', action='store_true', help='also: per conv layer shape, fwd+bwd ms')
-  ap.add_argument('--smoke', action='store_true', help='tiny models, batch 8, 1 step')
+  ap.add_argument('--rounds', type=int, default=4, help='processes per side')
+  ap.add_argument('--in_process', action='store_true',
+                  help='both frameworks in this process, interleaved step by step')
+  ap.add_argument('--threads', type=int, default=0,
+                  help='--in_process: torch threads (0: all cores)')
+  ap.add_argument('--layers', action='store_true',
+                  help='also per conv layer shape, fwd+bwd ms (both in this process)')
+  ap.add_argument('--smoke', action='store_true', help='tiny models, batch 8, 1 step, 1 round')
+  ap.add_argument('--child', choices=SIDES, help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.smoke:
+    args.batch, args.steps, args.warmup, args.rounds = 8, 1, 1, 1
+  if args.child:
+    return child(args.child, args.workloads, args)
   if torch is None and not args.smoke:
     raise SystemExit('this benchmark needs PyTorch (CPU build): pip install torch==2.13.0')
-  if torch is None:
-    print('PyTorch is not installed: the smoke run checks the JAX side only')
-  elif args.threads:
-    torch.set_num_threads(args.threads)
-  if args.smoke:
-    args.batch, args.steps, args.warmup = 8, 1, 1
-  shape = (28, 28, 1) if args.smoke else (32, 32, 3)
-  tv = f'{torch.__version__} ({torch.get_num_threads()} threads)' if torch else 'absent'
-  dnnl = (f'oneDNN {dnnl_conv.version()}' if dnnl_conv.available() else
-          f'unavailable ({dnnl_conv.unavailable_reason()})')
+  for name in args.workloads.split(','):
+    if name not in WORKLOADS:
+      raise SystemExit(f'unknown workload {name!r}; known: {list(WORKLOADS)}')
+  tv = torch.__version__ if torch else 'absent (the smoke run checks the JAX side only)'
+  mode = ('one process, interleaved' if args.in_process else
+          f'separate processes, {args.rounds} per side')
   print(f'jax {jax.__version__} ({jax.default_backend()}), torch {tv}, batch {args.batch}, '
-        f'{args.steps} timed steps, CPU tuning: {CPU_TUNING}, oneDNN convolutions: {dnnl}')
+        f'{args.steps} timed steps after {args.warmup}, {mode}', flush=True)
+  if args.in_process and args.threads and torch is not None:
+    torch.set_num_threads(args.threads)
   if args.layers and torch is not None:
     print('| conv layer (batch 128) | XLA fwd+bwd ms | pemn_jax XLA-based ms | pemn_jax ms '
           '| PyTorch ms | pemn_jax / PyTorch |\n| --- | --- | --- | --- | --- | --- |')
     layer_table(args.warmup, args.steps, args.smoke)
   final = []
   for name in args.workloads.split(','):
-    if name not in WORKLOADS:
-      raise SystemExit(f'unknown workload {name!r}; known: {list(WORKLOADS)}')
-    tshape = (32, 32, 3)  # the torch models take CIFAR shapes even in the smoke run
-    fns = {'pemn_jax': jax_step(name, 'auto', args.batch, shape, args.smoke),
-           'pemn_jax_cpu': jax_step(name, 'cpu', args.batch, shape, args.smoke),
-           'pemn_jax_xla': jax_step(name, 'xla', args.batch, shape, args.smoke),
-           'torch': torch_step(name, args.batch, tshape, args.smoke) if torch else None}
-    if torch is None:
-      fns.pop('torch')
-    t = timed(fns, args.warmup, args.steps)
-    s = {k: stats(v) for k, v in t.items()}
-    for k, (med, lo, hi) in s.items():
-      print(f'{name} {k}: median {med:.4f} s, IQR [{lo:.4f}, {hi:.4f}]', flush=True)
-    print(f'{name} XLA-gradient / fast-path: {s["pemn_jax_xla"][0] / s["pemn_jax"][0]:.2f}x, '
-          f'XLA-based fast path / fast path: {s["pemn_jax_cpu"][0] / s["pemn_jax"][0]:.2f}x')
-    if 'torch' not in s:
+    if args.in_process:
+      s = in_process(name, args)
+      best = 'torch'
+    else:
+      s = separate(name, args, SIDES if torch is not None else SIDES[:1])
+      for k, (med, lo, hi) in s.items():
+        print(f'{name} {k} (own process): median of {args.rounds} process medians {med:.4f} s, '
+              f'IQR [{lo:.4f}, {hi:.4f}]', flush=True)
+      best = min((k for k in s if k != 'pemn_jax'), key=lambda k: s[k][0], default=None)
+      if best:
+        print(f'{name} PyTorch at its best: {"channels_last" if best == "torch_cl" else "NCHW"}')
+    if best not in s:
       continue
-    final.append(f'{name} pemn_jax_s={s["pemn_jax"][0]:.4f} torch_s={s["torch"][0]:.4f} '
-                 f'ratio={s["pemn_jax"][0] / s["torch"][0]:.3f}')
+    final.append(f'{name} pemn_jax_s={s["pemn_jax"][0]:.4f} torch_s={s[best][0]:.4f} '
+                 f'ratio={s["pemn_jax"][0] / s[best][0]:.3f}')
   print('\n'.join(final))
 
 
