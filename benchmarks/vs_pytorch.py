@@ -332,14 +332,19 @@ def layer_table(warmup, steps, smoke):
 SIDES = ('pemn_jax', 'torch', 'torch_cl')  # torch_cl: PyTorch in channels_last format
 
 
+def jax_setup() -> dict:
+  """What pemn_jax's process runs with: its CPU tuning and oneDNN's status."""
+  return {'cpu_tuning': CPU_TUNING, 'onednn': dnnl_conv.version() if dnnl_conv.available()
+          else f'unavailable ({dnnl_conv.unavailable_reason()})'}
+
+
 def child(side, name, args):
   """One side's process: ``--warmup`` + ``--steps`` steps of ``name``; prints
   one JSON line of the timed steps' seconds."""
   shape = (28, 28, 1) if args.smoke and side == 'pemn_jax' else (32, 32, 3)
   if side == 'pemn_jax':
     fn = jax_step(name, 'auto', args.batch, shape, args.smoke)
-    info = {'cpu_tuning': CPU_TUNING, 'onednn': dnnl_conv.version() if dnnl_conv.available()
-            else f'unavailable ({dnnl_conv.unavailable_reason()})'}
+    info = jax_setup()
   else:
     fn = torch_step(name, args.batch, shape, args.smoke, channels_last=side == 'torch_cl')
     info = {'threads': torch.get_num_threads(), 'omp_wait_policy':
@@ -414,7 +419,8 @@ def main():
   mode = ('one process, interleaved' if args.in_process else
           f'separate processes, {args.rounds} per side')
   print(f'jax {jax.__version__} ({jax.default_backend()}), torch {tv}, batch {args.batch}, '
-        f'{args.steps} timed steps after {args.warmup}, {mode}', flush=True)
+        f'{args.steps} timed steps after {args.warmup}, {mode}'
+        + (f', pemn_jax: {jax_setup()}' if args.in_process or args.layers else ''), flush=True)
   if args.in_process and args.threads and torch is not None:
     torch.set_num_threads(args.threads)
   if args.layers and torch is not None:
