@@ -6,12 +6,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
 
 class DivergenceError(RuntimeError):
   """Training produced non-finite values; the last finite checkpoint is kept."""
+
+
+def _summary_writer():
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch. Its writer
+  module imports torch where it is installed (2.6 s and ~0.5 GB here, every
+  run) only to accept torch tensors, which the tracker never passes: while
+  tensorboardX loads, ``torch`` is marked absent (``sys.modules[name] =
+  None`` makes its import raise ImportError, tensorboardX's own fallback),
+  unless this process already imported it."""
+  if 'torch' in sys.modules or 'tensorboardX.writer' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if sys.modules.get('torch', 0) is None:
+      del sys.modules['torch']
+  return SummaryWriter
 
 
 class Tracker:
@@ -47,8 +67,7 @@ class Tracker:
       self.best = dict((meta or {}).get('best', {}))
       self._truncate_after(start)
     if self.is_main:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(self.tb_dir, purge_step=start or None, flush_secs=30)
+      self.tb = _summary_writer()(self.tb_dir, purge_step=start or None, flush_secs=30)
 
   def _truncate_after(self, step: int):
     if not self.is_main or not os.path.exists(self.path):

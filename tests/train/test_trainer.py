@@ -263,3 +263,33 @@ def test_two_processes_match_one_process(mnist_slice, tmp_path):
     losses[n] = [r['loss'] for r in read_metrics(wd) if 'loss' in r]
   assert len(losses[1]) == 8
   np.testing.assert_allclose(losses[2], losses[1], rtol=2e-4, atol=2e-5)
+
+
+def test_tensorboard_records_are_written_without_importing_torch(tmp_path):
+  # A torch that breaks any process importing it: tensorboardX's writer
+  # imports torch where installed; the tracker must not let it, and must
+  # leave torch importable (the fake's error, not an ImportError) afterwards.
+  fake = tmp_path / 'site' / 'torch'
+  fake.mkdir(parents=True)
+  (fake / '__init__.py').write_text("raise RuntimeError('torch was imported')\n")
+  code = '\n'.join([
+      'import sys',
+      'from pemn_jax.train.tracking import Tracker',
+      "t = Tracker(sys.argv[1], {'trainable': 1, 'model_bytes': 4}, lambda s: 0.1, 8, True)",
+      't.resume(0, None)',
+      "t.write({'step': 3, 'loss': 0.25})",
+      't.close()',
+      "assert 'torch' not in sys.modules",
+      'try:',
+      '  import torch',
+      'except RuntimeError as e:',
+      '  print(e)'])
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(tmp_path / 'site'), str(REPO)])}
+  out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'run')], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == 'torch was imported'
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(str(tmp_path / 'run' / 'tensorboard'))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars('loss')] == [(3, 0.25)]
