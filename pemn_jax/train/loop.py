@@ -431,11 +431,11 @@ class _Group:
     if step == total and not evaluated:  # resumed at the end: evaluate the restored state
       self._evaluate(eval_step, ts, step, write=False)
     results = [tr.result(step, total) for tr in self.trackers]
+    # (stacked: each member's slice of the state, not its optimizer state, taken on the host)
+    mine = jax.device_get((ts.state, ts.seed)) if self.stacked else (ts.state, ts.seed)
     for i, (m, r) in enumerate(zip(self.members, results, strict=True)):
-      state, seed = ts.state, ts.seed  # (this member's slice only: not its optimizer state)
-      if self.stacked:
-        state, seed = jax.tree.map(lambda x, i=i: x[i], (state, seed))
-      r['goals'] = m.param.goals(state, seed)  # what was asked, and whether it was met
+      one = jax.tree.map(lambda x, i=i: x[i], mine) if self.stacked else mine
+      r['goals'] = m.param.goals(*one)  # what was asked, and whether it was met
     return results
 
   def _save(self, ts, step: int):
