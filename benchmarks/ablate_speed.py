@@ -2,16 +2,25 @@
 
     .venv/bin/python benchmarks/ablate_speed.py
     .venv/bin/python benchmarks/ablate_speed.py --config X.py[:ARGS] --k 8 --steps 300
+    .venv/bin/python benchmarks/ablate_speed.py --in_process
 
-Both sides train the same K configs (the sweep's variants; each single run
-is the trainer on that variant's stored config) on real data, in this
-process, with the same evaluation at the end, and both include their
-compilation (a user running K commands compiles K times). Also reported:
-the steady-state time per training step (compilation and evaluation
-excluded, from the runs' metrics) of one vmapped step over K variants vs
-K single steps. Results are checked equal (final test accuracy of every
-variant within 2 points of its single run: float rounding differs between
-the batched and the single step, and training amplifies it). Last line:
+By default each side runs as a user runs it, in processes of its own: one
+``python -m pemn_jax.ablate`` command (the K variants as one vmapped step)
+against K ``python -m pemn_jax.main`` commands, one after another (the same
+configs: ``--config.seed=i``, the sweep's shared ``--config.data_seed`` and the
+same settings). Each is timed from its
+start to its exit (Python and JAX start-up, data loading, compilation,
+training, the final evaluation, checkpoints), with the environment the
+benchmark was started with. ``--in_process`` times both sides in this
+process instead (the sweep first; then one-time costs -- imports, the
+compilation of helpers every run shares -- fall on the sweep alone).
+
+Also reported: the steady-state time per training step (compilation and
+evaluation excluded, from the runs' metrics) of one vmapped step over K
+variants vs K single steps. Results are checked equal (final test accuracy
+of every variant within 2 points of its single run: float rounding differs
+between the batched and the single step, and training amplifies it). Data
+is prepared before either side is timed. Last line:
 
     ablate K=<k> vmapped_s=<a> sequential_s=<b> speedup=<b/a>
 """
@@ -21,11 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, REPO)
+BASE_ENV = dict(os.environ)  # as the user started this process: what each side's process gets
 
 from pemn_jax.kernels import cpu_tuning  # noqa: E402
 
@@ -36,10 +48,58 @@ def step_seconds(run_dir: str, batch: int) -> float:
   """Median training step time from a run's metrics (first log window dropped:
   it holds the compilation)."""
   import numpy as np
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    rates = [r['images_per_s'] for r in map(json.loads, f) if 'images_per_s' in r]
+  rates = [r['images_per_s'] for r in records(run_dir) if 'images_per_s' in r]
   rates = rates[1:] or rates
   return float(np.median([batch / r for r in rates]))
+
+
+def records(run_dir: str) -> list[dict]:
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def final_accuracy(run_dir: str) -> float:
+  """The run's last evaluation, from its metrics."""
+  return [r for r in records(run_dir) if 'test_accuracy' in r][-1]['test_accuracy']
+
+
+def command(args: list[str], what: str) -> float:
+  """Runs ``python -m ...args`` in its own process; its wall seconds."""
+  t0 = time.time()
+  p = subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=BASE_ENV,
+                     capture_output=True, text=True, check=False)
+  if p.returncode:
+    raise SystemExit(f'{what} failed (exit {p.returncode}):\n{p.stderr[-3000:]}')
+  return time.time() - t0
+
+
+def separate(config: str, k: int, sets: list[str], tmp: str, variants) -> tuple[float, float]:
+  """(sweep seconds, one-by-one seconds), each side in its own processes."""
+  seeds = ','.join(str(i) for i in range(k))
+  vmapped = command(['pemn_jax.ablate', '--config', config, '--workdir',
+                     os.path.join(tmp, 'sweep'), f'--sweep=seed={seeds}', '--noplots',
+                     *(f'--set={s}' for s in sets)], 'the sweep')
+  print(f'# sweep: {vmapped:.1f} s', flush=True)
+  sequential = 0.0
+  for v in variants:
+    sequential += command(['pemn_jax.main', '--config', config, '--workdir',
+                           os.path.join(tmp, v.name), f'--config.seed={v.config.seed}',
+                           f'--config.data_seed={v.config.data_seed}',
+                           *(f'--config.{s}' for s in sets)], f'run {v.name}')
+  return vmapped, sequential
+
+
+def in_process(config: str, k: int, sets: list[str], tmp: str, variants):
+  from pemn_jax.sweep import run_sweep
+  from pemn_jax.train.loop import train_and_evaluate
+  t0 = time.time()
+  run_sweep(config, [f'seed={",".join(str(i) for i in range(k))}'],
+            os.path.join(tmp, 'sweep'), say=lambda m: None, plots=False, overrides=sets)
+  vmapped = time.time() - t0
+  t0 = time.time()
+  for v in variants:
+    train_and_evaluate(v.config, os.path.join(tmp, v.name))
+  return vmapped, time.time() - t0
 
 
 def main(argv=None):
@@ -47,22 +107,25 @@ def main(argv=None):
   ap.add_argument('--config', default='configs/quickstart.py')
   ap.add_argument('--k', type=int, default=8, help='seed variants')
   ap.add_argument('--steps', type=int, default=300, help='training steps per variant')
+  ap.add_argument('--in_process', action='store_true',
+                  help='both sides in this process (default: each as its commands, alone)')
   ap.add_argument('--smoke', action='store_true', help='K=2, a few steps on a data slice')
   args = ap.parse_args(argv)
   import jax
 
-  from pemn_jax.sweep import expand, parse_sweeps, run_sweep
-  from pemn_jax.train.loop import train_and_evaluate
+  from pemn_jax.sweep import expand, parse_sweeps
   k, steps = (2, 4) if args.smoke else (args.k, args.steps)
   log_every = 1 if args.smoke else max(1, steps // 10)
   sets = [f'num_steps={steps}', f'log_every={log_every}', 'eval_every=0',
           f'checkpoint_every={steps}']
   if args.smoke:
     sets += ['train_limit=512', 'test_limit=200', 'batch_size=32', 'eval_batch_size=100']
-  sweeps = [f'seed={",".join(str(i) for i in range(k))}']
-  variants = expand(args.config, parse_sweeps(sweeps), sets)
+  variants = expand(args.config, parse_sweeps([f'seed={",".join(map(str, range(k)))}']), sets)
+  if [int(v.config.seed) for v in variants] != list(range(k)):
+    raise SystemExit('the variants are not seeds 0..k-1 in order')
   batch = variants[0].config.batch_size
-  print(f'# {args.config}, K={k} seeds, {steps} steps of batch {batch}, '
+  how = 'in this process' if args.in_process else 'each side in its own processes'
+  print(f'# {args.config}, K={k} seeds, {steps} steps of batch {batch}, {how}, '
         f'{jax.device_count()} device(s), jax {jax.__version__}', flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     # Data prepared before either side is timed.
@@ -70,20 +133,17 @@ def main(argv=None):
     c = variants[0].config
     for split in ('train', 'test'):
       sources.load(c.dataset, split, c.data_dir, c.source_dir)
-    t0 = time.time()
-    swept = run_sweep(args.config, sweeps, os.path.join(tmp, 'sweep'), say=lambda m: None,
-                      plots=False, overrides=sets)
-    vmapped = time.time() - t0
-    t0 = time.time()
-    single = [train_and_evaluate(v.config, os.path.join(tmp, v.name)) for v in variants]
-    sequential = time.time() - t0
-    worst = max(abs(a['test_accuracy'] - b['test_accuracy']) for a, b in zip(swept, single))
+    vmapped, sequential = (in_process if args.in_process else separate)(
+        args.config, k, sets, tmp, variants)
+    swept = [final_accuracy(os.path.join(tmp, 'sweep', v.name)) for v in variants]
+    single = [final_accuracy(os.path.join(tmp, v.name)) for v in variants]
+    worst = max(abs(a - b) for a, b in zip(swept, single, strict=True))
     v_step = step_seconds(os.path.join(tmp, 'sweep', variants[0].name), batch)
     s_step = sum(step_seconds(os.path.join(tmp, v.name), batch) for v in variants)
-  print('# final test accuracy, vmapped: '
-        + ' '.join(f'{100 * r["test_accuracy"]:.2f}' for r in swept), flush=True)
-  print('# final test accuracy, one by one: '
-        + ' '.join(f'{100 * r["test_accuracy"]:.2f}' for r in single), flush=True)
+  print('# final test accuracy, vmapped: ' + ' '.join(f'{100 * a:.2f}' for a in swept),
+        flush=True)
+  print('# final test accuracy, one by one: ' + ' '.join(f'{100 * a:.2f}' for a in single),
+        flush=True)
   print(f'# largest accuracy difference {100 * worst:.2f} points', flush=True)
   if worst > 0.02:
     print('error: the vmapped variants do not reproduce the single runs', file=sys.stderr)
