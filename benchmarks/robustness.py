@@ -26,8 +26,8 @@ failures (anything else: a wrong result, another exception type, a hang):
   for the last two, success: the directory cleaned, the previous step used);
 * ``cli_mistakes``: config mistakes on the command line (a model path that is
   no model, zero/negative widths, an unreadable data_dir, unknown keys and
-  preset arguments, unparsable values) -- correct = exit 2, the key named,
-  no traceback.
+  preset arguments, unparsable values, a model whose train state no host
+  holds) -- correct = exit 2, the key named, no traceback.
 
     .venv/bin/python benchmarks/robustness.py                    # ~25 min
     .venv/bin/python benchmarks/robustness.py --smoke            # a few cases each
@@ -441,15 +441,17 @@ CLI_MISTAKES = [('--config.model=os:getcwd', 'config.model'),
                 ('--config.nonexistent=1', 'config.nonexistent'),
                 ('--config.param.kind=edge_popup', 'config.param.kind'),
                 ('--config.batch_size=abc', 'config.batch_size'),
-                ('--config=configs/quickstart.py:nonsense=1', 'nonsense')]
+                ('--config=configs/quickstart.py:nonsense=1', 'nonsense'),
+                ('--config=configs/quickstart.py:dense=true --config.model_kwargs.hidden='
+                 '(20000000,)', 'config.model_kwargs')]  # a 188 GB train state
 
 
 def cli_mistakes(tmp):
   base = ['--config.train_limit=256', '--config.test_limit=100', '--config.num_steps=2']
 
   def case(i, flag, named):
-    argv = ([flag] if flag.startswith('--config=') else ['--config', 'configs/quickstart.py',
-                                                          flag]) + base
+    argv = (flag.split() if flag.startswith('--config=') else
+            ['--config', 'configs/quickstart.py', *flag.split()]) + base
     p = _cli('main', [*argv, f'--workdir={os.path.join(tmp, f"cli{i}")}'])
     if not _one_line_exit_2(p, named):
       print(f'# cli_mistakes {flag}: rc={p and p.returncode} {p and p.stderr[-300:]}', flush=True)

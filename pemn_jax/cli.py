@@ -39,6 +39,13 @@ def fail(message, status: int = BAD_INPUT):
   sys.exit(status)
 
 
+def out_of_memory(e: BaseException) -> bool:
+  """Whether ``e`` is XLA failing to allocate (host or device memory)."""
+  text = str(e)
+  return (type(e).__name__ in ('JaxRuntimeError', 'XlaRuntimeError')
+          and ('RESOURCE_EXHAUSTED' in text or 'Out of memory' in text))
+
+
 @contextlib.contextmanager
 def exit_statuses(also: tuple[type[Exception], ...] = ()):
   """Maps what the body raises to this module's exit statuses.
@@ -58,6 +65,11 @@ def exit_statuses(also: tuple[type[Exception], ...] = ()):
   except DivergenceError as e:
     fail(e, DIVERGED)
   except Exception as e:
+    if out_of_memory(e):
+      first = str(e).strip().split('\n')[0][:300]
+      fail(f'out of memory ({first}). Saved checkpoints and files are kept. Lower the batch '
+           "size or the model's size (or a sweep's number of variants), or run where there "
+           'is more memory (more devices, a sharded state)')
     if not lost_peer(e):
       raise
     import jax

@@ -12,7 +12,8 @@ from newest to oldest and moves those that fail to ``checkpoints/rejected/``
 A save that cannot be written (a full disk, a read-only or vanished
 directory) raises CheckpointSaveError at once -- checked before orbax
 starts (free space for another step of the size of the last one, a writable
-directory), or when its background write fails -- with the earlier steps
+directory), or when its background write fails (``poll``, every training
+step) -- with the earlier steps
 kept, the failed step's temporary directory removed and orbax's background
 threads of that save released (a failed async save leaves them waiting for
 each other's signals: the process could never exit). Temporary directories
@@ -211,6 +212,16 @@ class Checkpointer:
     self._unverified = (step, jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
         train_state))
+
+  def poll(self):
+    """Finishes the pending save once its background write is over, without
+    waiting for it: a write that failed raises CheckpointSaveError now (the
+    loop calls this every step), not at the next save. In a multi-process
+    job nothing is done (the processes would finish at different steps;
+    the next save or ``close`` finds the failure)."""
+    if (self._unverified is not None and not self._failed and jax.process_count() == 1
+        and not self.manager.is_saving_in_progress()):
+      self._verify_pending()
 
   def _verify_pending(self):
     if self._unverified is None:

@@ -30,7 +30,12 @@ from pemn_jax.train.checkpoint import Checkpointer, CheckpointSaveError
 from pemn_jax.train.multihost import lost_peer
 from pemn_jax.train.optim import make_schedule, set_hyperparams
 from pemn_jax.train.run import Run, check_same_config, storage_report
-from pemn_jax.train.sharding import ShardingError, bytes_per_device, device_memory_limit
+from pemn_jax.train.sharding import (
+  ShardingError,
+  bytes_per_device,
+  device_memory_limit,
+  host_memory_available,
+)
 from pemn_jax.train.step import eval_batch, eval_sums, make_train_step
 from pemn_jax.train.tracking import DivergenceError, Tracker
 from pemn_jax.train.workdir import WorkdirLock, prepare
@@ -346,6 +351,14 @@ class _Group:
     wds = self._values(lambda c: float(c.optimizer.weight_decay), np.float32)
     abstract = jax.eval_shape(init, seeds, lrs, wds)
     need, limit = bytes_per_device(abstract, self.shardings), device_memory_limit()
+    host = len(jax.local_devices()) * need  # CPU devices share the host's memory
+    free = (host_memory_available() if limit is None and jax.local_devices()[0].platform == 'cpu'
+            else None)
+    if free is not None and host > free:
+      raise ConfigError(
+          f'the train state needs {host / 2**20:,.0f} MiB, more than this host has available '
+          f'({free / 2**20:,.0f} MiB for this process): it cannot train here. Shrink the model '
+          '(config.model_kwargs) or the sweep, free memory, or train on accelerators')
     if limit is not None and need > limit:
       raise ConfigError(
           f'the train state needs {need / 2**20:.1f} MiB per device on the mesh '
@@ -403,6 +416,8 @@ class _Group:
         while step < end:
           ts, m = train_step(ts, self.hyper, *next(inputs))
           step += 1
+          for ck in self.ckpts:  # a failed background save stops the run now
+            ck.poll()
           acc.append(m)
           if step % cfg.log_every == 0 or step == end:
             ms, dt = jax.device_get(acc), time.time() - t_last

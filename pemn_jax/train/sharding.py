@@ -197,12 +197,42 @@ def bytes_per_device(tree, shardings) -> int:
 
 def device_memory_limit() -> int | None:
   """Bytes one local device can hold (None where the backend does not say,
-  as on CPU)."""
+  as on CPU: see ``host_memory_available``)."""
   try:
     stats = jax.local_devices()[0].memory_stats()
   except Exception:  # noqa: BLE001 - backends without memory stats
     return None
   return int(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
+
+
+def host_memory_available() -> int | None:
+  """Bytes this process can still allocate on the host (what its CPU
+  devices share): the kernel's
+  ``MemAvailable``, or less under an address-space limit (``ulimit -v``:
+  the limit less what the process has mapped); None where neither is known
+  (not Linux)."""
+  import resource
+  known = []
+  info = _proc_kib('/proc/meminfo', 'MemAvailable:')
+  if info is not None:
+    known.append(info)
+  soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+  mapped = _proc_kib('/proc/self/status', 'VmSize:')
+  if soft != resource.RLIM_INFINITY and mapped is not None:
+    known.append(max(0, soft - mapped))
+  return min(known) if known else None
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+  """A ``key: N kB`` line of a /proc file, in bytes."""
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.startswith(key):
+          return int(line.split()[1]) << 10
+  except (OSError, ValueError, IndexError):
+    return None
+  return None
 
 
 class Layout:

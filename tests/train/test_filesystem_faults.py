@@ -107,10 +107,14 @@ def test_a_full_disk_stops_training_and_export_with_exit_2_and_the_rerun_resumes
     if real:  # a save that fails in orbax's background writer (no step to size it by)
       with open(filler, 'r+b') as f:
         f.truncate(os.path.getsize(filler) - (64 << 10))
-      fresh = _main(args, str(disk / 'fresh'))  # (it used to hang on orbax's threads)
+      # (it used to hang on orbax's threads; then it ran on to the next save, step 400)
+      fresh = _main([*args, '--config.num_steps=1000', '--config.checkpoint_every=200',
+                     '--config.log_every=20'], str(disk / 'fresh'))
       assert fresh.returncode == 2 and 'No space left on device' in fresh.stderr, \
           fresh.stderr[-2000:]
       assert not _temps(str(disk / 'fresh'))
+      with open(disk / 'fresh' / 'metrics.jsonl') as f:  # stopped soon after the failed save
+        assert 200 <= max(json.loads(ln)['step'] for ln in f) < 400
       shutil.rmtree(disk / 'fresh')
       filler.unlink()
     again = _main(args, wd)

@@ -337,3 +337,40 @@ def test_checkpoints_of_another_optimizer_layout_are_refused_for_training_but_ex
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
   assert tree_equal(restore(str(tmp_path)).train_state.state, ts.state)
   assert export_run(str(tmp_path), str(tmp_path / 'old.pemn'))['file_bytes'] > 0
+
+
+def test_a_train_state_larger_than_the_host_memory_is_refused_before_allocation(
+    mnist_slice, tmp_path):
+  # A dense 784-2,000,000-10 MLP: 1.59e9 parameters, 18 GiB of params and
+  # AdamW moments; the process may map 6 GiB more than it has at start-up.
+  code = '\n'.join([
+      'import resource, runpy, sys',
+      'with open("/proc/self/status") as f:',
+      '  vm = next(int(ln.split()[1]) << 10 for ln in f if ln.startswith("VmSize:"))',
+      'resource.setrlimit(resource.RLIMIT_AS, (vm + (6 << 30), resource.RLIM_INFINITY))',
+      'sys.argv = ["pemn_jax.main", *sys.argv[1:]]',
+      'runpy.run_module("pemn_jax.main", run_name="__main__")'])
+  args = ['--config', 'configs/quickstart.py:dense=true', '--config.dataset=mnist',
+          f'--config.source_dir={mnist_slice["source_dir"]}',
+          f'--config.data_dir={mnist_slice["data_dir"]}', '--config.batch_size=32',
+          '--config.model_kwargs.hidden=(2000000,)', '--config.num_steps=2',
+          f'--workdir={tmp_path}']
+  p = subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-3000:]
+  assert 'the train state needs 18,' in p.stderr and 'more than this host has available' in \
+      p.stderr and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  assert not os.path.exists(tmp_path / 'checkpoints') or not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_running_out_of_memory_is_one_line_and_exit_2(capsys):
+  from jax.errors import JaxRuntimeError
+
+  from pemn_jax.cli import exit_statuses
+  with pytest.raises(SystemExit) as e, exit_statuses():
+    raise JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 25408000064 bytes.')
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count('\n') == 1
+  assert err.startswith('error: out of memory (RESOURCE_EXHAUSTED') and 'batch' in err
+  with pytest.raises(JaxRuntimeError), exit_statuses():  # other runtime errors stay errors
+    raise JaxRuntimeError('INTERNAL: something else')
