@@ -287,6 +287,12 @@ RESOURCE_AXES = {
               'max_module_calls'),
     'classes': ({'model': 'mlp', 'num_classes': 1_000_000}, 'max_example_bytes'),
     'input_size': ({'model': 'convmixer', 'input_shape': [8192, 8192, 3]}, 'max_example_bytes'),
+    # NNX models are not call-counted while traced: their depth is fixed by
+    # the registry (a depth in the file does not reach them), their width is not
+    'nnx_width': ({'model': 'resnet20_nnx', 'model_kwargs': {'width': 65536},
+                   'input_shape': [32, 32, 3]}, 'max_params'),
+    'nnx_depth': ({'model': 'resnet20_nnx', 'model_kwargs': {'depth': 65536},
+                   'input_shape': [32, 32, 3]}, "multiple values for argument 'depth'"),
     'mask_length': ({'param': {'name': 'masked', 'keep': 0.5},
                      'sections': [{'name': 'mask/params/Dense_0/kernel', 'codec': 'bits',
                                    'shape': [2**31], 'offset': 0, 'length': 0, 'ones': 1}]},
