@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pemn_jax.config import ConfigError, validate
@@ -458,7 +459,7 @@ class _Group:
       # device, the slices of every leaf and member would compile as one program (~1 s)
       host = jax.device_get(ts)
       finite = all(np.isfinite(x).all() for x in jax.tree.leaves(
-          (host.state, host.opt_state, host.model_state)) if np.issubdtype(x.dtype, np.floating))
+          (host.state, host.opt_state, host.model_state)) if jnp.issubdtype(x.dtype, jnp.floating))
       ones = [jax.device_put(jax.tree.map(lambda x, i=i: x[i], host), self.run.layout.replicated)
               for i in range(self.k)]
     else:

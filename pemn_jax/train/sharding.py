@@ -207,10 +207,9 @@ def device_memory_limit() -> int | None:
 
 def host_memory_available() -> int | None:
   """Bytes this process can still allocate on the host (what its CPU
-  devices share): the kernel's
-  ``MemAvailable``, or less under an address-space limit (``ulimit -v``:
-  the limit less what the process has mapped); None where neither is known
-  (not Linux)."""
+  devices share): the kernel's ``MemAvailable``, or less under an
+  address-space limit (``ulimit -v``: the limit less what the process has
+  mapped); None where neither is known (not Linux)."""
   import resource
   known = []
   info = _proc_kib('/proc/meminfo', 'MemAvailable:')

@@ -17,7 +17,7 @@ class DivergenceError(RuntimeError):
 
 def _summary_writer():
   """tensorboardX's ``SummaryWriter``, imported without PyTorch. Its writer
-  module imports torch where it is installed (2.6 s and ~0.5 GB here, every
+  module imports torch where it is installed (1.5 s and ~200 MiB here, every
   run) only to accept torch tensors, which the tracker never passes: while
   tensorboardX loads, ``torch`` is marked absent (``sys.modules[name] =
   None`` makes its import raise ImportError, tensorboardX's own fallback),
