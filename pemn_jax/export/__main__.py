@@ -1,7 +1,8 @@
 """Exports a trained run to a compact model file.
 
     python -m pemn_jax.export --workdir DIR --out model.pemn [--report]
-        [--float_codec f32|f16|bf16] [--mask_codec auto|bits|rans] [--params_dir DIR] [--slice]
+        [--float_codec f32|f16|bf16] [--mask_codec auto|bits|rans|rans1]
+        [--params_dir DIR] [--slice]
 
 Also writes an orbax checkpoint of the materialized dense params (and batch
 statistics) to --params_dir (default: OUT + '.params').
@@ -15,8 +16,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', requi
 _OUT = flags.DEFINE_string('out', None, 'Model file to write (.pemn).', required=True)
 _FLOAT = flags.DEFINE_enum('float_codec', 'f32', ['f32', 'f16', 'bf16'],
                            'Storage of float arrays (f32 rebuilds bit-identical params).')
-_MASK = flags.DEFINE_enum('mask_codec', 'auto', ['auto', 'bits', 'rans'],
-                          'Mask coding: bit-packed, rANS (~H(k) bits), or the smaller.')
+_MASK = flags.DEFINE_enum('mask_codec', 'auto', ['auto', 'bits', 'rans', 'rans1'],
+                          'Mask coding: bit-packed, rANS (~H(k) bits), order-1 rANS '
+                          '(rans1: a bit coded given the one before it, column-major), or the '
+                          'smallest (auto).')
 _PARAMS = flags.DEFINE_string('params_dir', None, 'Orbax checkpoint of the dense params '
                               "('' to skip; default OUT.params).")
 _REPORT = flags.DEFINE_bool('report', False, 'Print the size breakdown.')

@@ -59,11 +59,15 @@ def _encode_float_section(x, float_codec):
                                     'index_length': len(index)}
 
 
-def _encode_positions(nz: np.ndarray) -> tuple[str, bytes]:
-  """The smallest code of a 0/1 position array (its shape kept: ``rans1``
-  reads it column-major): bitmap, rANS bitmaps, u32 (row-major) indices."""
-  index = {c: codecs.encode_mask(nz, c) for c in codecs.MASK_CODECS}
-  index['u32'] = np.flatnonzero(nz).astype('<u4').tobytes()
+def _encode_positions(nz: np.ndarray, candidates=codecs.MASK_CODECS,
+                      indices: bool = True) -> tuple[str, bytes]:
+  """The smallest code of a 0/1 array (its shape kept: ``rans1`` reads it
+  column-major) among the mask codecs ``candidates`` (bitmap, rANS bitmaps)
+  and, with ``indices``, u32 row-major indices. Masks and the positions of
+  sparse and quantized sections are all chosen here."""
+  index = {c: codecs.encode_mask(nz, c) for c in candidates}
+  if indices:
+    index['u32'] = np.flatnonzero(nz).astype('<u4').tobytes()
   kind = min(index, key=lambda c: len(index[c]))
   return kind, index[kind]
 
@@ -152,10 +156,8 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
     x = np.asarray(arrays[name])
     if is_mask(name):
       bits = x.astype(bool)
-      cands = codecs.MASK_CODECS if mask_codec == 'auto' else (mask_codec,)
-      enc = {c: codecs.encode_mask(bits, c) for c in cands}
-      codec = min(enc, key=lambda c: len(enc[c]))
-      blob = enc[codec]
+      codec, blob = _encode_positions(
+          bits, codecs.MASK_CODECS if mask_codec == 'auto' else (mask_codec,), indices=False)
       extra = {'ones': int(bits.sum())}
     else:
       codec, blob, extra = _encode_float_section(x, float_codec)

@@ -14,6 +14,7 @@ from conftest import REPO, minimal_header, tiny_config, tree_equal
 from pemn_jax.evaluate import evaluate_artifact
 from pemn_jax.export import artifact, codecs
 from pemn_jax.export.model_file import export_run, load
+from pemn_jax.params import sections
 from pemn_jax.train.loop import train_and_evaluate
 from pemn_jax.train.run import restore
 
@@ -104,6 +105,16 @@ def test_cli_export_report(trained, tmp_path):
   assert p.returncode == 0, p.stderr
   assert 'bits per weight' in p.stdout and 'H(k)' in p.stdout
   assert os.path.isdir(str(out) + '.params')
+  # every mask codec can be asked for by name; each file rebuilds the same params
+  for codec in ('rans1', 'bits'):
+    one = tmp_path / f'{codec}.pemn'
+    p = subprocess.run([sys.executable, '-m', 'pemn_jax.export', f'--workdir={wd}',
+                        f'--out={one}', f'--mask_codec={codec}', '--params_dir='], cwd=REPO,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    masks = [s for s in artifact.read(str(one))[0]['sections'] if sections.is_mask(s['name'])]
+    assert masks and {s['codec'] for s in masks} == {codec}
+    assert tree_equal(load(str(one))[2], load(str(out))[2])
   p = subprocess.run([sys.executable, '-m', 'pemn_jax.export', f'--workdir={tmp_path / "none"}',
                       f'--out={tmp_path / "x.pemn"}'], cwd=REPO, capture_output=True, text=True)
   assert p.returncode == 2 and 'no checkpoint' in p.stderr
