@@ -73,11 +73,11 @@ def command(args: list[str], what: str) -> float:
   return time.time() - t0
 
 
-def separate(config: str, k: int, sets: list[str], tmp: str, variants) -> tuple[float, float]:
+def separate(config: str, sweep: str, sets: list[str], tmp: str, variants
+             ) -> tuple[float, float]:
   """(sweep seconds, one-by-one seconds), each side in its own processes."""
-  seeds = ','.join(str(i) for i in range(k))
   vmapped = command(['pemn_jax.ablate', '--config', config, '--workdir',
-                     os.path.join(tmp, 'sweep'), f'--sweep=seed={seeds}', '--noplots',
+                     os.path.join(tmp, 'sweep'), f'--sweep={sweep}', '--noplots',
                      *(f'--set={s}' for s in sets)], 'the sweep')
   print(f'# sweep: {vmapped:.1f} s', flush=True)
   sequential = 0.0
@@ -89,12 +89,12 @@ def separate(config: str, k: int, sets: list[str], tmp: str, variants) -> tuple[
   return vmapped, sequential
 
 
-def in_process(config: str, k: int, sets: list[str], tmp: str, variants):
+def in_process(config: str, sweep: str, sets: list[str], tmp: str, variants):
   from pemn_jax.sweep import run_sweep
   from pemn_jax.train.loop import train_and_evaluate
   t0 = time.time()
-  run_sweep(config, [f'seed={",".join(str(i) for i in range(k))}'],
-            os.path.join(tmp, 'sweep'), say=lambda m: None, plots=False, overrides=sets)
+  run_sweep(config, [sweep], os.path.join(tmp, 'sweep'), say=lambda m: None, plots=False,
+            overrides=sets)
   vmapped = time.time() - t0
   t0 = time.time()
   for v in variants:
@@ -120,7 +120,8 @@ def main(argv=None):
           f'checkpoint_every={steps}']
   if args.smoke:
     sets += ['train_limit=512', 'test_limit=200', 'batch_size=32', 'eval_batch_size=100']
-  variants = expand(args.config, parse_sweeps([f'seed={",".join(map(str, range(k)))}']), sets)
+  sweep = 'seed=' + ','.join(map(str, range(k)))  # both sides train these variants
+  variants = expand(args.config, parse_sweeps([sweep]), sets)
   if [int(v.config.seed) for v in variants] != list(range(k)):
     raise SystemExit('the variants are not seeds 0..k-1 in order')
   batch = variants[0].config.batch_size
@@ -134,7 +135,7 @@ def main(argv=None):
     for split in ('train', 'test'):
       sources.load(c.dataset, split, c.data_dir, c.source_dir)
     vmapped, sequential = (in_process if args.in_process else separate)(
-        args.config, k, sets, tmp, variants)
+        args.config, sweep, sets, tmp, variants)
     swept = [final_accuracy(os.path.join(tmp, 'sweep', v.name)) for v in variants]
     single = [final_accuracy(os.path.join(tmp, v.name)) for v in variants]
     worst = max(abs(a - b) for a, b in zip(swept, single, strict=True))

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 
@@ -46,10 +47,16 @@ def plain(x):
 
 
 def all_finite(tree) -> bool:
-  """Whether every float leaf of ``tree`` is finite (one scalar to the host)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  """Whether every float leaf of ``tree`` is finite: on device, one scalar
+  to the host; a tree of host (numpy) arrays is checked where it is, with
+  nothing compiled."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype if hasattr(x, 'dtype') else jnp.asarray(x).dtype,
+                              jnp.floating)]
   if not leaves:
     return True
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return all(bool(np.isfinite(x).all()) for x in leaves)
   return bool(_all_finite(leaves))
 
 

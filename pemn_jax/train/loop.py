@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pemn_jax.config import ConfigError, validate
@@ -352,9 +351,9 @@ class _Group:
     wds = self._values(lambda c: float(c.optimizer.weight_decay), np.float32)
     abstract = jax.eval_shape(init, seeds, lrs, wds)
     need, limit = bytes_per_device(abstract, self.shardings), device_memory_limit()
-    host = len(jax.local_devices()) * need  # CPU devices share the host's memory
-    free = (host_memory_available() if limit is None and jax.local_devices()[0].platform == 'cpu'
-            else None)
+    devices = jax.local_devices()
+    host = len(devices) * need  # CPU devices share the host's memory
+    free = host_memory_available() if limit is None and devices[0].platform == 'cpu' else None
     if free is not None and host > free:
       raise ConfigError(
           f'the train state needs {host / 2**20:,.0f} MiB, more than this host has available '
@@ -457,15 +456,11 @@ class _Group:
   def _save(self, ts, step: int):
     if self.stacked:  # (replicated, one process) checked and sliced on the host: sliced on
       # device, the slices of every leaf and member would compile as one program (~1 s)
-      host = jax.device_get(ts)
-      finite = all(np.isfinite(x).all() for x in jax.tree.leaves(
-          (host.state, host.opt_state, host.model_state)) if jnp.issubdtype(x.dtype, jnp.floating))
-      ones = [jax.device_put(jax.tree.map(lambda x, i=i: x[i], host), self.run.layout.replicated)
-              for i in range(self.k)]
-    else:
-      finite, ones = all_finite((ts.state, ts.opt_state, ts.model_state)), [ts]
-    if not finite:
+      ts = jax.device_get(ts)
+    if not all_finite((ts.state, ts.opt_state, ts.model_state)):
       raise self.trackers[0].diverged(step, 'finite, but the state is not')
+    ones = ([jax.device_put(jax.tree.map(lambda x, i=i: x[i], ts), self.run.layout.replicated)
+             for i in range(self.k)] if self.stacked else [ts])
     for m, ck, tr, one in zip(self.members, self.ckpts, self.trackers, ones, strict=True):
       ck.save(step, one, self.run.meta(m.config, step, tr.best), force=True)
 

@@ -374,3 +374,15 @@ def test_running_out_of_memory_is_one_line_and_exit_2(capsys):
   assert err.startswith('error: out of memory (RESOURCE_EXHAUSTED') and 'batch' in err
   with pytest.raises(JaxRuntimeError), exit_statuses():  # other runtime errors stay errors
     raise JaxRuntimeError('INTERNAL: something else')
+
+
+def test_all_finite_checks_host_arrays_where_they_are():
+  import ml_dtypes
+
+  from pemn_jax import pytrees
+  before = pytrees._all_finite._cache_size()  # noqa: SLF001
+  assert not pytrees.all_finite({'w': np.array([1, np.inf], ml_dtypes.bfloat16),
+                                 'n': np.arange(3)})
+  assert pytrees.all_finite({'w': np.ones(3, np.float32), 'n': np.array([7])})
+  assert pytrees._all_finite._cache_size() == before  # noqa: SLF001 - nothing compiled
+  assert not pytrees.all_finite({'w': jax.numpy.array([1.0, np.nan])})  # device arrays too
