@@ -34,6 +34,9 @@ STANDARD = {
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # Standard TFDS datasets of variable image size (encoded JPEGs), decoded at image_size.
 VARIABLE = {'imagenet2012': IMAGENET_STATS, 'imagenette': IMAGENET_STATS}
+# What a run evaluates on ('test') for these: their labelled held-out split
+# (imagenet2012's 'test' split, where prepared, has no labels).
+EVAL_SPLIT = {'imagenet2012': 'validation', 'imagenette': 'validation'}
 FOLDER = 'folder:'
 DATASETS = (sorted(LOCAL) + [f'tfds:{n}' for n in sorted({**STANDARD, **VARIABLE})]
             + [FOLDER + 'PATH'])
@@ -96,7 +99,8 @@ def load(name: str, split: str, data_dir: str | None = None, source_dir: str | N
   standard ones must already be prepared.
 
   Args:
-    name, split: the dataset and split ('train' or 'test').
+    name, split: the dataset and split ('train' or 'test'; 'test' is the
+      'validation' split of datasets evaluated on it, ``EVAL_SPLIT``).
     data_dir: where prepared datasets live (default ``$TFDS_DATA_DIR`` or
       ``~/tensorflow_datasets``).
     source_dir: local files to prepare from.
@@ -138,6 +142,7 @@ def load(name: str, split: str, data_dir: str | None = None, source_dir: str | N
         f'--data_dir={data_dir} --file_format=array_record, on a machine that may download), '
         'or point config.data_dir at a directory that holds it.')
     mean, std = {**STANDARD, **VARIABLE}[tfds_name]
+    split = EVAL_SPLIT.get(tfds_name, 'test') if split == 'test' else split
   else:
     cls, default_src, mean, std = LOCAL[name]
     with builders.quiet():
