@@ -1,5 +1,6 @@
 """One error policy for the command-line entry points (``main``, ``ablate``,
-``export``, ``evaluate``, ``evolve``, ``plot``): each starts with ``run(main)``.
+``export``, ``evaluate``, ``evolve``, ``plot``): each starts with ``run(main)``;
+and their progress lines (``Eta``).
 
 Exit status: 0 done, or stopped cleanly with its state saved (a signal,
 ``stop_at_step``); 2 a bad config, flag, file, dataset, checkpoint or workdir,
@@ -16,6 +17,7 @@ import difflib
 import os
 import re
 import sys
+import time
 
 BAD_INPUT, DIVERGED, LOST_PEER = 2, 3, 4
 
@@ -37,6 +39,30 @@ def fail(message, status: int = BAD_INPUT):
   """Prints ``error: message`` to stderr and exits with ``status``."""
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(status)
+
+
+class Eta:
+  """A progress line with an ETA for a long task, for ``say``: at most one
+  every ``every`` seconds, so a task shorter than that prints nothing.
+
+  Call it as ``eta(done, total)`` (any unit: weights, steps); ``done == 0``
+  (re)starts the clock.
+  """
+
+  def __init__(self, say, what: str, unit: str = '', every: float = 5.0,
+               clock=time.monotonic):
+    self.say, self.what, self.unit, self.every, self.clock = say, what, unit, every, clock
+    self.t0 = self.last = clock()
+
+  def __call__(self, done: int, total: int):
+    now = self.clock()
+    if done == 0:
+      self.t0 = self.last = now
+    if now - self.last < self.every or not 0 < done < total:
+      return
+    self.last, spent = now, now - self.t0
+    self.say(f'{self.what}: {done:,}/{total:,}{self.unit} ({100 * done / total:.0f}%), '
+             f'{spent:.0f}s, eta {spent * (total - done) / done:.0f}s')
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -29,14 +29,14 @@ _SLICE = flags.DEFINE_bool('slice', False, 'A gated (polarization) run: freeze t
 
 def main(argv):
   del argv
-  from pemn_jax.cli import exit_statuses
+  from pemn_jax.cli import Eta, exit_statuses
   from pemn_jax.export import artifact
   from pemn_jax.export.model_file import export_run
 
   params_dir = _OUT.value + '.params' if _PARAMS.value is None else (_PARAMS.value or None)
   with exit_statuses(also=(ValueError,)):
     out = export_run(_WORKDIR.value, _OUT.value, _FLOAT.value, _MASK.value, params_dir,
-                     _SLICE.value, say=print)
+                     _SLICE.value, say=print, progress=Eta(print, 'encoding', ' weights'))
   print(f'wrote {_OUT.value}: {out["file_bytes"]} bytes (dense float32: '
         f'{4 * out["num_params"]} bytes)' + (f'; dense params: {params_dir}' if params_dir else ''))
   if _REPORT.value:

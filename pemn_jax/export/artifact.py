@@ -131,7 +131,7 @@ def _decode_sparse(blob, s):
 
 
 def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
-          mask_codec: str = 'auto') -> int:
+          mask_codec: str = 'auto', progress=None) -> int:
   """Writes the file atomically (temp file + rename); returns its size in bytes.
 
   Args:
@@ -140,31 +140,34 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
     arrays: ``{name: array}``; names starting with ``mask/`` hold booleans;
       a ``codecs.Quantized`` value becomes a ``quant`` section.
     float_codec, mask_codec: storage of float arrays / masks.
+    progress: called as ``progress(done, total)`` (elements encoded so far,
+      of all sections') before the first section and after each one.
   Returns:
     The file's size in bytes.
   """
   sections, blobs, offset = [], [], 0
+  shapes = {k: np.shape(v.mask if isinstance(v, codecs.Quantized) else v)
+            for k, v in arrays.items()}
+  total, done = sum(math.prod(s) for s in shapes.values()), 0
+  if progress is not None:
+    progress(0, total)
   for name in sorted(arrays):
     if isinstance(arrays[name], codecs.Quantized):
-      q = arrays[name]
-      blob, extra = _encode_quantized(q)
-      sections.append({'name': name, 'codec': 'quant', 'shape': list(q.mask.shape),
-                       'offset': offset, 'length': len(blob), **extra})
-      blobs.append(blob)
-      offset += len(blob)
-      continue
-    x = np.asarray(arrays[name])
-    if is_mask(name):
-      bits = x.astype(bool)
+      codec, (blob, extra) = 'quant', _encode_quantized(arrays[name])
+    elif is_mask(name):
+      bits = np.asarray(arrays[name]).astype(bool)
       codec, blob = _encode_positions(
           bits, codecs.MASK_CODECS if mask_codec == 'auto' else (mask_codec,), indices=False)
       extra = {'ones': int(bits.sum())}
     else:
-      codec, blob, extra = _encode_float_section(x, float_codec)
-    sections.append({'name': name, 'codec': codec, 'shape': list(x.shape), 'offset': offset,
-                     'length': len(blob), **extra})
+      codec, blob, extra = _encode_float_section(np.asarray(arrays[name]), float_codec)
+    sections.append({'name': name, 'codec': codec, 'shape': list(shapes[name]),
+                     'offset': offset, 'length': len(blob), **extra})
     blobs.append(blob)
     offset += len(blob)
+    done += math.prod(shapes[name])
+    if progress is not None:
+      progress(done, total)
   head = encode_header({**header, 'sections': sections})
   body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + b''.join(blobs)
   data = body + hashlib.sha256(body).digest()

@@ -48,7 +48,8 @@ def model_header(model: str, model_kwargs: dict, num_classes: int, input_shape,
 
 
 def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str = 'auto',
-               params_dir: str | None = None, slice_gates: bool = False, say=None) -> dict:
+               params_dir: str | None = None, slice_gates: bool = False, say=None,
+               progress=None) -> dict:
   """Writes ``out`` (.pemn) and, if ``params_dir``, an orbax checkpoint of the
   materialized dense params + model state. Returns sizes.
 
@@ -60,6 +61,7 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
     slice_gates: a gated run (polarization): freeze its gates and write the
       physically smaller ordinary model (dense params) instead.
     say: where to report a checkpoint skipped as corrupt (default: nowhere).
+    progress: ``artifact.write``'s (e.g. ``cli.Eta``: a line with an ETA).
   Returns:
     ``file_bytes``, ``num_params`` (of the written model), ``header``.
   Raises:
@@ -102,7 +104,7 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
   if params_dir:  # first: a failure of either leaves neither under its final name
     _save_params(os.path.abspath(params_dir), {'params': params, **model_state})
   try:
-    size = artifact.write(out, header, arrays, float_codec, mask_codec)
+    size = artifact.write(out, header, arrays, float_codec, mask_codec, progress)
   except BaseException:
     if params_dir:
       shutil.rmtree(params_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, minimal_header, tiny_config, tree_equal
 
+from pemn_jax import cli
 from pemn_jax.evaluate import evaluate_artifact
 from pemn_jax.export import artifact, codecs
 from pemn_jax.export.model_file import export_run, load
@@ -222,3 +223,26 @@ def test_order1_rans_reaches_the_conditional_entropy_of_clustered_masks():
       codecs.decode_mask(bad, 'rans1', m.shape, int(m.sum()))
   with pytest.raises(ValueError, match='transition counts'):
     codecs.decode_mask(b1, 'rans1', m.shape, int(m.sum()) + 1)
+
+
+def test_write_reports_progress_over_all_sections_and_eta_prints_only_long_tasks(tmp_path):
+  rng = np.random.default_rng(0)
+  mask = rng.random((30, 7)) < 0.5
+  q = codecs.Quantized(mask, rng.integers(0, 2, int(mask.sum())), np.array([-1., 1.], np.float32),
+                       'uniform', 1)
+  arrays = {'w': rng.normal(size=(40, 3)).astype(np.float32), 'b': np.ones(5, np.float32),
+            'mask/w': rng.random((40, 3)) < 0.5, 'q': q}
+  calls = []
+  artifact.write(str(tmp_path / 'p.pemn'), minimal_header(), arrays,
+                 progress=lambda d, t: calls.append((d, t)))
+  # before the first section, then after each one: 120 + 5 + 120 + 210 elements in all
+  assert calls[0] == (0, 455) and calls[-1] == (455, 455) and len(calls) == 5
+  assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+  # the printer: nothing within `every` seconds of the last line, nothing at 0 or the end
+  now, lines = [100.0], []
+  eta = cli.Eta(lines.append, 'encoding', ' weights', every=5.0, clock=lambda: now[0])
+  for t, done in [(200.0, 0), (203.0, 10), (206.0, 25), (208.0, 50), (212.0, 100)]:
+    now[0] = t
+    eta(done, 100)
+  # the clock restarted at done=0 (t=200): at t=206, 6 s for 25% -> 18 s left
+  assert lines == ['encoding: 25/100 weights (25%), 6s, eta 18s']
