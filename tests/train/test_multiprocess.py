@@ -1,7 +1,8 @@
 """Multi-process training on JAX's own runtime (jax.distributed over gloo on
 CPU, started by launch/local.sh): processes x devices agree with one process,
 FSDP agrees with replication, checkpoints restore across meshes and process
-counts, and a killed process leaves a loadable checkpoint and no hang."""
+counts, a killed process leaves a loadable checkpoint and no hang, and a save
+that fails in every process ends each with exit 2."""
 
 import json
 import os
@@ -203,3 +204,33 @@ def test_eval_batch_not_divisible_by_devices_is_padded_and_train_batch_is_an_err
   rc, out = launch(args_for(prepared, 'configs/dense.py', tmp_path / 'bad', '--config.num_steps=2',
                             '--config.batch_size=33'), 1, 2)
   assert rc == 2 and 'config.batch_size=33 is not divisible by the 2 devices' in out, out
+
+
+def test_a_save_failing_in_every_process_exits_2_in_each_without_a_hang(prepared, tmp_path):
+  # The checkpoint directory turns read-only under a 2-process job (a bind
+  # mount, root only): each process's save fails, and each must end with the
+  # filesystem message and exit 2 -- not wait on the other in a collective
+  # -- keeping the earlier checkpoint.
+  import shutil
+  if os.geteuid() != 0 or not shutil.which('mount'):
+    pytest.skip('needs root and mount (a read-only bind mount)')
+  wd = tmp_path / 'run'
+  args = args_for(prepared, 'configs/quickstart.py', wd, '--config.dataset=mnist',
+                  '--config.num_steps=40', '--config.checkpoint_every=4')
+  args[0] = '--config=configs/quickstart.py'
+  rc, out = launch([*args, '--config.stop_at_step=4'], processes=2)
+  assert rc == 0, out[-3000:]
+  ck = str(wd / 'checkpoints')
+  if subprocess.run(['sh', '-c', f'mount --bind "{ck}" "{ck}" && mount -o remount,ro,bind '
+                     f'"{ck}"'], capture_output=True).returncode:
+    pytest.skip('mount is not permitted here')
+  try:
+    t0 = time.time()
+    rc, out = launch(args, processes=2)
+    waited = time.time() - t0
+  finally:
+    subprocess.run(['umount', '-l', ck], capture_output=True)
+  assert rc == 2, out[-3000:]
+  assert out.count('not writable') >= 2 and 'Traceback' not in out, out[-3000:]
+  assert waited < 120, waited
+  assert sorted(int(n) for n in os.listdir(ck) if n.isdigit()) == [4]
