@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +137,25 @@ def make_folder(root, per_class=(6, 2), seed=0, classes=('cat', 'dog', 'emu')):
         img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         img.save(os.path.join(d, f'{i}.{"png" if i % 3 == 0 else "jpg"}'))
   return os.path.join(root, 'train')
+
+
+@contextlib.contextmanager
+def mounted(argv_mount, path):
+  """Runs ``mount`` (root only) and unmounts ``path`` after; yields False
+  if it cannot."""
+  if os.geteuid() != 0 or not shutil.which('mount'):
+    yield False
+    return
+  ok = subprocess.run(argv_mount, capture_output=True).returncode == 0
+  try:
+    yield ok
+  finally:
+    if ok:
+      subprocess.run(['umount', '-l', path], capture_output=True)
+
+
+def read_only_bind(path):
+  """``mounted``: ``path`` bind-mounted read-only onto itself (a read-only
+  directory that root cannot write either)."""
+  return mounted(['sh', '-c', f'mount --bind "{path}" "{path}" && '
+                  f'mount -o remount,ro,bind "{path}"'], path)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, mounted, read_only_bind, tiny_config
 
 from pemn_jax.train.loop import train_and_evaluate
 from pemn_jax.train.workdir import WorkdirError
@@ -33,20 +33,6 @@ def _cli_args(mnist_slice, steps):
 def _main(args, workdir, timeout=120, env=None):
   return subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args, f'--workdir={workdir}'],
                         cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@contextlib.contextmanager
-def _mounted(argv_mount, path):
-  """Runs ``mount`` (root only); yields False if it cannot."""
-  if os.geteuid() != 0 or not shutil.which('mount'):
-    yield False
-    return
-  ok = subprocess.run(argv_mount, capture_output=True).returncode == 0
-  try:
-    yield ok
-  finally:
-    if ok:
-      subprocess.run(['umount', '-l', path], capture_output=True)
 
 
 def _steps(workdir):
@@ -74,7 +60,7 @@ def test_a_full_disk_stops_training_and_export_with_exit_2_and_the_rerun_resumes
     mnist_slice, tmp_path):
   disk = tmp_path / 'disk'
   disk.mkdir()
-  with _mounted(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(disk)], str(disk)) as real:
+  with mounted(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(disk)], str(disk)) as real:
     wd = str(disk / 'run')
     args = _cli_args(mnist_slice, 16)
     first = _main(args + ['--config.stop_at_step=4'], wd)
@@ -127,8 +113,7 @@ def test_a_read_only_checkpoint_directory_exits_2_within_seconds(mnist_slice, tm
   args = _cli_args(mnist_slice, 16)
   assert _main(args + ['--config.stop_at_step=4'], wd).returncode == 0
   ck = os.path.join(wd, 'checkpoints')
-  bind = ['sh', '-c', f'mount --bind "{ck}" "{ck}" && mount -o remount,ro,bind "{ck}"']
-  with _mounted(bind, ck) as real:
+  with read_only_bind(ck) as real:
     if not real:
       os.chmod(ck, 0o555)
     try:

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, read_only_bind
 
 METHODS = {'dense': 'configs/dense.py', 'rpg': 'configs/rpg.py', 'pemn': 'configs/pemn.py'}
 FSDP = ['--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.sharding.state=fsdp',
@@ -211,9 +211,6 @@ def test_a_save_failing_in_every_process_exits_2_in_each_without_a_hang(prepared
   # mount, root only): each process's save fails, and each must end with the
   # filesystem message and exit 2 -- not wait on the other in a collective
   # -- keeping the earlier checkpoint.
-  import shutil
-  if os.geteuid() != 0 or not shutil.which('mount'):
-    pytest.skip('needs root and mount (a read-only bind mount)')
   wd = tmp_path / 'run'
   args = args_for(prepared, 'configs/quickstart.py', wd, '--config.dataset=mnist',
                   '--config.num_steps=40', '--config.checkpoint_every=4')
@@ -221,15 +218,12 @@ def test_a_save_failing_in_every_process_exits_2_in_each_without_a_hang(prepared
   rc, out = launch([*args, '--config.stop_at_step=4'], processes=2)
   assert rc == 0, out[-3000:]
   ck = str(wd / 'checkpoints')
-  if subprocess.run(['sh', '-c', f'mount --bind "{ck}" "{ck}" && mount -o remount,ro,bind '
-                     f'"{ck}"'], capture_output=True).returncode:
-    pytest.skip('mount is not permitted here')
-  try:
+  with read_only_bind(ck) as real:
+    if not real:
+      pytest.skip('needs root and a permitted mount (a read-only bind mount)')
     t0 = time.time()
     rc, out = launch(args, processes=2)
     waited = time.time() - t0
-  finally:
-    subprocess.run(['umount', '-l', ck], capture_output=True)
   assert rc == 2, out[-3000:]
   assert out.count('not writable') >= 2 and 'Traceback' not in out, out[-3000:]
   assert waited < 120, waited
