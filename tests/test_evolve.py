@@ -260,13 +260,18 @@ def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(teacher_r
     assert int((np.asarray(flatten(params)[p]) != 0).sum()) <= n - int(s * n) + 0
 
 
-def test_fine_tuning_between_generations_and_a_rerun_with_other_settings(teacher_run, tmp_path):
+def test_fine_tuning_between_generations_and_a_rerun_with_other_settings(teacher_run, tmp_path,
+                                                                          monkeypatch):
   """--generation_finetune distills after every generation (zeros stay zero,
   the steps are counted); a baseline's --extra_finetune adds to its end; a
-  rerun with other settings is refused, leaving the saved search as it was."""
+  rerun with other settings is refused, leaving the saved search as it was.
+  Each phase after the pruning is announced, with an ETA line as it runs."""
+  import functools
   import os
   import shutil
 
+  from pemn_jax import cli
+  from pemn_jax.evolve import compress
   from pemn_jax.evolve.compress import evolve
   run = str(tmp_path / 'run')
   shutil.copytree(teacher_run, run)
@@ -284,5 +289,17 @@ def test_fine_tuning_between_generations_and_a_rerun_with_other_settings(teacher
   with pytest.raises(ValueError, match=r'population: saved 4, now 8.*left untouched'):
     evolve(run, str(tmp_path / 'b.pemn'), **{**kw, 'population': 8}, generation_finetune=2)
   assert sorted(os.listdir(state)) == before and not os.path.exists(tmp_path / 'b.pemn')
-  mag = evolve(run, str(tmp_path / 'm.pemn'), method='magnitude', extra_finetune=7, **kw)
+  lines = []
+  monkeypatch.setattr(compress, 'Eta', functools.partial(cli.Eta, every=0.0))  # every step
+  mag = evolve(run, str(tmp_path / 'm.pemn'), method='magnitude', extra_finetune=7,
+               quant_finetune=6, **{**kw, 'say': lines.append})
   assert mag['generations'] == 0 and mag['distill_steps'] == 3 * (layers + 1) + 7
+  steps = 3 * (layers + 1) + 7
+  order = [f'fine-tuning the pruned student: {steps} distillation steps',
+           f'fine-tuning: 1/{steps} steps', f'fine-tuning: {steps - 1}/{steps} steps',
+           'quantizing: bits per layer (2-8) within a 0.01 KL budget', 'bits chosen in ',
+           'tuning the codebooks: 6 distillation steps', 'codebooks: 5/6 steps', 'encoding: ']
+  at = [next((i for i, line in enumerate(lines) if line.startswith(o)), None) for o in order]
+  assert None not in at and at == sorted(at), lines
+  chosen = next(line for line in lines if line.startswith('bits chosen in '))
+  assert all(f'{p} {b}' in chosen for p, (b, _) in mag['bits'].items()), (chosen, mag['bits'])

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pemn_jax.cli import Eta
 from pemn_jax.data.pipeline import Pipeline
 from pemn_jax.evolve import quantize as Q
 from pemn_jax.evolve import search as S
@@ -172,14 +173,20 @@ class _Search:
                            settings['population'], settings['tau'], settings['tolerance'])
     self.distill = S.Distiller(self.model, self.model_state, self.teacher, settings['lr'])
 
-  def batches(self, steps: int):
-    """The next ``steps`` distillation batches (after those already used)."""
+  def batches(self, steps: int, what: str | None = None):
+    """The next ``steps`` distillation batches (after those already used);
+    with ``what``, a progress line with an ETA as they are taken
+    (``cli.Eta``: none for a phase shorter than its 5 s)."""
     done = self.prog['finetuned'] + self.prog['gen_finetuned']
-    return (jnp.asarray(self.pipe.batch(done + i)[0]) for i in range(steps))
+    eta = Eta(self.say, what, ' steps') if what else None
+    for i in range(steps):
+      if eta is not None:
+        eta(i, steps)
+      yield jnp.asarray(self.pipe.batch(done + i)[0])
 
-  def finetune(self, steps: int, key: str):
+  def finetune(self, steps: int, key: str, what: str | None = None):
     if steps > 0:
-      self.params = self.distill(self.params, self.masks, self.batches(steps))
+      self.params = self.distill(self.params, self.masks, self.batches(steps, what))
       self.prog[key] += steps
 
   def _restore(self, ckpt: Checkpointer):
@@ -234,8 +241,11 @@ class _Search:
           self._prune(ckpt, layers, checkpoint_every, max_generations, stop)
           if self.prog['phase'] == 'finetune' and stop.signum is None:
             s = self.settings
-            self.finetune(s['finetune_steps'] * (len(layers) + 1) + s['extra_finetune']
-                          - self.prog['finetuned'], 'finetuned')
+            steps = (s['finetune_steps'] * (len(layers) + 1) + s['extra_finetune']
+                     - self.prog['finetuned'])
+            if steps > 0:
+              self.say(f'fine-tuning the pruned student: {steps} distillation steps')
+            self.finetune(steps, 'finetuned', 'fine-tuning')
             self.prog['phase'] = 'quantize'
             self.prog['kl'] = float(self.evo.kl(self.params))
         self._save(ckpt)
@@ -326,6 +336,10 @@ def _encode(run: Restored, search: _Search, out: str, budget_kl, budget_acc, min
       return 100 * (teacher_acc - float(accuracy(p)))
     return float(search.evo.kl(p))
   budget = fitness({}, flat) + (budget_acc if budget_acc is not None else budget_kl)
+  say = search.say
+  say(f'quantizing: bits per layer ({min_bits}-{max_bits}) within a '
+      + (f'{budget_acc:g}-point calibration accuracy' if budget_acc is not None
+         else f'{budget_kl:g} KL') + ' budget')
   q0 = time.time()
   kernels = {p: np.asarray(flat[p]) for p in layers}
   alloc = Q.allocate_bits(kernels, fitness, budget, min_bits, max_bits)
@@ -333,9 +347,12 @@ def _encode(run: Restored, search: _Search, out: str, budget_kl, budget_acc, min
     leftovers, base = {}, flat  # quantizing the leftovers alone breaks the budget
     alloc = Q.allocate_bits(kernels, fitness, budget, min_bits, max_bits)
   quantized, fit = {**alloc.layers, **leftovers}, alloc.fitness
+  say(f'bits chosen in {time.time() - q0:.0f}s: ' + ', '.join(
+      f'{p} {q.bits}' for p, q in alloc.layers.items()))
   if quant_finetune and quantized:
+    say(f'tuning the codebooks: {quant_finetune} distillation steps')
     tuner = S.CodebookTuner(model, model_state, search.teacher, search.settings['lr'])
-    tuned = tuner(search.params, quantized, search.batches(quant_finetune))
+    tuned = tuner(search.params, quantized, search.batches(quant_finetune, 'codebooks'))
     tuned_fit = fitness({p: q.dense() for p, q in tuned.items()})
     if tuned_fit <= fit:  # (on the calibration batch; kept only when it helps there)
       quantized, fit = tuned, tuned_fit
@@ -347,7 +364,7 @@ def _encode(run: Restored, search: _Search, out: str, budget_kl, budget_acc, min
                                                      flatten(model_state).items()}))
   header = model_header(run.config.model, run.config.model_kwargs.to_dict(), run.num_classes,
                         run.input_shape, {'name': 'dense'}, 0, run.config.dataset, run.step)
-  size = artifact.write(out, header, arrays, 'f32')
+  size = artifact.write(out, header, arrays, 'f32', progress=Eta(say, 'encoding', ' weights'))
   final = dict(flat)
   final.update({p: jnp.asarray(q.dense()) for p, q in quantized.items()})
   kept = sum(int(masks[p].sum()) for p in layers)
