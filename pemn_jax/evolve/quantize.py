@@ -42,13 +42,17 @@ def levels(values: np.ndarray, bits: int, method: str) -> np.ndarray:
     mags = scale * 2.0 ** -np.arange(half)
     return np.concatenate([-mags, mags])[:n_levels].astype(np.float32)
   if method == 'kmeans':
+    # Lloyd's iterations in 1-D: each level's values are a contiguous run of
+    # the sorted values, (edge below, edge above], so a pass costs
+    # O(levels log n) over prefix sums instead of O(n log levels).
+    v = np.sort(v)
+    prefix = np.concatenate([[0.0], np.cumsum(v)])
     centers = np.quantile(v, (np.arange(n_levels) + 0.5) / n_levels)
     for _ in range(30):
       centers = np.sort(centers)
-      edges = (centers[1:] + centers[:-1]) / 2
-      assign = np.searchsorted(edges, v)
-      sums = np.bincount(assign, weights=v, minlength=n_levels)
-      cnt = np.bincount(assign, minlength=n_levels)
+      bounds = np.concatenate([[0], np.searchsorted(v, (centers[1:] + centers[:-1]) / 2,
+                                                    side='right'), [v.size]])
+      sums, cnt = np.diff(prefix[bounds]), np.diff(bounds)
       new = np.where(cnt > 0, sums / np.maximum(cnt, 1), centers)
       if np.allclose(new, centers):
         break
