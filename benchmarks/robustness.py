@@ -343,9 +343,9 @@ def _one_line_exit_2(p, *words) -> bool:
           and all(w in p.stderr for w in words))
 
 
-def filesystem(tmp):
+def filesystem(tmp, limit=None):
   """Each case: (name, callable -> bool); those needing root are skipped
-  (not counted) elsewhere."""
+  (not counted) elsewhere. ``limit``: only the first cases."""
   root = os.geteuid() == 0 and shutil.which('mount') is not None
   args = ['--config', 'configs/quickstart.py', '--config.dataset=mnist',
           '--config.model_kwargs.hidden=(32,)', '--config.train_limit=512',
@@ -430,7 +430,7 @@ def filesystem(tmp):
     cases += [('full disk while training', lambda: full('train')),
               ('full disk while exporting', lambda: full('export')),
               ('read-only checkpoints', read_only)]
-  return tally('filesystem', cases)
+  return tally('filesystem', cases[:limit])
 
 
 CLI_MISTAKES = [('--config.model=os:getcwd', 'config.model'),
@@ -446,7 +446,7 @@ CLI_MISTAKES = [('--config.model=os:getcwd', 'config.model'),
                  '(20000000,)', 'config.model_kwargs')]  # a 188 GB train state
 
 
-def cli_mistakes(tmp):
+def cli_mistakes(tmp, limit=None):
   base = ['--config.train_limit=256', '--config.test_limit=100', '--config.num_steps=2']
 
   def case(i, flag, named):
@@ -458,7 +458,7 @@ def cli_mistakes(tmp):
       return False
     return True
   return tally('cli_mistakes', [(flag, lambda i=i, f=flag, n=named: case(i, f, n))
-                                for i, (flag, named) in enumerate(CLI_MISTAKES)])
+                                for i, (flag, named) in enumerate(CLI_MISTAKES[:limit])])
 
 
 def main():
@@ -469,7 +469,8 @@ def main():
   ap.add_argument('--cost_headers', type=int, default=200)
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--classes', nargs='+', default=None, help='only these classes')
-  ap.add_argument('--smoke', action='store_true', help='3 cases of each')
+  ap.add_argument('--smoke', action='store_true',
+                  help='3 cases of each (filesystem and cli_mistakes: 1)')
   args = ap.parse_args()
   if args.smoke:
     args.model_files, args.checkpoint_flips, args.kills, args.cost_headers = 3, 1, 1, 3
@@ -481,12 +482,15 @@ def main():
              'checkpoint_flips': lambda tmp: checkpoint_flips(args.checkpoint_flips, tmp, rng),
              'kills': lambda tmp: kills(args.kills, tmp, rng), 'bad_configs': bad_configs,
              'cost_headers': lambda tmp: cost_headers(args.cost_headers, tmp, rng),
-             'filesystem': filesystem, 'cli_mistakes': cli_mistakes}
-  # (--smoke: filesystem and cli_mistakes are a few subprocesses per case; the tests run them)
-  chosen = [c for c in args.classes or classes
-            if not (args.smoke and c in ('filesystem', 'cli_mistakes'))]
+             # (--smoke: one case each; a case is a few processes, and
+             # tests/train/test_filesystem_faults.py and tests/test_cli_errors.py run them all)
+             'filesystem': lambda tmp: filesystem(tmp, 1 if args.smoke else None),
+             'cli_mistakes': lambda tmp: cli_mistakes(tmp, 1 if args.smoke else None)}
+  unknown = set(args.classes or ()) - set(classes)
+  if unknown:
+    ap.error(f'unknown --classes {sorted(unknown)}; choose from {sorted(classes)}')
   with tempfile.TemporaryDirectory() as tmp:
-    for name in chosen:
+    for name in args.classes or classes:
       results[name] = classes[name](tmp)
   for name, (n, ok, bad) in results.items():
     print(f'{name} tried={n} correct={ok} failures={bad}')

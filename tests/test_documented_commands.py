@@ -7,10 +7,13 @@ ones. Synopses with placeholders (``<...>``, ``...``, ``DIR``, ``[--flag]``) are
 skipped; ``bash scripts/test.sh`` is this suite itself.
 """
 
+import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,24 +83,86 @@ def _map_path(value: str, tmp: Path) -> str:
   return str(tmp / value.strip('/').replace('/', '_'))
 
 
-def _ensure_trained(workdir: str, env, documented: str | None = None):
-  """A tiny run in ``workdir``: the documented training command that uses the
-  same workdir (as a reader would run them, in order), or the quickstart."""
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    return
+def _training(documented: str | None) -> str | None:
+  """The documented training command that uses workdir ``documented`` (as a
+  reader would run them, in order); None: the quickstart's."""
   for cmd in COMMANDS:
     if 'pemn_jax.main' in cmd and documented and re.search(
         rf'--workdir[= ]{re.escape(documented)}(\s|$)', cmd):
-      argv, env2 = tiny(cmd, Path(os.path.dirname(workdir)))
-      _run(argv, env2)
-      return
-  _run([sys.executable, '-m', 'pemn_jax.main', '--config', 'configs/quickstart.py',
-        f'--workdir={workdir}', *TINY], env)
+      return cmd
+  return None
 
 
-def tiny(cmd: str, tmp: Path):
-  """(argv, env) of a documented command, made small and pointed at tmp."""
+# Trained tiny runs shared by the tests (all xdist workers) that need the same
+# one: {'dir': Path}, set by the ``shared_runs`` fixture.
+_STORE: dict = {}
+
+
+def _entry(cmd: str | None) -> tuple[Path, str]:
+  """(the store's directory of ``cmd``'s run, the workdir name in it)."""
+  documented = re.search(r'--workdir[= ](\S+)', cmd).group(1) if cmd else 'quickstart'
+  key = hashlib.sha1((cmd or 'quickstart').encode()).hexdigest()[:16]
+  return _STORE['dir'] / key, Path(_map_path(documented, Path())).name
+
+
+@contextlib.contextmanager
+def _locked(entry: Path):
+  with open(f'{entry}.lock', 'w') as lock:
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    yield
+
+
+def _publish(cmd: str, workdir: str):
+  """Offers the run that the documented ``cmd`` trained in ``workdir`` to the
+  tests that would train it again (an export of the same workdir)."""
+  if 'dir' not in _STORE or not any(
+      _training(re.search(r'--workdir[= ](\S+)', c).group(1)) == cmd
+      for c in COMMANDS if re.search(r'pemn_jax\.(export|evolve)\b.*--workdir', c)):
+    return
+  entry, name = _entry(cmd)
+  with _locked(entry):
+    if not (entry / 'done').exists():
+      shutil.rmtree(entry, ignore_errors=True)
+      shutil.copytree(workdir, entry / name)
+      (entry / 'done').touch()
+
+
+def _ensure_trained(workdir: str, env, documented: str | None = None):
+  """A tiny run in ``workdir``: :func:`_training`'s command (or the
+  quickstart), trained once for all the tests and copied."""
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return
+  cmd = _training(documented)
+
+  def train(path: Path):  # the run trained at path (named as tiny() maps its workdir)
+    if cmd:
+      argv, env2 = tiny(cmd, path.parent, env.get('JAX_COMPILATION_CACHE_DIR'))
+      assert f'--workdir={path}' in argv, (path, argv)
+    else:
+      argv, env2 = [sys.executable, '-m', 'pemn_jax.main', '--config', 'configs/quickstart.py',
+                    f'--workdir={path}', *TINY], env
+    _run(argv, env2)
+
+  if 'dir' not in _STORE:
+    train(Path(workdir))
+    return
+  entry, name = _entry(cmd)
+  with _locked(entry):
+    if not (entry / 'done').exists():
+      shutil.rmtree(entry, ignore_errors=True)
+      entry.mkdir(parents=True)
+      train(entry / name)
+      (entry / 'done').touch()
+  shutil.copytree(entry / name, workdir)
+
+
+def tiny(cmd: str, tmp: Path, cache: str | None = None):
+  """(argv, env) of a documented command, made small and pointed at tmp;
+  with ``cache``, its processes share that persistent compilation cache."""
   env = dict(os.environ, PYTHONUNBUFFERED='1')
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   words = shlex.split(cmd)
   while words and re.fullmatch(r'[A-Z_]+=\S+', words[0]):
     k, v = words.pop(0).split('=', 1)
@@ -167,7 +232,35 @@ def test_commands_are_found():
   assert len(COMMANDS) >= 20, sorted(COMMANDS)
 
 
-@pytest.mark.parametrize('cmd', sorted(COMMANDS), ids=lambda c: c[:70])
-def test_documented_command_runs(cmd, tmp_path, prepared_data):
-  argv, env = tiny(cmd, tmp_path)
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory):
+  """A persistent XLA compilation cache for this worker's commands. Many of
+  them compile the same programs (the quickstart trained before each export,
+  a benchmark's variants); a program found there is not compiled again. One
+  directory per xdist worker (its own basetemp), so no two processes write
+  one entry at once. Each program is still compiled by the first command
+  that needs it."""
+  return str(tmp_path_factory.mktemp('compile_cache'))
+
+
+@pytest.fixture(scope='session')
+def shared_runs(tmp_path_factory):
+  """Where tiny trained runs are kept for the tests that need the same one
+  (one directory for all xdist workers: their basetemps' parent)."""
+  base = tmp_path_factory.getbasetemp()
+  path = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'trained_runs'
+  path.mkdir(exist_ok=True)
+  _STORE['dir'] = path
+  yield path
+  _STORE.clear()
+
+
+# Training commands first: an export of the same workdir then finds their run.
+@pytest.mark.parametrize('cmd', sorted(COMMANDS, key=lambda c: ('pemn_jax.main' not in c, c)),
+                         ids=lambda c: c[:70])
+def test_documented_command_runs(cmd, tmp_path, prepared_data, compile_cache, shared_runs):
+  argv, env = tiny(cmd, tmp_path, compile_cache)
   _run(argv, env)
+  workdir = next((w.split('=', 1)[1] for w in argv if w.startswith('--workdir=')), None)
+  if 'pemn_jax.main' in cmd and workdir:
+    _publish(cmd, workdir)

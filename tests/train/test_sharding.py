@@ -141,18 +141,17 @@ for name, spec in SPECS.items():
   # same program (one compile per layout saved).
   for with_rng in (False, True) if name == 'supermask' else (False,):
     r = rng if with_rng else None
-    plain = jax.jit(lambda st: param.materialize(st, seed, r))(state)
-    g_plain = jax.jit(jax.grad(
-        lambda st: objective(st, lambda s: param.materialize(s, seed, r))))(state)
+    # Params and gradients from one program per layout (one compile, not two).
+    def params_and_grad(mat):
+      return jax.jit(lambda s: (mat(s), jax.grad(lambda x: objective(x, mat))(s)))
+    plain, g_plain = params_and_grad(lambda s: param.materialize(s, seed, r))(state)
     for lname, layout in LAYOUTS.items():
       sh = layout.state_shardings(state)
       st = jax.device_put(state, sh)
-      out = jax.jit(lambda s: layout.materialize(param, s, seed, r))(st)
+      out, g = params_and_grad(lambda s: layout.materialize(param, s, seed, r))(st)
       for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(out)):
         if not np.array_equal(np.asarray(a), np.asarray(b)):
           failures.append(f'{name}/{lname}/rng={with_rng}: params differ')
-      g = jax.jit(jax.grad(
-          lambda s: objective(s, lambda x: layout.materialize(param, x, seed, r))))(st)
       for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g)):
         # Sums over devices add in another order: equal up to float rounding.
         a, b = np.asarray(a), np.asarray(b)
