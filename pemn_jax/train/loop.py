@@ -377,6 +377,29 @@ class _Group:
                    in_shardings=(self.shardings, self.run.layout.replicated),
                    out_shardings=self.shardings, donate_argnums=0)(ts, lrs)
 
+  def _check_step_memory(self, train_step, ts, args):
+    """On CPU, where the devices share the host's memory: the compiled train
+    step's buffers beyond the train state and the batch (activations,
+    gradients) must fit what the host has free, or the run would be killed
+    in its first step; refused naming config.batch_size. The step compiled
+    here for ``args`` (the first step's) is the one the loop then runs."""
+    devices = jax.local_devices()
+    free = (host_memory_available() if devices[0].platform == 'cpu'
+            and device_memory_limit() is None else None)
+    if free is None:
+      return
+    ma = train_step.lower(ts, self.hyper, *args).compile().memory_analysis()
+    if ma is None:
+      return
+    need = len(devices) * (ma.temp_size_in_bytes + ma.output_size_in_bytes
+                           - ma.alias_size_in_bytes)
+    if need > free:
+      raise ConfigError(
+          f'a train step at config.batch_size={self.config.batch_size} needs '
+          f'{need / 2**20:,.0f} MiB beyond the train state and the batch (activations, '
+          f'gradients), more than this host has available ({free / 2**20:,.0f} MiB for this '
+          'process): lower config.batch_size, shrink the model, or free memory')
+
   def _member_metrics(self, ms, i):
     return [{n: np.reshape(v, (-1,))[i] for n, v in x.items()} for x in ms]
 
@@ -414,7 +437,10 @@ class _Group:
       with StopSignals() as stop, Prefetcher(step_inputs, range(start, end),
                                              cfg.prefetch) as inputs:
         while step < end:
-          ts, m = train_step(ts, self.hyper, *next(inputs))
+          args = next(inputs)
+          if step == start:
+            self._check_step_memory(train_step, ts, args)
+          ts, m = train_step(ts, self.hyper, *args)
           step += 1
           for ck in self.ckpts:  # a failed background save stops the run now
             ck.poll()

@@ -363,6 +363,42 @@ def test_a_train_state_larger_than_the_host_memory_is_refused_before_allocation(
   assert not os.path.exists(tmp_path / 'checkpoints') or not os.listdir(tmp_path / 'checkpoints')
 
 
+def test_a_train_step_larger_than_the_host_memory_is_refused_naming_the_batch_size(
+    mnist_slice, tmp_path):
+  # ResNet-8 of width 256 on 512 MNIST images a step: 19.6M parameters, a
+  # state of ~150 MiB with its momentum, but ~6 GiB of activations and
+  # gradients (width 128: 3,033 MiB by XLA's memory analysis); the process
+  # may map 3 GiB more than it has at start-up.
+  code = '\n'.join([
+      'import resource, runpy, sys',
+      'with open("/proc/self/status") as f:',
+      '  vm = next(int(ln.split()[1]) << 10 for ln in f if ln.startswith("VmSize:"))',
+      'resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), resource.RLIM_INFINITY))',
+      'sys.argv = ["pemn_jax.main", *sys.argv[1:]]',
+      'runpy.run_module("pemn_jax.main", run_name="__main__")'])
+  args = ['--config', 'configs/dense.py:model=resnet8,dataset=mnist',
+          "--config.model_kwargs={'width': 256}",
+          f'--config.source_dir={mnist_slice["source_dir"]}',
+          f'--config.data_dir={mnist_slice["data_dir"]}', '--config.batch_size=512',
+          '--config.num_steps=2', '--config.eval_every=0', f'--workdir={tmp_path}']
+  p = subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True,
+                     text=True, timeout=300, env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'))
+  assert p.returncode == 2, p.stderr[-3000:]
+  err = p.stderr.strip().splitlines()
+  assert len(err) == 1 and 'a train step at config.batch_size=512 needs' in err[0] and \
+      'more than this host has available' in err[0], p.stderr[-3000:]
+  assert not os.path.exists(tmp_path / 'checkpoints') or not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_the_memory_check_compiles_the_train_step_the_loop_runs(mnist_slice, tmp_path, caplog):
+  # The check compiles the step for the first batch; the loop's calls reuse it.
+  with jax.log_compiles(True), caplog.at_level('WARNING'):
+    train_and_evaluate(tiny_config(mnist_slice, num_steps=4), str(tmp_path))
+  compiled = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith('Finished XLA compilation of jit(train)')]
+  assert len(compiled) == 1, compiled
+
+
 def test_running_out_of_memory_is_one_line_and_exit_2(capsys):
   from jax.errors import JaxRuntimeError
 
