@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config, tree_equal
@@ -140,6 +141,43 @@ def test_digest_sees_any_changed_value():
     assert (d != d0).sum() == 1
   swapped = {**tree, 'a': tree['a'][::-1].copy()}  # same values, other places
   assert not np.array_equal(np.asarray(ck.state_digest(swapped)), d0)
+
+
+def _digest_by_numpy(x: np.ndarray) -> int:
+  """The documented digest of one leaf, transcribed in numpy: the sum mod
+  2^32 over its words w_i (4-byte values' bits; 1-2-byte values widened;
+  bools as 0/1) of lowbias32(w_i ^ lowbias32(i * 0x9E3779B1 + 1))."""
+  def lowbias32(v):
+    v = v.astype(np.uint64) & 0xFFFFFFFF
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & 0xFFFFFFFF
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & 0xFFFFFFFF
+    return v ^ (v >> 16)
+  x = np.asarray(x).reshape(-1)
+  if x.dtype == bool:
+    w = x.astype(np.uint64)
+  else:
+    w = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.uint64)
+  i = np.arange(w.size, dtype=np.uint64)
+  return int(lowbias32(w ^ lowbias32(i * 0x9E3779B1 + 1)).sum() & 0xFFFFFFFF)
+
+
+def test_digest_is_the_documented_hash_for_stacked_and_single_leaves():
+  # Leaves of one length (hashed stacked), lengths of their own, and one
+  # above the stacking bound (hashed alone); several dtypes.
+  rng = np.random.default_rng(0)
+  tree = {'k1': rng.standard_normal((3, 3, 4, 4)).astype(np.float32),
+          'k2': rng.standard_normal((9, 16)).astype(np.float32),
+          'b': rng.integers(-5, 5, (144,)).astype(np.int32),
+          'h': rng.standard_normal(144).astype(ml_dtypes.bfloat16),
+          'q': rng.integers(0, 255, (7,)).astype(np.uint8),
+          'm': rng.random(144) < 0.5,
+          'big': rng.standard_normal(ck._STACKED_WORDS + 3).astype(np.float32),  # noqa: SLF001
+          's': np.float32(2.5)}
+  leaves = jax.tree.leaves(tree)
+  got = [int(v) for v in np.asarray(ck.state_digest(tree))]
+  assert got == [_digest_by_numpy(x) for x in leaves]
 
 
 def test_divergence_stops_keeps_the_last_finite_checkpoint_and_exits_3(mnist_slice, tmp_path):
@@ -413,7 +451,6 @@ def test_running_out_of_memory_is_one_line_and_exit_2(capsys):
 
 
 def test_all_finite_checks_host_arrays_where_they_are():
-  import ml_dtypes
 
   from pemn_jax import pytrees
   before = pytrees._all_finite._cache_size()  # noqa: SLF001
@@ -422,3 +459,17 @@ def test_all_finite_checks_host_arrays_where_they_are():
   assert pytrees.all_finite({'w': np.ones(3, np.float32), 'n': np.array([7])})
   assert pytrees._all_finite._cache_size() == before  # noqa: SLF001 - nothing compiled
   assert not pytrees.all_finite({'w': jax.numpy.array([1.0, np.nan])})  # device arrays too
+
+
+def test_all_finite_finds_one_bad_value_in_any_leaf_on_device():
+  from pemn_jax import pytrees
+  rng = np.random.default_rng(1)
+  tree = {f'w{i}': rng.standard_normal((8, 8)).astype(np.float32) for i in range(5)}
+  tree['h'] = rng.standard_normal(64).astype(ml_dtypes.bfloat16)  # same size, other dtype
+  tree['big'] = rng.standard_normal((1 << 16) + 1).astype(np.float32)  # checked alone
+  tree['n'] = np.arange(64, dtype=np.int32)  # not a float: not checked
+  assert pytrees.all_finite(jax.tree.map(jax.numpy.asarray, tree))
+  for leaf, where, bad in [('w3', (5, 2), np.inf), ('h', 63, np.nan), ('big', 65536, -np.inf)]:
+    t = {k: v.copy() for k, v in tree.items()}
+    t[leaf][where] = bad
+    assert not pytrees.all_finite(jax.tree.map(jax.numpy.asarray, t)), leaf
