@@ -98,9 +98,15 @@ def _training(documented: str | None) -> str | None:
 _STORE: dict = {}
 
 
+def _workdir(cmd: str) -> str | None:
+  """The workdir a documented command names, as written."""
+  m = re.search(r'--workdir[= ](\S+)', cmd)
+  return m and m.group(1)
+
+
 def _entry(cmd: str | None) -> tuple[Path, str]:
   """(the store's directory of ``cmd``'s run, the workdir name in it)."""
-  documented = re.search(r'--workdir[= ](\S+)', cmd).group(1) if cmd else 'quickstart'
+  documented = _workdir(cmd) if cmd else 'quickstart'
   key = hashlib.sha1((cmd or 'quickstart').encode()).hexdigest()[:16]
   return _STORE['dir'] / key, Path(_map_path(documented, Path())).name
 
@@ -115,9 +121,8 @@ def _locked(entry: Path):
 def _publish(cmd: str, workdir: str):
   """Offers the run that the documented ``cmd`` trained in ``workdir`` to the
   tests that would train it again (an export of the same workdir)."""
-  if 'dir' not in _STORE or not any(
-      _training(re.search(r'--workdir[= ](\S+)', c).group(1)) == cmd
-      for c in COMMANDS if re.search(r'pemn_jax\.(export|evolve)\b.*--workdir', c)):
+  if not any(_training(_workdir(c)) == cmd for c in COMMANDS
+             if re.search(r'pemn_jax\.(export|evolve)\b', c) and _workdir(c)):
     return
   entry, name = _entry(cmd)
   with _locked(entry):
@@ -143,9 +148,6 @@ def _ensure_trained(workdir: str, env, documented: str | None = None):
                     f'--workdir={path}', *TINY], env
     _run(argv, env2)
 
-  if 'dir' not in _STORE:
-    train(Path(workdir))
-    return
   entry, name = _entry(cmd)
   with _locked(entry):
     if not (entry / 'done').exists():

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from pemn_jax.ops.hashing import lowbias32
+from pemn_jax.pytrees import per_array
 from pemn_jax.train.workdir import WorkdirError, check_kind, fs_error
 
 
@@ -108,12 +109,6 @@ def _as_u32(x):
   return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 8 bytes -> 2 words
 
 
-# Leaves up to this many words are hashed stacked with the others of their
-# length (one kernel a length, not one a leaf: a ResNet-56 state's digest
-# compiles in ~2 s instead of ~4.5); larger ones alone, where they lie.
-_STACKED_WORDS = 1 << 16
-
-
 @jax.jit
 def state_digest(tree) -> jax.Array:
   """One uint32 per leaf: the sum over elements of a hash of (bits, index);
@@ -122,21 +117,11 @@ def state_digest(tree) -> jax.Array:
   if not words:
     return jnp.zeros((0,), jnp.uint32)
 
-  def sums(bits):  # (..., n) words -> (...) digests
-    idx = jnp.arange(bits.shape[-1], dtype=jnp.uint32)
-    return jnp.sum(lowbias32(bits ^ lowbias32(idx * jnp.uint32(0x9E3779B1) + 1)), axis=-1,
+  def sums(rows):  # (k, n) words -> (k,) digests
+    idx = jnp.arange(rows.shape[1], dtype=jnp.uint32)
+    return jnp.sum(lowbias32(rows ^ lowbias32(idx * jnp.uint32(0x9E3779B1) + 1)), axis=1,
                    dtype=jnp.uint32)
-  out, by_length = [None] * len(words), {}
-  for i, w in enumerate(words):
-    if w.size <= _STACKED_WORDS:
-      by_length.setdefault(w.size, []).append(i)
-    else:
-      out[i] = sums(w)
-  for group in by_length.values():
-    digests = sums(jnp.stack([words[i] for i in group]))
-    for j, i in enumerate(group):
-      out[i] = digests[j]
-  return jnp.stack(out)
+  return jnp.stack(per_array(sums, words))
 
 
 def replicated_sharding():

@@ -317,6 +317,14 @@ def compile_train_step(run: Run, compiler_options: dict | None = None):
       compiler_options)
 
 
+def _shared_host_memory(device_limit: int | None) -> int | None:
+  """The host memory this process can still use where its devices share it
+  (CPU devices, whose backend gives no per-device limit); None elsewhere."""
+  if device_limit is not None or jax.local_devices()[0].platform != 'cpu':
+    return None
+  return host_memory_available()
+
+
 def _stack(trees):
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
@@ -351,9 +359,8 @@ class _Group:
     wds = self._values(lambda c: float(c.optimizer.weight_decay), np.float32)
     abstract = jax.eval_shape(init, seeds, lrs, wds)
     need, limit = bytes_per_device(abstract, self.shardings), device_memory_limit()
-    devices = jax.local_devices()
-    host = len(devices) * need  # CPU devices share the host's memory
-    free = host_memory_available() if limit is None and devices[0].platform == 'cpu' else None
+    host = len(jax.local_devices()) * need  # CPU devices share the host's memory
+    free = _shared_host_memory(limit)
     if free is not None and host > free:
       raise ConfigError(
           f'the train state needs {host / 2**20:,.0f} MiB, more than this host has available '
@@ -383,16 +390,14 @@ class _Group:
     gradients) must fit what the host has free, or the run would be killed
     in its first step; refused naming config.batch_size. The step compiled
     here for ``args`` (the first step's) is the one the loop then runs."""
-    devices = jax.local_devices()
-    free = (host_memory_available() if devices[0].platform == 'cpu'
-            and device_memory_limit() is None else None)
+    free = _shared_host_memory(device_memory_limit())
     if free is None:
       return
     ma = train_step.lower(ts, self.hyper, *args).compile().memory_analysis()
     if ma is None:
       return
-    need = len(devices) * (ma.temp_size_in_bytes + ma.output_size_in_bytes
-                           - ma.alias_size_in_bytes)
+    need = len(jax.local_devices()) * (ma.temp_size_in_bytes + ma.output_size_in_bytes
+                                       - ma.alias_size_in_bytes)
     if need > free:
       raise ConfigError(
           f'a train step at config.batch_size={self.config.batch_size} needs '

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config, tree_equal
 
+from pemn_jax import pytrees
 from pemn_jax.config import ConfigError, base_config, validate
 from pemn_jax.export.model_file import export_run
 from pemn_jax.train import checkpoint as ck
@@ -173,7 +174,7 @@ def test_digest_is_the_documented_hash_for_stacked_and_single_leaves():
           'h': rng.standard_normal(144).astype(ml_dtypes.bfloat16),
           'q': rng.integers(0, 255, (7,)).astype(np.uint8),
           'm': rng.random(144) < 0.5,
-          'big': rng.standard_normal(ck._STACKED_WORDS + 3).astype(np.float32),  # noqa: SLF001
+          'big': rng.standard_normal(pytrees.STACKED_ELEMENTS + 3).astype(np.float32),
           's': np.float32(2.5)}
   leaves = jax.tree.leaves(tree)
   got = [int(v) for v in np.asarray(ck.state_digest(tree))]
@@ -462,14 +463,14 @@ def test_all_finite_checks_host_arrays_where_they_are():
 
 
 def test_all_finite_finds_one_bad_value_in_any_leaf_on_device():
-  from pemn_jax import pytrees
   rng = np.random.default_rng(1)
   tree = {f'w{i}': rng.standard_normal((8, 8)).astype(np.float32) for i in range(5)}
   tree['h'] = rng.standard_normal(64).astype(ml_dtypes.bfloat16)  # same size, other dtype
-  tree['big'] = rng.standard_normal((1 << 16) + 1).astype(np.float32)  # checked alone
+  tree['big'] = rng.standard_normal(pytrees.STACKED_ELEMENTS + 1).astype(np.float32)  # alone
   tree['n'] = np.arange(64, dtype=np.int32)  # not a float: not checked
   assert pytrees.all_finite(jax.tree.map(jax.numpy.asarray, tree))
-  for leaf, where, bad in [('w3', (5, 2), np.inf), ('h', 63, np.nan), ('big', 65536, -np.inf)]:
+  last = pytrees.STACKED_ELEMENTS
+  for leaf, where, bad in [('w3', (5, 2), np.inf), ('h', 63, np.nan), ('big', last, -np.inf)]:
     t = {k: v.copy() for k, v in tree.items()}
     t[leaf][where] = bad
     assert not pytrees.all_finite(jax.tree.map(jax.numpy.asarray, t)), leaf
