@@ -1,7 +1,7 @@
 """Exports a trained run to a compact model file.
 
     python -m pemn_jax.export --workdir DIR --out model.pemn [--report]
-        [--float_codec f32|f16|bf16] [--mask_codec auto|bits|rans|rans1]
+        [--float_codec f32|f16|bf16 | --float_bits B] [--mask_codec auto|bits|rans|rans1]
         [--params_dir DIR] [--slice]
 
 Also writes an orbax checkpoint of the materialized dense params (and batch
@@ -16,6 +16,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', requi
 _OUT = flags.DEFINE_string('out', None, 'Model file to write (.pemn).', required=True)
 _FLOAT = flags.DEFINE_enum('float_codec', 'f32', ['f32', 'f16', 'bf16'],
                            'Storage of float arrays (f32 rebuilds bit-identical params).')
+_BITS = flags.DEFINE_integer('float_bits', None, 'Lossy: every float section (trained arrays, '
+                             'biases, norms, batch statistics) on its own uniform grid of '
+                             '2^B-1 levels through 0, entropy-coded, instead of --float_codec '
+                             '(evaluate the file for its accuracy).', lower_bound=2,
+                             upper_bound=16)
 _MASK = flags.DEFINE_enum('mask_codec', 'auto', ['auto', 'bits', 'rans', 'rans1'],
                           'Mask coding: bit-packed, rANS (~H(k) bits), order-1 rANS '
                           '(rans1: a bit coded given the one before it, column-major), or the '
@@ -36,7 +41,8 @@ def main(argv):
   params_dir = _OUT.value + '.params' if _PARAMS.value is None else (_PARAMS.value or None)
   with exit_statuses(also=(ValueError,)):
     out = export_run(_WORKDIR.value, _OUT.value, _FLOAT.value, _MASK.value, params_dir,
-                     _SLICE.value, say=print, progress=Eta(print, 'encoding', ' weights'))
+                     _SLICE.value, say=print, progress=Eta(print, 'encoding', ' weights'),
+                     float_bits=_BITS.value)
   print(f'wrote {_OUT.value}: {out["file_bytes"]} bytes (dense float32: '
         f'{4 * out["num_params"]} bytes)' + (f'; dense params: {params_dir}' if params_dir else ''))
   if _REPORT.value:

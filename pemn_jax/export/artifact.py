@@ -9,8 +9,9 @@ The header is compact UTF-8 JSON, zlib-compressed.
 
 The header holds the model and parameterization config, the seed and a table
 of sections (name, codec, shape, offset, length); sections are float arrays
-(f32/f16/bf16, or sparse: nonzeros + positions) or boolean masks (bit-packed
-or rANS-coded). Reading checks, in order: magic, version, checksum, the
+(f32/f16/bf16; sparse: nonzeros + positions; quantized: a codebook, or a
+uniform grid, with entropy-coded symbols) or boolean masks (bit-packed or
+rANS-coded). Reading checks, in order: magic, version, checksum, the
 header's size, JSON and schema (``schema.check_header``), and -- when the
 caller passes the sections the model needs -- every section's name, shape and
 kind before decoding it, so a crafted file can neither allocate more than the
@@ -138,7 +139,8 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
     path: the file.
     header: the JSON header (model, param spec, ...).
     arrays: ``{name: array}``; names starting with ``mask/`` hold booleans;
-      a ``codecs.Quantized`` value becomes a ``quant`` section.
+      a ``codecs.Quantized`` value becomes a ``quant`` section, a
+      ``codecs.Grid`` a ``grid`` section.
     float_codec, mask_codec: storage of float arrays / masks.
     progress: called as ``progress(done, total)`` (elements encoded so far,
       of all sections') before the first section and after each one.
@@ -146,7 +148,7 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
     The file's size in bytes.
   """
   sections, blobs, offset = [], [], 0
-  shapes = {k: np.shape(v.mask if isinstance(v, codecs.Quantized) else v)
+  shapes = {k: tuple(v.shape) if isinstance(v, (codecs.Quantized, codecs.Grid)) else np.shape(v)
             for k, v in arrays.items()}
   total, done = sum(math.prod(s) for s in shapes.values()), 0
   if progress is not None:
@@ -154,6 +156,8 @@ def write(path: str, header: dict, arrays: dict, float_codec: str = 'f32',
   for name in sorted(arrays):
     if isinstance(arrays[name], codecs.Quantized):
       codec, (blob, extra) = 'quant', _encode_quantized(arrays[name])
+    elif isinstance(arrays[name], codecs.Grid):
+      codec, blob, extra = 'grid', codecs.encode_grid(arrays[name]), {}
     elif is_mask(name):
       bits = np.asarray(arrays[name]).astype(bool)
       codec, blob = _encode_positions(
@@ -299,6 +303,8 @@ def decode_sections(path: str, header: dict, body: bytes, base: int,
         arrays[s['name']] = _decode_sparse(blob, s)
       elif s['codec'] == 'quant':
         arrays[s['name']] = _decode_quantized(blob, s)
+      elif s['codec'] == 'grid':
+        arrays[s['name']] = codecs.decode_grid(blob, tuple(s['shape']))
       elif s['codec'] in codecs.FLOAT_CODECS:
         arrays[s['name']] = codecs.decode_floats(blob, s['codec'], tuple(s['shape']))
       else:

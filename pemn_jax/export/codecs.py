@@ -1,6 +1,7 @@
-"""Codecs for artifact sections: floats (f32/f16/bf16) and binary masks
-(bit-packed, an interleaved rANS entropy code reaching ~H(k) bits/weight, or
-its order-1 form where a bit's probability depends on its neighbour's)."""
+"""Codecs for artifact sections: floats (f32/f16/bf16, or on a uniform grid
+through 0 with entropy-coded integer levels) and binary masks (bit-packed, an
+interleaved rANS entropy code reaching ~H(k) bits/weight, or its order-1 form
+where a bit's probability depends on its neighbour's)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class Quantized:
   method: str
   bits: int
 
+  @property
+  def shape(self) -> tuple:
+    return self.mask.shape
+
   def dense(self) -> np.ndarray:
     out = np.zeros(self.mask.shape, np.float32)
     out[self.mask] = self.codebook[self.symbols]
@@ -33,6 +38,118 @@ class Quantized:
   @property
   def nnz(self) -> int:
     return int(self.mask.sum())
+
+
+GRID_BITS = (2, 16)     # the range of a grid's bits
+_GRID_RANS_SPAN = 4096  # the most levels a grid's rANS table (one varint each) may hold
+
+
+@dataclasses.dataclass
+class Grid:
+  """An array on a uniform grid through 0: ``step * levels`` (a ``grid``
+  section). Zeros stay exactly zero, so a pruned array keeps its zeros."""
+  levels: np.ndarray     # int64, the array's shape
+  step: float            # a float32 value >= 0 (0: every value is 0)
+  bits: int              # |levels| <= 2^(bits-1) - 1
+
+  @classmethod
+  def of(cls, x: np.ndarray, bits: int) -> Grid:
+    """``x`` rounded to the nearest of ``2^bits - 1`` levels ``k * step``,
+    ``|k| <= 2^(bits-1) - 1``, ``step = max|x| / (2^(bits-1) - 1)``: every
+    value moves by at most ``step / 2``."""
+    if not GRID_BITS[0] <= bits <= GRID_BITS[1]:
+      raise ValueError(f'grid bits must be in [{GRID_BITS[0]}, {GRID_BITS[1]}], got {bits}')
+    x = np.asarray(x, np.float64)
+    if not np.isfinite(x).all():
+      raise ValueError('an array with non-finite values cannot be put on a grid')
+    top = (1 << (bits - 1)) - 1
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    step = np.float32(peak / top)  # (stored as float32: rounded up, so top levels reach peak)
+    if float(step) * top < peak:
+      step = np.nextafter(step, np.float32(np.inf))
+    step = float(step)
+    levels = np.clip(np.rint(x / step), -top, top) if step else np.zeros(x.shape)
+    return cls(levels.astype(np.int64), step, bits)
+
+  def dense(self) -> np.ndarray:
+    return grid_values(self.levels, self.step)
+
+  @property
+  def shape(self) -> tuple:
+    return self.levels.shape
+
+
+def grid_values(levels: np.ndarray, step: float) -> np.ndarray:
+  """The float32 values of grid levels (computed in float64, then rounded
+  once, so the encoder and the decoder agree bit for bit)."""
+  return (np.asarray(levels, np.float64) * float(step)).astype(np.float32)
+
+
+def _bit_width(span: int) -> int:
+  return (span - 1).bit_length()
+
+
+_GRID_CODINGS = ('bits', 'rans')
+_GRID_TOP = (1 << (GRID_BITS[1] - 1)) - 1  # the largest |level| a file may hold
+
+
+def encode_grid(g: Grid) -> bytes:
+  """A grid as a section's bytes: its step (float32), its lowest level
+  (zigzag varint) and number of levels from there (varint), a coding byte,
+  then the levels minus the lowest in the smaller of two codes: fixed-width
+  bit-packed (``bits``, 0: small arrays) or varint counts + rANS (``rans``,
+  1: ~the levels' entropy)."""
+  flat = g.levels.reshape(-1)
+  low = int(flat.min()) if flat.size else 0
+  span = int(flat.max()) - low + 1 if flat.size else 1
+  sym = flat - low
+  width = _bit_width(span)
+  codes = [np.packbits(((sym[:, None] >> np.arange(width)) & 1).astype(np.uint8),
+                       bitorder='little').tobytes()]
+  if flat.size and span <= _GRID_RANS_SPAN:
+    counts = np.bincount(sym, minlength=span)
+    codes.append(encode_varints(counts) + rans_encode_symbols(sym, counts))
+  coding = min(range(len(codes)), key=lambda c: len(codes[c]))
+  step = np.float32(g.step)
+  if float(step) != g.step or not step >= 0:
+    raise ValueError(f'a grid step must be a float32 value >= 0, got {g.step!r}')
+  return (step.astype('<f4').tobytes() + encode_varints([2 * low if low >= 0 else -2 * low - 1,
+                                                          span, coding]) + codes[coding])
+
+
+def decode_grid(data: bytes, shape) -> np.ndarray:
+  """Inverse of ``encode_grid``: the float32 values (ValueError on bytes that
+  are not such a code; bounded time whatever the bytes)."""
+  n = math.prod(shape)
+  if len(data) < 4:
+    raise ValueError('a grid section is shorter than its step')
+  step = float(np.frombuffer(data, '<f4', 1)[0])
+  if not (math.isfinite(step) and step >= 0):
+    raise ValueError(f'the grid step {step} is not a finite number >= 0')
+  head, used = read_varints(data[4:], 3)
+  zig, span, coding = (int(v) for v in head)
+  low = zig // 2 if zig % 2 == 0 else -(zig + 1) // 2
+  if not (-_GRID_TOP <= low and 1 <= span and low + span - 1 <= _GRID_TOP):
+    raise ValueError(f'grid levels {low}..{low + span - 1} lie outside +-{_GRID_TOP}')
+  if coding >= len(_GRID_CODINGS):
+    raise ValueError(f'unknown grid coding {coding}')
+  data = data[4 + used:]
+  if _GRID_CODINGS[coding] == 'bits':
+    width = _bit_width(span)
+    if len(data) != (n * width + 7) // 8:
+      raise ValueError(f'bit-packed grid has {len(data)} bytes, expected {(n * width + 7) // 8}')
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder='little')[:n * width]
+    sym = (bits.reshape(n, width).astype(np.int64) << np.arange(width)).sum(1)
+    if sym.size and int(sym.max()) >= span:
+      raise ValueError(f'a grid level lies outside its span of {span}')
+  else:
+    if span > _GRID_RANS_SPAN:
+      raise ValueError(f'a rANS-coded grid of {span} levels (at most {_GRID_RANS_SPAN})')
+    counts, used = read_varints(data, span)
+    if int(counts.sum()) != n:
+      raise ValueError(f'grid level counts sum to {int(counts.sum())}, not {n}')
+    sym = rans_decode_symbols(data[used:], n, counts)
+  return grid_values(sym + low, step).reshape(shape)
 
 
 def encode_floats(x: np.ndarray, codec: str) -> bytes:

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from pemn_jax import __version__, models
 from pemn_jax import params as param_lib
-from pemn_jax.export import artifact
+from pemn_jax.export import artifact, codecs
 from pemn_jax.models import cost
 from pemn_jax.params import sections
 from pemn_jax.pytrees import all_finite, flatten, plain, unflatten
@@ -49,7 +49,7 @@ def model_header(model: str, model_kwargs: dict, num_classes: int, input_shape,
 
 def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str = 'auto',
                params_dir: str | None = None, slice_gates: bool = False, say=None,
-               progress=None) -> dict:
+               progress=None, float_bits: int | None = None) -> dict:
   """Writes ``out`` (.pemn) and, if ``params_dir``, an orbax checkpoint of the
   materialized dense params + model state. Returns sizes.
 
@@ -62,6 +62,10 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
       physically smaller ordinary model (dense params) instead.
     say: where to report a checkpoint skipped as corrupt (default: nowhere).
     progress: ``artifact.write``'s (e.g. ``cli.Eta``: a line with an ETA).
+    float_bits: lossy: every float section (trained arrays, biases, norms,
+      batch statistics) on its own uniform grid of ``2^float_bits - 1``
+      levels through 0 (``codecs.Grid``), instead of ``float_codec``; masks
+      are unchanged, and ``params_dir`` gets the params the file rebuilds.
   Returns:
     ``file_bytes``, ``num_params`` (of the written model), ``header``.
   Raises:
@@ -99,6 +103,8 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
   arrays.update(sections.nest(sections.MODEL_STATE, {k: np.asarray(v) for k, v in
                                                      flatten(model_state).items()}))
+  if float_bits is not None:
+    arrays, params, model_state = _on_grid(arrays, float_bits, param, seed)
   header = model_header(model_name, model_kwargs, run.num_classes, run.input_shape,
                         param_lib.resolved_spec(param), seed, config.dataset, run.step)
   if params_dir:  # first: a failure of either leaves neither under its final name
@@ -114,6 +120,19 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
   if params_dir:
     result['params_dir'] = params_dir
   return result
+
+
+def _on_grid(arrays: dict, bits: int, param, seed: int):
+  """(sections with every float array a ``codecs.Grid``, the params and model
+  state they rebuild)."""
+  arrays = {k: v if sections.is_mask(k) else codecs.Grid.of(v, bits) for k, v in arrays.items()}
+  values = {k: v.dense() if isinstance(v, codecs.Grid) else v for k, v in arrays.items()}
+  model_state = unflatten({k: jnp.asarray(v) for k, v in
+                           sections.part(sections.MODEL_STATE, values).items()})
+  params = jax.jit(param.from_export)(
+      {k: jnp.asarray(v) for k, v in values.items()
+       if not k.startswith(sections.MODEL_STATE + '/')}, jnp.uint32(seed))
+  return arrays, params, model_state
 
 
 def _save_params(path: str, tree):

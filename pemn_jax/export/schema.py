@@ -156,9 +156,9 @@ def check_section(i: int, s, body_len: int):
           s.get('nnz'))
     _need(_int(s.get('index_length')) and 0 <= s['index_length'] <= s['length'],
           f'{w}.index_length', f'an integer in [0, {s["length"]}]', s.get('index_length'))
-  else:
+  elif codec != 'grid':  # (a grid's bytes describe themselves: codecs.decode_grid)
     _need(codec in FLOAT_CODECS, f'{w}.codec',
-          f'one of {FLOAT_CODECS + MASK_CODECS}, sparse or quant', codec)
+          f'one of {FLOAT_CODECS + MASK_CODECS}, sparse, quant or grid', codec)
   extra = set(s) - known
   _need(not extra, w, f'only the fields {sorted(known)}', sorted(extra))
 

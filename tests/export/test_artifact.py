@@ -246,3 +246,81 @@ def test_write_reports_progress_over_all_sections_and_eta_prints_only_long_tasks
     eta(done, 100)
   # the clock restarted at done=0 (t=200): at t=206, 6 s for 25% -> 18 s left
   assert lines == ['encoding: 25/100 weights (25%), 6s, eta 18s']
+
+
+def _grid_cases():
+  rng = np.random.default_rng(1)
+  sparse = rng.normal(size=(60, 50))
+  sparse[rng.random(sparse.shape) < 0.9] = 0
+  return {'normal': rng.normal(size=(3000,)) * 0.05, 'sparse': sparse,
+          'positive': rng.uniform(0.5, 3.0, size=(64,)), 'constant': np.full((7, 3), -1.25),
+          'zeros': np.zeros((16,)), 'empty': np.zeros((0, 4)), 'one': np.array([3e-8]),
+          'outlier': np.concatenate([rng.normal(size=2000) * 0.01, [5.0]])}
+
+
+@pytest.mark.parametrize('bits', [2, 4, 8, 16])
+@pytest.mark.parametrize('case', sorted(_grid_cases()))
+def test_grid_sections_roundtrip_exactly_and_bound_the_error(case, bits, tmp_path):
+  x = _grid_cases()[case].astype(np.float32)
+  g = codecs.Grid.of(x, bits)
+  path = str(tmp_path / 'g.pemn')
+  artifact.write(path, minimal_header(), {'params/w': g, 'params/b': x})
+  header, arrays = artifact.read(path)
+  got = arrays['params/w']
+  np.testing.assert_array_equal(got, g.dense())  # the file holds exactly the grid
+  sec = next(s for s in header['sections'] if s['name'] == 'params/w')
+  assert sec['codec'] == 'grid' and got.shape == x.shape
+  if not x.size:
+    return
+  top = 2 ** (bits - 1) - 1
+  peak = float(np.abs(x).max())
+  step = peak / top
+  # Every value moves by at most half a step (+ float32 rounding of the step
+  # and of the value), zeros stay zeros, and values take at most 2^bits - 1
+  # distinct levels k * step, |k| <= top.
+  assert np.abs(got.astype(np.float64) - x).max() <= step / 2 * (1 + 1e-6) + 1e-7 * peak
+  assert (got[x == 0] == 0).all()
+  if step:
+    k = got.astype(np.float64) / step
+    np.testing.assert_allclose(k, np.round(k), atol=1e-3 * max(1, top / 1000))
+    assert np.abs(np.round(k)).max() <= top
+  assert len(np.unique(got)) <= 2 ** bits - 1
+  # No more than the levels' fixed width (+ its step and 3 varints); for a
+  # large array the entropy-coded form comes within its table of H(levels).
+  levels = np.round(got.astype(np.float64) / step).astype(np.int64) if step else np.zeros(x.size)
+  span = int(levels.max() - levels.min()) + 1
+  width = (span - 1).bit_length()
+  assert sec['length'] <= 4 + 9 + (x.size * width + 7) // 8
+  if x.size >= 2000 and bits == 8:
+    p = np.unique(levels, return_counts=True)[1] / levels.size
+    entropy_bytes = -(p * np.log2(p)).sum() * levels.size / 8
+    assert sec['length'] <= entropy_bytes * 1.01 + 3 * span + 64
+
+
+def test_grid_export_is_smaller_and_holds_the_params_it_rebuilds(trained, tmp_path):
+  """``export --float_bits``: every float section on a grid, masks as before;
+  the dense-params checkpoint holds what the file rebuilds (not the run's
+  unrounded params), and the accuracy moves little at 8 bits."""
+  wd, out, mnist_slice = trained
+  f32, g8 = str(tmp_path / 'a.pemn'), str(tmp_path / 'b.pemn')
+  export_run(str(wd), f32, params_dir=None)
+  res = export_run(str(wd), g8, params_dir=str(tmp_path / 'params'), float_bits=8)
+  h32, a32 = artifact.read(f32)
+  h8, a8 = artifact.read(g8)
+  assert res['file_bytes'] < os.path.getsize(f32)
+  for s in h8['sections']:
+    name = s['name']
+    if sections.is_mask(name):
+      assert s['codec'] in codecs.MASK_CODECS
+      np.testing.assert_array_equal(a8[name], a32[name])
+    else:
+      assert s['codec'] == 'grid', name
+      x = a32[name].astype(np.float64)  # the unrounded values: within half a step
+      assert np.abs(a8[name] - x).max() <= np.abs(x).max() / 127 / 2 * (1 + 1e-6) + 1e-12
+  _, _, params, model_state = load(g8)
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(str(tmp_path / 'params'))
+  assert tree_equal(restored['params'], params)
+  assert tree_equal({k: v for k, v in restored.items() if k != 'params'}, model_state)
+  ev = evaluate_artifact(g8, 'mnist', mnist_slice['data_dir'], mnist_slice['source_dir'])
+  assert ev['accuracy'] == pytest.approx(out['test_accuracy'], abs=0.02)

@@ -387,3 +387,61 @@ def test_compressed_header_bounds_and_format_2(good_file, tmp_path):
   old.write_bytes(body + hashlib.sha256(body).digest())
   with pytest.raises(artifact.ArtifactError, match='format version 2.*re-export it from its run'):
     load(str(old))
+
+
+def test_crafted_grid_sections_are_refused(tmp_path):
+  """A ``grid`` section's bytes: float32 step, zigzag varint of the lowest
+  level, varint number of levels, coding (0 bit-packed, 1 counts + rANS), the
+  levels. Each field out of its range is refused by name."""
+  from conftest import minimal_header
+
+  from pemn_jax.export import codecs
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 50)).astype(np.float32)
+  good = str(tmp_path / 'g.pemn')
+  g = codecs.Grid.of(x, 6)
+  artifact.write(good, minimal_header(), {'params/w': g})
+  header, arrays = artifact.read(good)
+  assert np.array_equal(arrays['params/w'], g.dense())
+  levels = g.levels.reshape(-1)
+  low, span = int(levels.min()), int(levels.max() - levels.min()) + 1
+  counts = np.bincount(levels - low, minlength=span)
+  rans = codecs.encode_varints(counts) + codecs.rans_encode_symbols(levels - low, counts)
+  width = (span - 1).bit_length()
+  packed = np.packbits(((levels - low)[:, None] >> np.arange(width)) & 1, bitorder='little')
+
+  def blob(step=g.step, zig=2 * -low - 1, span=span, coding=1, payload=rans):
+    return (np.float32(step).astype('<f4').tobytes() + codecs.encode_varints([zig, span, coding])
+            + bytes(payload))
+  assert header['sections'][0]['length'] == len(blob())  # the layout as documented
+
+  def replace(data):
+    def edit(h):
+      h['sections'][0]['length'] = len(data)
+    return edit, lambda h, sections: data
+  packed_ok = blob(coding=0, payload=packed)
+  cases = {
+      'packed_ok': (packed_ok, None),
+      'nan_step': (blob(step=np.nan), 'not a finite number'),
+      'negative_step': (blob(step=-1.0), 'not a finite number'),
+      'short': (b'\x00\x00', 'shorter than its step'),
+      'no_varints': (blob()[:5], 'do not hold 3 varints'),
+      'low': (blob(zig=2 * 40000), 'outside'),
+      'span_zero': (blob(span=0), 'outside'),
+      'span_past_top': (blob(span=40000), 'outside'),
+      'coding': (blob(coding=7), 'unknown grid coding'),
+      'packed_length': (blob(coding=0, payload=packed[:-1]), 'bit-packed grid has'),
+      'packed_beyond_span': (blob(coding=0, span=span - 1,
+                                  payload=packed), 'outside its span|bit-packed grid has'),
+      'counts_sum': (blob(payload=codecs.encode_varints(counts + 1) + rans[span:]), 'counts sum'),
+      'rans_corrupt': (blob()[:-2] + b'\xff\xff', 'corrupt|truncated|counts'),
+      'rans_span': (blob(span=5000), 'at most 4096'),
+  }
+  for name, (data, msg) in cases.items():
+    edit, sections_edit = replace(data)
+    path = craft(good, tmp_path, edit=edit, sections_edit=sections_edit, name=name)
+    if msg is None:
+      np.testing.assert_array_equal(artifact.read(path)[1]['params/w'], g.dense())
+      continue
+    with pytest.raises(artifact.ArtifactError, match=msg):
+      artifact.read(path)
