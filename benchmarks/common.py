@@ -12,7 +12,8 @@ from pemn_jax.train.loop import train_and_evaluate
 
 def train_export_evaluate(config, tmp: str, name: str, float_codecs=('f32',)) -> list[dict]:
   """Trains ``config`` in ``tmp/name``, writes one model file per float codec
-  and evaluates each *from the file*. One row per codec."""
+  (``f32``/``f16``/``bf16``, or ``gridB``: ``export --float_bits B``) and
+  evaluates each *from the file*. One row per codec."""
   t0 = time.time()
   wd = os.path.join(tmp, name)
   run = train_and_evaluate(config, wd)
@@ -21,7 +22,9 @@ def train_export_evaluate(config, tmp: str, name: str, float_codecs=('f32',)) ->
   rows = []
   for codec in float_codecs:
     path = os.path.join(tmp, f'{name}.{codec}.pemn')
-    exp = export_run(wd, path, float_codec=codec, params_dir=None)
+    bits = int(codec[4:]) if codec.startswith('grid') else None
+    exp = export_run(wd, path, float_codec='f32' if bits else codec, params_dir=None,
+                     float_bits=bits)
     ev = evaluate_artifact(path, config.dataset, config.data_dir,
                            config.source_dir)
     size = os.path.getsize(path)

@@ -1,5 +1,6 @@
 """The main job's claim: PEMN (quickstart) vs the same MLP trained dense with
-the same budget, on Fashion-MNIST; model files in float32/float16/bfloat16,
+the same budget, on Fashion-MNIST; model files in float32/float16/bfloat16
+and with every float on an 8- and a 6-bit grid (``export --float_bits``),
 every accuracy evaluated from the file.
 
     .venv/bin/python benchmarks/quickstart.py              # ~5 min on 2 CPU cores
@@ -7,6 +8,7 @@ every accuracy evaluated from the file.
 
 Last lines, one per model file:
     <method>/<codec> file_bytes=<n> size_ratio_to_dense_file=<x> accuracy=<y>
+(codec: f32, f16, bf16, grid8, grid6)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     for name, dense in (('pemn_rp', False), ('dense', True)):
       cfg = get_config(f'dense={dense},epochs={args.epochs}')
-      rows += train_export_evaluate(cfg, tmp, name, ('f32', 'f16', 'bf16'))
+      rows += train_export_evaluate(cfg, tmp, name, ('f32', 'f16', 'bf16', 'grid8', 'grid6'))
   base = next(r for r in rows if r['method'] == 'dense' and r['float_codec'] == 'f32')
   for r in rows:
     print(f'{r["method"]}/{r["float_codec"]} file_bytes={r["file_bytes"]} '
