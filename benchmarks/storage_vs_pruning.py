@@ -18,12 +18,19 @@ float32 params bytes / file bytes.
   arithmetic-coded bitmap or uint32 indices, whichever is smallest).
 * Dense: the reference accuracy.
 
+With ``--float_bits B`` every point is also exported with its floats (PEMN's
+prototype and biases, pruning's surviving weights, dense weights) on an
+entropy-coded B-bit grid (``export --float_bits B``), evaluated from that
+file too: the comparison at equal storage of the floats.
+
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/storage_vs_pruning.py               # LeNet-5/MNIST, 8 epochs
     .venv/bin/python benchmarks/storage_vs_pruning.py --smoke       # a few steps per point
+    .venv/bin/python benchmarks/storage_vs_pruning.py --float_bits 8 --smoke
 
-Writes OUT/storage_vs_pruning.md and .png. Last lines, one per point:
-    <method> compression=<x> file_bytes=<n> accuracy=<final, from the file> best=<y>
+Writes OUT/storage_vs_pruning.md and .png (``..._grid<B>`` with
+``--float_bits``). Last lines, one per point and file:
+    <method>[/grid<B>] compression=<x> file_bytes=<n> accuracy=<final, from the file> best=<y>
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ def plot(rows, path):
   groups = {}
   for r in rows:
     key = 'pemn' if r['method'].startswith('pemn') else r['method'].rsplit('-', 1)[0]
+    if r['float_codec'] != 'f32':
+      key += f' ({r["float_codec"]})'
     groups.setdefault(key, []).append(r)
   for name, rs in groups.items():
     rs = sorted(rs, key=lambda r: r['compression'])
@@ -105,6 +114,8 @@ def main():
   ap.add_argument('--out', default='benchmarks/results')
   ap.add_argument('--smoke', action='store_true',
                   help='3 points, 4 steps each (checks the script)')
+  ap.add_argument('--float_bits', type=int, default=None,
+                  help='also export every point with its floats on a grid of these bits')
   args = ap.parse_args()
   rows = []
   points = point_configs(args)
@@ -115,26 +126,31 @@ def main():
     points = {k: v for k, v in points.items() if k in args.only.split(',')}
   with tempfile.TemporaryDirectory() as tmp:
     for name, (module, arg) in points.items():
-      rows += train_export_evaluate(make_config(module, arg, args), tmp, name)
+      codecs = ('f32',) + ((f'grid{args.float_bits}',) if args.float_bits else ())
+      rows += train_export_evaluate(make_config(module, arg, args), tmp, name, codecs)
+  for r in rows:
+    r['name'] = r['method'] + ('' if r['float_codec'] == 'f32' else f'/{r["float_codec"]}')
   n = rows[-1]['num_params']
   table = [f'{args.model} on {args.dataset}, {args.epochs} epochs, batch 128, N={n} '
            f'(dense float32: {4 * n} bytes). accuracy = final state, evaluated from the file; '
            'best = best per-epoch evaluation during training', '',
            '| method | compression | file bytes | accuracy (final, file) | best |',
            '| --- | --- | --- | --- | --- |']
-  table += [f'| {r["method"]} | {r["compression"]:.1f}x | {r["file_bytes"]} | '
+  table += [f'| {r["name"]} | {r["compression"]:.1f}x | {r["file_bytes"]} | '
             f'{100 * r["accuracy"]:.2f}% | {100 * r["best_accuracy"]:.2f}% |' for r in rows]
   if not args.smoke:
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'storage_vs_pruning.md'), 'w') as f:
+    stem = os.path.join(args.out, 'storage_vs_pruning' + (f'_grid{args.float_bits}'
+                                                            if args.float_bits else ''))
+    with open(stem + '.md', 'w') as f:
       f.write('\n'.join(table) + '\n')
     try:
-      plot(rows, os.path.join(args.out, 'storage_vs_pruning.png'))
+      plot(rows, stem + '.png')
     except ImportError:
       print('# matplotlib missing: no plot (pip install -e .[bench])')
   print('\n'.join(table))
   for r in rows:
-    print(f'{r["method"]} compression={r["compression"]:.2f} file_bytes={r["file_bytes"]} '
+    print(f'{r["name"]} compression={r["compression"]:.2f} file_bytes={r["file_bytes"]} '
           f'accuracy={r["accuracy"]:.4f} best={r["best_accuracy"]:.4f}')
 
 
