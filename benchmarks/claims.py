@@ -15,7 +15,10 @@ epoch) are mean ± sample std over the seeds.
   (global, first layer dense, ramp over 10-60% of the run: the strongest
   baseline of benchmarks/storage_vs_pruning.py) at 90-96.9% sparsity,
   LeNet-5; file sizes from the exported model files. "Best" of a pruned run
-  includes evaluations before it reached its sparsity: compare finals.
+  includes evaluations before it reached its sparsity: compare finals. With
+  ``--float_bits B`` every run is also exported with its floats on a B-bit
+  grid (``export --float_bits``) and that file evaluated: the comparison at
+  equal float storage (PEMN's prototype and biases, GMP's surviving weights).
 * ``rpg`` (RPG): accuracy vs DoF over 5 DoF values (log scale) with the
   least-squares law ``acc = a + b log10(D)`` (slope b, R^2), on the MLP
   784-300-100-10 with every kernel generated (`generate=@kernels`: the
@@ -192,6 +195,7 @@ def claim_pemn(run: Runner, a):
 
 
 def claim_pruning(run: Runner, a):
+  from pemn_jax.evaluate import evaluate_artifact
   from pemn_jax.export.model_file import export_run
   ep = a.epochs
   net = run.net
@@ -215,14 +219,19 @@ def claim_pruning(run: Runner, a):
     rows.append((f'GMP global {float(s):.1%}', rs))
   lines = ['| method | file bytes | compression | final test acc | best test acc |',
            '| --- | --- | --- | --- | --- |']
-  out, series = [], {}
+  out, series, grid = [], {}, []
   for label, rs in rows:
-    sizes = []
+    sizes, gsizes, gacc = [], [], []
     for r in rs:
       d = os.path.join(run.root, {'dense': 'pruning_dense'}.get(label, 'pruning_pemn' if 'PEMN'
                                                               in label else 'pruning_gmp'),
                        r['variant'])
       sizes.append(export_run(d, d + '.pemn')['file_bytes'])
+      if a.float_bits:  # the same run, its floats on a grid: evaluated from that file
+        path = f'{d}.grid{a.float_bits}.pemn'
+        gsizes.append(export_run(d, path, params_dir=None,
+                                 float_bits=a.float_bits)['file_bytes'])
+        gacc.append(evaluate_artifact(path)['accuracy'])
     size = sum(sizes) / len(sizes)
     comp = rs[0]['dense_bytes'] / size
     lines.append(f'| {label} | {size:,.0f} | {comp:.1f}x | '
@@ -232,6 +241,17 @@ def claim_pruning(run: Runner, a):
     out.append(f'pruning method={label.replace(" ", "_")} file_bytes={size:.0f} '
                f'compression={comp:.2f} final={final[0] / 100:.4f}')
     series.setdefault(label.split(' ')[0], []).append((size, *final))
+    if gsizes:
+      gsize = sum(gsizes) / len(gsizes)
+      gcomp = rs[0]['dense_bytes'] / gsize
+      name = f'{label}, {a.float_bits}-bit grid'
+      grid.append(f'| {name} | {gsize:,.0f} | {gcomp:.1f}x | {fmt(gacc)} | — |')
+      gfinal = mean_std([100 * x for x in gacc])
+      out.append(f'pruning method={label.replace(" ", "_")}_grid{a.float_bits} '
+                 f'file_bytes={gsize:.0f} compression={gcomp:.2f} final={gfinal[0] / 100:.4f}')
+      series.setdefault(f'{label.split(" ")[0]} ({a.float_bits}-bit grid)', []).append(
+          (gsize, *gfinal))
+  lines += grid
   size_plot(os.path.join(run.root, 'claim_pruning.png'), series, 'final test accuracy (%)')
   return lines, out
 
@@ -375,6 +395,8 @@ def main(argv=None):
                   help='sweeps live here (a rerun resumes them)')
   ap.add_argument('--out', default='benchmarks/results')
   ap.add_argument('--smoke', action='store_true', help='2 seeds, 3 steps, data slices')
+  ap.add_argument('--float_bits', type=int, default=None,
+                  help='pruning: also export every run with its floats on a grid of these bits')
   args = ap.parse_args(argv)
   import tempfile
 

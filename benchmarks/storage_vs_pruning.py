@@ -26,7 +26,6 @@ file too: the comparison at equal storage of the floats.
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/storage_vs_pruning.py               # LeNet-5/MNIST, 8 epochs
     .venv/bin/python benchmarks/storage_vs_pruning.py --smoke       # a few steps per point
-    .venv/bin/python benchmarks/storage_vs_pruning.py --float_bits 8 --smoke
 
 Writes OUT/storage_vs_pruning.md and .png (``..._grid<B>`` with
 ``--float_bits``). Last lines, one per point and file:
