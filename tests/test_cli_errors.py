@@ -57,6 +57,8 @@ MISTAKES = [
     (['pemn_jax.export', '--workdir', '/x'], '--out'),
     (['pemn_jax.export', '--workdir', '/x', '--out', '/tmp/x.pemn', '--float_bits', '1'],
      '--float_bits=1: 1 is not an integer in the range [2, 16]'),
+    (['pemn_jax.export', '--workdir', '/x', '--out', '/tmp/x.pemn', '--float_bits', '8',
+      '--float_codec', 'f16'], 'instead of --float_codec: give one of them'),
     ([*EVOLVE, '--density', 'Dense_1/kernel'], 'each --density is KERNEL=FRACTION'),
     (['pemn_jax.evaluate', '--artifact', '/nonexistent.pemn'], 'cannot read model file'),
     (['pemn_jax.evaluate', '--artifact', 'README.md'], 'is not a pemn_jax model file'),

@@ -21,6 +21,9 @@ _BITS = flags.DEFINE_integer('float_bits', None, 'Lossy: every float section (tr
                              '2^B-1 levels through 0, entropy-coded, instead of --float_codec '
                              '(evaluate the file for its accuracy).', lower_bound=2,
                              upper_bound=16)
+flags.register_multi_flags_validator(
+    ['float_codec', 'float_bits'], lambda f: f['float_bits'] is None or f['float_codec'] == 'f32',
+    '--float_bits puts the floats on a grid instead of --float_codec: give one of them')
 _MASK = flags.DEFINE_enum('mask_codec', 'auto', ['auto', 'bits', 'rans', 'rans1'],
                           'Mask coding: bit-packed, rANS (~H(k) bits), order-1 rANS '
                           '(rans1: a bit coded given the one before it, column-major), or the '
