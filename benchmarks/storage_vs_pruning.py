@@ -86,13 +86,15 @@ def plot(rows, path):
   fig, ax = plt.subplots(figsize=(7.5, 4.8))
   groups = {}
   for r in rows:
-    key = 'pemn' if r['method'].startswith('pemn') else r['method'].rsplit('-', 1)[0]
-    if r['float_codec'] != 'f32':
-      key += f' ({r["float_codec"]})'
-    groups.setdefault(key, []).append(r)
-  for name, rs in groups.items():
+    base = 'pemn' if r['method'].startswith('pemn') else r['method'].rsplit('-', 1)[0]
+    groups.setdefault((base, r['float_codec']), []).append(r)
+  colors = {}  # one colour a method; its grid-stored files dashed
+  for (base, codec), rs in groups.items():
     rs = sorted(rs, key=lambda r: r['compression'])
-    ax.plot([r['compression'] for r in rs], [100 * r['accuracy'] for r in rs], 'o-', label=name)
+    color = colors.setdefault(base, f'C{len(colors)}')
+    ax.plot([r['compression'] for r in rs], [100 * r['accuracy'] for r in rs],
+            'o-' if codec == 'f32' else 's--', color=color,
+            label=base if codec == 'f32' else f'{base} ({codec})')
   ax.set_xscale('log')
   ax.set_xlabel('compression (dense float32 bytes / file bytes)')
   ax.set_ylabel('test accuracy from the file, final (%)')
