@@ -324,3 +324,28 @@ def test_grid_export_is_smaller_and_holds_the_params_it_rebuilds(trained, tmp_pa
   assert tree_equal({k: v for k, v in restored.items() if k != 'params'}, model_state)
   ev = evaluate_artifact(g8, 'mnist', mnist_slice['data_dir'], mnist_slice['source_dir'])
   assert ev['accuracy'] == pytest.approx(out['test_accuracy'], abs=0.02)
+
+
+def test_quiet_by_default_library_logs_with_verbosity(trained, tmp_path, mnist_slice, capfd):
+  """The CLIs print our lines, not the libraries' INFO logs (orbax writes
+  several per checkpoint read), unless --verbosity=0; preparing a local
+  dataset says so in one line of ours, not TFDS's "Downloading and
+  preparing" (nothing is downloaded)."""
+  import re
+
+  from pemn_jax.data import sources
+  wd = trained[0]
+  info = re.compile(r'^I\d{4} ', re.M)  # absl's INFO line prefix (I<month><day> ...)
+  runs = {}
+  for extra in ([], ['--verbosity=0']):
+    p = subprocess.run([sys.executable, '-m', 'pemn_jax.export', f'--workdir={wd}',
+                        f'--out={tmp_path / "q.pemn"}', '--params_dir=', *extra], cwd=REPO,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    runs[bool(extra)] = p.stdout + p.stderr
+  assert not info.search(runs[False]), runs[False]
+  assert len(info.findall(runs[True])) >= 2  # (the check can see them)
+  capfd.readouterr()
+  sources.load('mnist', 'test', str(tmp_path / 'fresh_tfds'), mnist_slice['source_dir'])
+  out, err = capfd.readouterr()
+  assert 'prepared once into' in out and 'Downloading' not in out + err, out + err
