@@ -248,6 +248,19 @@ def test_evolve_cli_writes_a_file_that_decodes_to_the_evaluated_params(teacher_r
   params_sections = [s for s in header['sections'] if s['name'].startswith('params/')]
   assert params_sections and all(s['codec'] == 'quant' for s in params_sections)
   assert all(s['bits'] == 4 for s in params_sections if s['name'].endswith('bias'))
+  # The CLI's closing table: a row per pruned kernel with its sparsity (as
+  # the file's params have it), its bits and its section's bytes.
+  from pemn_jax.evolve.__main__ import layer_table
+  rows = layer_table(out, header['sections']).splitlines()
+  assert rows[0].split() == ['layer', 'sparsity', 'bits', 'method', 'bytes']
+  by_name = {s['name']: s for s in params_sections}
+  assert len(rows) == 1 + len(out['layer_sparsity']) >= 3
+  for row in rows[1:]:
+    path, sparsity, bits, _, size = row.split()
+    w = np.asarray(flatten(params)[path])
+    assert float(sparsity) == pytest.approx((w == 0).mean(), abs=1e-4)
+    assert int(bits) == by_name[f'params/{path}']['bits']
+    assert int(size.replace(',', '')) == by_name[f'params/{path}']['length']
   # A budget nothing meets (below the float student's own KL): quantizing the
   # biases alone breaks it, so they stay float32.
   evolve(str(tmp_path / 'run'), str(tmp_path / 'z.pemn'), sparsity=0.8, population=4,
