@@ -154,7 +154,7 @@ def parse_flags(argv):
     fail(_override_message(e, argv))
   config = flags.FLAGS['config'] if 'config' in flags.FLAGS else None
   if type(getattr(config, 'value', None)).__name__ == '_ErrorConfig':  # ml_collections' IOError
-    fail(_missing_file(config.config_filename))
+    fail(missing_config_file(config.config_filename))
   return rest
 
 
@@ -219,7 +219,9 @@ def _no_such_key(flag: str, argv) -> str:
           close_match(flag[len('--config.'):], _config_keys(argv), '--config.{}'.format))
 
 
-def _missing_file(spec: str) -> str:
+def missing_config_file(spec: str) -> str:
+  """The message for a ``--config`` file that does not exist (main and
+  ablate alike), with the closest file of its folder."""
   path = spec.split(':', 1)[0]
   near = ''
   folder = os.path.dirname(path) or '.'

@@ -75,7 +75,7 @@ MISTAKES = [
     ([*ABLATE, '--sweep', 'arg.keep=0.1', '--max_group', '-1'], '--max_group=-1'),
     ([*ABLATE], '--sweep'),
     (['pemn_jax.ablate', '--config', 'configs/quickstartt.py', '--workdir', '/tmp/x', '--sweep',
-      'arg.keep=0.1'], 'no such file'),
+      'arg.keep=0.1'], 'no such config file (did you mean configs/quickstart.py?)'),
     (['pemn_jax.plot', '/nonexistent_run'], 'no metrics.jsonl'),
     (['pemn_jax.plot', '--metricz', 'loss', '/x'], 'did you mean --metrics?'),
     (['pemn_jax.plot'], 'usage: python -m pemn_jax.plot'),

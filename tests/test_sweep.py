@@ -223,7 +223,7 @@ def test_bad_sweeps_are_named(config_file, tmp_path):
                         (['arg.nope=1'], 'nope')]:
     with pytest.raises(ConfigError, match=named):
       run_sweep(config_file, sweeps, str(tmp_path / 'bad'), plots=False, say=lambda m: None)
-  with pytest.raises(ConfigError, match='no such file'):
+  with pytest.raises(ConfigError, match='missing.py: no such config file'):
     run_sweep(str(tmp_path / 'missing.py'), ['seed=0'], str(tmp_path / 'bad'), plots=False)
   # A workdir holding another sweep is refused, and left as it was.
   wd = tmp_path / 'other'

@@ -45,7 +45,8 @@ def load_config(spec: str, arg_overrides: dict | None = None) -> ml_collections.
   """
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
-    raise ConfigError(f'--config {spec!r}: no such file {path!r}')
+    from pemn_jax.cli import missing_config_file
+    raise ConfigError(missing_config_file(spec))
   items = dict(kv.split('=', 1) for kv in arg.split(',') if kv and '=' in kv)
   bad = [kv for kv in arg.split(',') if kv and '=' not in kv]
   if bad:
