@@ -36,7 +36,13 @@ def good_file(mnist_slice, tmp_path_factory):
   train_and_evaluate(c, str(wd))
   path = str(wd / 'good.pemn')
   export_run(str(wd), path, params_dir=None)
+  export_run(str(wd), str(wd / 'good_grid.pemn'), params_dir=None, float_bits=6)
   return path
+
+
+def _grid_twin(good_file):
+  """The same run exported with its floats on a grid (``grid`` sections)."""
+  return good_file.replace('good.pemn', 'good_grid.pemn')
 
 
 def split(data: bytes):
@@ -189,6 +195,7 @@ FUZZ_COUNTS = {'tried': 0, 'refused': 0, 'loaded': 0}  # printed with PEMN_FUZZ_
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_model_files(good_file, tmp_path_factory, data):
+  good_file = data.draw(st.sampled_from([good_file, _grid_twin(good_file)]))
   version, header, sections = split(open(good_file, 'rb').read())
   kind = data.draw(st.sampled_from(['value', 'delete', 'bytes']))
   if kind == 'bytes':
