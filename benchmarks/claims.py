@@ -220,6 +220,20 @@ def claim_pruning(run: Runner, a):
   lines = ['| method | file bytes | compression | final test acc | best test acc |',
            '| --- | --- | --- | --- | --- |']
   out, series, grid = [], {}, []
+
+  def add(table, label, name, key, sizes, finals, bests, dense_bytes):
+    """One row (mean file bytes, compression, final/best accuracy) into
+    ``table``, its last line (``method=name``) into ``out``, its point into
+    ``series[key]``."""
+    size = sum(sizes) / len(sizes)
+    comp = dense_bytes / size
+    table.append(f'| {label} | {size:,.0f} | {comp:.1f}x | {fmt(finals)} | '
+                 f'{fmt(bests) if bests else "—"} |')
+    final = mean_std([100 * x for x in finals])
+    out.append(f'pruning method={name} file_bytes={size:.0f} compression={comp:.2f} '
+               f'final={final[0] / 100:.4f}')
+    series.setdefault(key, []).append((size, *final))
+
   for label, rs in rows:
     sizes, gsizes, gacc = [], [], []
     for r in rs:
@@ -232,25 +246,12 @@ def claim_pruning(run: Runner, a):
         gsizes.append(export_run(d, path, params_dir=None,
                                  float_bits=a.float_bits)['file_bytes'])
         gacc.append(evaluate_artifact(path)['accuracy'])
-    size = sum(sizes) / len(sizes)
-    comp = rs[0]['dense_bytes'] / size
-    lines.append(f'| {label} | {size:,.0f} | {comp:.1f}x | '
-                 f'{fmt([r["test_accuracy"] for r in rs])} | '
-                 f'{fmt([r["best_test_accuracy"] for r in rs])} |')
-    final = mean_std([100 * r['test_accuracy'] for r in rs])
-    out.append(f'pruning method={label.replace(" ", "_")} file_bytes={size:.0f} '
-               f'compression={comp:.2f} final={final[0] / 100:.4f}')
-    series.setdefault(label.split(' ')[0], []).append((size, *final))
+    dense_bytes, kind, name = rs[0]['dense_bytes'], label.split(' ')[0], label.replace(' ', '_')
+    add(lines, label, name, kind, sizes, [r['test_accuracy'] for r in rs],
+        [r['best_test_accuracy'] for r in rs], dense_bytes)
     if gsizes:
-      gsize = sum(gsizes) / len(gsizes)
-      gcomp = rs[0]['dense_bytes'] / gsize
-      name = f'{label}, {a.float_bits}-bit grid'
-      grid.append(f'| {name} | {gsize:,.0f} | {gcomp:.1f}x | {fmt(gacc)} | — |')
-      gfinal = mean_std([100 * x for x in gacc])
-      out.append(f'pruning method={label.replace(" ", "_")}_grid{a.float_bits} '
-                 f'file_bytes={gsize:.0f} compression={gcomp:.2f} final={gfinal[0] / 100:.4f}')
-      series.setdefault(f'{label.split(" ")[0]} ({a.float_bits}-bit grid)', []).append(
-          (gsize, *gfinal))
+      add(grid, f'{label}, {a.float_bits}-bit grid', f'{name}_grid{a.float_bits}',
+          f'{kind} ({a.float_bits}-bit grid)', gsizes, gacc, None, dense_bytes)
   lines += grid
   size_plot(os.path.join(run.root, 'claim_pruning.png'), series, 'final test accuracy (%)')
   return lines, out

@@ -125,9 +125,9 @@ def main():
     points = {k: v for k, v in points.items() if k in ('dense', 'pemn_rp1e-3', first)}
   if args.only:
     points = {k: v for k, v in points.items() if k in args.only.split(',')}
+  codecs = ('f32',) + ((f'grid{args.float_bits}',) if args.float_bits else ())
   with tempfile.TemporaryDirectory() as tmp:
     for name, (module, arg) in points.items():
-      codecs = ('f32',) + ((f'grid{args.float_bits}',) if args.float_bits else ())
       rows += train_export_evaluate(make_config(module, arg, args), tmp, name, codecs)
   for r in rows:
     r['name'] = r['method'] + ('' if r['float_codec'] == 'f32' else f'/{r["float_codec"]}')

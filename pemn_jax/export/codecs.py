@@ -50,7 +50,6 @@ class Grid:
   section). Zeros stay exactly zero, so a pruned array keeps its zeros."""
   levels: np.ndarray     # int64, the array's shape
   step: float            # a float32 value >= 0 (0: every value is 0)
-  bits: int              # |levels| <= 2^(bits-1) - 1
 
   @classmethod
   def of(cls, x: np.ndarray, bits: int) -> Grid:
@@ -69,7 +68,7 @@ class Grid:
       step = np.nextafter(step, np.float32(np.inf))
     step = float(step)
     levels = np.clip(np.rint(x / step), -top, top) if step else np.zeros(x.shape)
-    return cls(levels.astype(np.int64), step, bits)
+    return cls(levels.astype(np.int64), step)
 
   def dense(self) -> np.ndarray:
     return grid_values(self.levels, self.step)
@@ -94,8 +93,8 @@ _GRID_TOP = (1 << (GRID_BITS[1] - 1)) - 1  # the largest |level| a file may hold
 
 
 def encode_grid(g: Grid) -> bytes:
-  """A grid as a section's bytes: its step (float32), its lowest level
-  (zigzag varint) and number of levels from there (varint), a coding byte,
+  """A grid as a section's bytes: its step (float32), three varints -- its
+  lowest level (zigzag), the number of levels from there, the coding --
   then the levels minus the lowest in the smaller of two codes: fixed-width
   bit-packed (``bits``, 0: small arrays) or varint counts + rANS (``rans``,
   1: ~the levels' entropy)."""

@@ -104,7 +104,10 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
   arrays.update(sections.nest(sections.MODEL_STATE, {k: np.asarray(v) for k, v in
                                                      flatten(model_state).items()}))
   if float_bits is not None:
-    arrays, params, model_state = _on_grid(arrays, float_bits, param, seed)
+    arrays = {k: v if sections.is_mask(k) else codecs.Grid.of(v, float_bits)
+              for k, v in arrays.items()}
+    if params_dir:  # the params the file rebuilds, not the run's unrounded ones
+      params, model_state = _rebuilt(arrays, param, seed)
   header = model_header(model_name, model_kwargs, run.num_classes, run.input_shape,
                         param_lib.resolved_spec(param), seed, config.dataset, run.step)
   if params_dir:  # first: a failure of either leaves neither under its final name
@@ -122,17 +125,16 @@ def export_run(workdir: str, out: str, float_codec: str = 'f32', mask_codec: str
   return result
 
 
-def _on_grid(arrays: dict, bits: int, param, seed: int):
-  """(sections with every float array a ``codecs.Grid``, the params and model
-  state they rebuild)."""
-  arrays = {k: v if sections.is_mask(k) else codecs.Grid.of(v, bits) for k, v in arrays.items()}
+def _rebuilt(arrays: dict, param, seed: int):
+  """(params, model state) that sections ``arrays`` (some of them
+  ``codecs.Grid``) rebuild, as ``load`` would."""
   values = {k: v.dense() if isinstance(v, codecs.Grid) else v for k, v in arrays.items()}
   model_state = unflatten({k: jnp.asarray(v) for k, v in
                            sections.part(sections.MODEL_STATE, values).items()})
   params = jax.jit(param.from_export)(
       {k: jnp.asarray(v) for k, v in values.items()
        if not k.startswith(sections.MODEL_STATE + '/')}, jnp.uint32(seed))
-  return arrays, params, model_state
+  return params, model_state
 
 
 def _save_params(path: str, tree):
