@@ -11,8 +11,10 @@ function of (seed, step) whatever the number of workers (a stream of its
 own: ``config.augment``'s ops on the decoded batch draw independently).
 
 ``Decoder`` spreads a batch over ``workers`` processes (``spawn``: no fork of
-a process running JAX), which write it into a shared-memory block (no pickled
-pixels through a pipe); 0 decodes in the calling process.
+a process running JAX). Each reads its examples' records from the data source
+itself and writes their pixels into a shared-memory block (no pickled pixels
+through a pipe), so the calling process does no per-image work; 0 reads and
+decodes in the calling process.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import io
 import math
 import multiprocessing
 import os
+import pickle
 import sys
+import uuid
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -99,21 +103,42 @@ def decode_one(data: bytes, name: str, size: int, training: bool, seed: int, ste
   return np.asarray(out, np.uint8)
 
 
-def _decode_chunk(items, size, training, seed, step):
-  return np.stack([decode_one(d, n, size, training, seed, step, p) for d, n, p in items])
+def _example_name(example, dataset: str, index) -> str:
+  """What an error about an example calls it: its file (image folders) or index."""
+  name = example.get('name')
+  return bytes(name).decode(errors='replace') if name is not None else f'{dataset} #{index}'
 
 
-def _decode_into(name, start, items, size, training, seed, step):
-  """Worker: decodes ``items`` into rows ``start:`` of shared block ``name``
-  (the batch comes back without pickling it through a pipe)."""
-  block = shared_memory.SharedMemory(name=name)
+def _read_into(out, source, dataset, idx, positions, size, training, seed, step):
+  """Reads examples ``idx`` of ``source``, decodes their images into ``out``
+  and returns their labels (int32)."""
+  labels = np.empty((len(idx),), np.int32)
+  for j, (i, p) in enumerate(zip(idx, positions, strict=True)):
+    ex = source[int(i)]  # (one at a time: a batched read's thread pool costs more here)
+    out[j] = decode_one(ex['image'], _example_name(ex, dataset, i), size, training, seed, step, p)
+    labels[j] = ex['label']
+  return labels
+
+
+_OPENED: dict = {}  # in a worker: the data sources it reads, by key (the last few)
+
+
+def _work(block_name, start, shipped, dataset, idx, positions, size, training, seed, step):
+  """Worker: reads and decodes examples ``idx`` into rows ``start:`` of shared
+  block ``block_name`` (no pixels through a pipe); returns their labels."""
+  key, pickled = shipped
+  source = _OPENED.pop(key) if key in _OPENED else pickle.loads(pickled)
+  _OPENED[key] = source  # (most recent last)
+  for old in list(_OPENED)[:-4]:
+    del _OPENED[old]
+  block = shared_memory.SharedMemory(name=block_name)
   try:
-    out = np.ndarray((start + len(items), size, size, 3), np.uint8, block.buf)
-    for j, (d, n, p) in enumerate(items):
-      out[start + j] = decode_one(d, n, size, training, seed, step, p)
+    out = np.ndarray((start + len(idx), size, size, 3), np.uint8, block.buf)
+    labels = _read_into(out[start:], source, dataset, idx, positions, size, training, seed, step)
     del out
   finally:
     block.close()
+  return labels
 
 
 class Decoder:
@@ -131,6 +156,7 @@ class Decoder:
       raise ValueError(f'data_workers must be an integer >= 0, got {workers!r}')
     self.size, self.workers = size, workers
     self._dropped = []  # (parts, shared block) of batches dropped before their result
+    self._shipped = None  # (source, (key, pickled source)) last sent to the workers
 
   @property
   def pool(self):
@@ -140,21 +166,52 @@ class Decoder:
       _POOLS[self.workers] = _start_pool(self.workers)
     return _POOLS[self.workers]
 
-  def submit(self, items, training: bool, seed: int = 0, step: int = 0):
-    """Starts decoding ``items`` (``(bytes, name, position)``); ``result()``
-    of what it returns is the ``(len(items), size, size, 3)`` uint8 batch."""
+  def submit(self, source, idx, training: bool, seed: int = 0, step: int = 0,
+             positions=None, dataset: str = ''):
+    """Starts reading examples ``idx`` of ``source`` (records with an encoded
+    ``image``, a ``label`` and optionally a ``name``) and decoding them; the
+    workers read the records themselves, so this process only waits.
+
+    Args:
+      source: random-access records (a TFDS data source); sent to the workers
+        by pickling, once.
+      idx: the examples.
+      training: random-resized crop + flip (else resize + centre crop).
+      seed, step, positions: the draws' key (positions: in the global batch;
+        default ``range(len(idx))``).
+      dataset: names an example without a ``name`` in errors.
+    Returns:
+      A future whose ``result()`` is (the ``(len(idx), size, size, 3)`` uint8
+      images, int32 labels); it raises ``DecodeError`` naming a bad image.
+    """
+    positions = list(range(len(idx)) if positions is None else positions)
+    shape = (len(idx), self.size, self.size, 3)
     if not self.workers:
+      out = np.empty(shape, np.uint8)
+      labels = _read_into(out, source, dataset, idx, positions, self.size, training, seed, step)
       done = futures.Future()
-      done.set_result(_decode_chunk(items, self.size, training, seed, step))
+      done.set_result((out, labels))
       return done
     self._sweep()
-    block = shared_memory.SharedMemory(create=True, size=len(items) * self.size**2 * 3 or 1)
-    n = max(1, min(len(items), 4 * self.workers))
-    bounds = np.linspace(0, len(items), n + 1).astype(int)
-    parts = [self.pool.submit(_decode_into, block.name, a, items[a:b], self.size, training,
-                              seed, step)
+    shipped = self._ship(source, dataset)
+    block = shared_memory.SharedMemory(create=True, size=math.prod(shape) or 1)
+    n = max(1, min(len(idx), 4 * self.workers))
+    bounds = np.linspace(0, len(idx), n + 1).astype(int)
+    parts = [self.pool.submit(_work, block.name, a, shipped, dataset, idx[a:b], positions[a:b],
+                              self.size, training, seed, step)
              for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    return _Joined(parts, block, (len(items), self.size, self.size, 3), self._dropped)
+    return _Joined(parts, block, shape, self._dropped)
+
+  def _ship(self, source, dataset):
+    """(key, pickled ``source``): what the workers open it from (pickled once)."""
+    if self._shipped is None or self._shipped[0] is not source:
+      try:
+        pickled = pickle.dumps(source)
+      except Exception as e:  # noqa: BLE001 - any unpicklable part
+        raise TypeError(f'{dataset}: its data source cannot be sent to decoding workers '
+                        f'({type(e).__name__}: {e}); set config.data_workers=0') from e
+      self._shipped = (source, (uuid.uuid4().hex, pickled))
+    return self._shipped[1]
 
   def _sweep(self, wait: bool = False):
     """Frees the shared blocks of batches dropped unread, once their workers are done."""
@@ -213,20 +270,19 @@ def _free(block):
 
 class _Joined:
   """A batch being decoded by workers into a shared block; ``result()`` copies
-  it out and frees the block (a batch dropped unread is freed by its decoder
-  once its workers are done)."""
+  it out (with the labels the workers read) and frees the block (a batch
+  dropped unread is freed by its decoder once its workers are done)."""
 
   def __init__(self, parts, block, shape, dropped):
     self.parts, self.block, self.shape, self.dropped = parts, block, shape, dropped
 
   def result(self):
     try:
-      for p in self.parts:
-        p.result()
+      labels = np.concatenate([p.result() for p in self.parts])
       view = np.ndarray(self.shape, np.uint8, self.block.buf)
       out = view.copy()
       del view
-      return out
+      return out, labels
     finally:
       _settle(self.parts)
       block, self.block = self.block, None

@@ -121,6 +121,13 @@ class FolderImages(tfds.core.GeneratorBasedBuilder):
     self._dirs, self._classes, self._files = dirs, classes, files
     super().__init__(**kwargs)
 
+  def __getstate__(self):  # (decode workers read a prepared copy: no file list)
+    return {**super().__getstate__(), 'folder': (self._dirs, self._classes)}
+
+  def __setstate__(self, state):
+    dirs, classes = state['folder']
+    self.__init__(dirs=dirs, classes=classes, files={}, **state['_original_state'])
+
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self, description=f'image folder {self._dirs["train"]}',

@@ -70,13 +70,10 @@ class Pipeline:
       labels[j] = ex['label']
     return images, labels
 
-  def _submit(self, idx, training: bool, step: int = 0, positions=()):
-    """Starts decoding examples ``idx``: (future of the uint8 batch, labels)."""
-    exs = list(_records(self.ds.source, idx))
-    items = [(bytes(ex['image']), _name(ex, self.ds.name, i), p)
-             for ex, i, p in zip(exs, idx, positions or range(len(idx)), strict=True)]
-    labels = np.asarray([ex['label'] for ex in exs], np.int32)
-    return self.ds.decoder.submit(items, training, self.seed, step), labels
+  def _submit(self, idx, training: bool, step: int = 0, positions=None):
+    """Starts reading and decoding examples ``idx``: a future of (uint8 images, labels)."""
+    return self.ds.decoder.submit(self.ds.source, idx, training, self.seed, step, positions,
+                                  self.ds.name)
 
   def _decoded(self, step: int):
     """Training batch ``step`` of a variable-size dataset, decoded (and the
@@ -87,8 +84,7 @@ class Pipeline:
         self._pending[s] = self._submit(idx, True, s, positions)
     for s in [s for s in self._pending if s < step or s > step + AHEAD]:
       del self._pending[s]  # a jump (resume, evaluation): drop what is not needed
-    future, labels = self._pending.pop(step)
-    return future.result(), labels
+    return self._pending.pop(step).result()
 
   def _batch_indices(self, step: int):
     """(example indices, positions in the global batch) of this process's
@@ -128,8 +124,8 @@ class Pipeline:
     """Examples ``idx`` (of this pipeline's ``num_examples``), not augmented:
     (images f32 NHWC, normalized; labels i32)."""
     if self.ds.decoder is not None:
-      future, labels = self._submit(np.asarray(idx), False)
-      return self.normalize(future.result()), labels
+      images, labels = self._submit(np.asarray(idx), False).result()
+      return self.normalize(images), labels
     images, labels = self._read(np.asarray(idx))
     return self.normalize(images), labels
 
@@ -167,12 +163,7 @@ class Pipeline:
       if self.ds.decoder is None:
         yield (*self._read(batches[k]), weights)
         continue
-      future, labels = ahead or self._submit(batches[k], False)
+      future = ahead or self._submit(batches[k], False)
       ahead = self._submit(batches[k + 1], False) if k + 1 < len(batches) else None
-      yield future.result(), labels, weights
+      yield (*future.result(), weights)
 
-
-def _name(example, dataset: str, index) -> str:
-  """What an error about an example calls it: its file (image folders) or index."""
-  name = example.get('name')
-  return bytes(name).decode(errors='replace') if name is not None else f'{dataset} #{index}'

@@ -152,17 +152,20 @@ def test_worker_batches_free_their_shared_blocks():
   from multiprocessing import shared_memory
   arr = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
   good, bad = _encode(arr, 'PNG'), _encode(arr, 'JPEG')[:100]
+  source = [{'image': np.frombuffer(good, np.uint8), 'label': 7, 'name': b'a'},
+            {'image': np.frombuffer(bad, np.uint8), 'label': 1, 'name': b'cat/1.jpg'}]
   dec = decode.Decoder(16, workers=1)
   try:
-    read = dec.submit([(good, 'a', p) for p in range(5)], True, 1, 2)
+    read = dec.submit(source, np.zeros(5, int), True, 1, 2)
     names = [read.block.name]
     expected = np.stack([decode.decode_one(good, 'a', 16, True, 1, 2, p) for p in range(5)])
-    assert np.array_equal(read.result(), expected)
-    failed = dec.submit([(good, 'a', 0), (bad, 'cat/1.jpg', 1)], False)
+    images, labels = read.result()
+    assert np.array_equal(images, expected) and labels.tolist() == [7] * 5
+    failed = dec.submit(source, np.array([0, 1]), False)
     names.append(failed.block.name)
     with pytest.raises(decode.DecodeError, match='cat/1.jpg'):
       failed.result()
-    dropped = dec.submit([(good, 'a', 0)], False)
+    dropped = dec.submit(source, np.array([0]), False)
     names.append(dropped.block.name)
     del dropped
   finally:
@@ -258,10 +261,14 @@ def test_a_prepared_tfds_imagenet2012_trains_and_evaluates_on_its_validation_spl
   # (before: "tfds:imagenet2012 has no split 'test'" at every run's start).
   data_dir = str(tmp_path / 'tfds')
   _prepare_fake_imagenet2012(data_dir)
-  test = sources.load('tfds:imagenet2012', 'test', data_dir, image_size=16, workers=0)
+  # (a worker process reads the records: the TFDS data source travels to it)
+  test = sources.load('tfds:imagenet2012', 'test', data_dir, image_size=16, workers=1)
   assert test.num_examples == 4 and test.num_classes == 1000
   assert test.image_shape == (16, 16, 3)
-  images, labels, weights = next(Pipeline(test, 4, 0, training=False).eval_batches())
+  try:
+    images, labels, weights = next(Pipeline(test, 4, 0, training=False).eval_batches())
+  finally:
+    test.decoder.close()
   assert sorted(labels.tolist()) == [900, 901, 902, 903] and weights.tolist() == [1, 1, 1, 1]
   for img, label in zip(images, labels, strict=True):  # each its own colour, decoded
     np.testing.assert_allclose(img.reshape(-1, 3).mean(0), COLOURS[label - 900], atol=4)
