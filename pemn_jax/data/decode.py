@@ -34,6 +34,7 @@ import numpy as np
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 EVAL_FRACTION = 0.875
+SPARE = 4  # shared blocks a decoder keeps for reuse
 
 
 def decode_rng(seed: int, step: int, position: int) -> np.random.Generator:
@@ -121,24 +122,33 @@ def _read_into(out, source, dataset, idx, positions, size, training, seed, step)
 
 
 _OPENED: dict = {}  # in a worker: the data sources it reads, by key (the last few)
+_MAPPED: dict = {}  # in a worker: the shared blocks it has mapped, by name (the last few)
+
+
+def _recent(cache: dict, key, make, keep: int, drop=None):
+  """``cache[key]`` (made by ``make()`` if missing), moved to the end; the
+  oldest beyond ``keep`` are dropped (``drop(value)`` first)."""
+  value = cache.pop(key) if key in cache else make()
+  cache[key] = value
+  for old in list(cache)[:-keep]:
+    gone = cache.pop(old)
+    if drop is not None:
+      drop(gone)
+  return value
 
 
 def _work(block_name, start, shipped, dataset, idx, positions, size, training, seed, step):
   """Worker: reads and decodes examples ``idx`` into rows ``start:`` of shared
   block ``block_name`` (no pixels through a pipe); returns their labels."""
   key, pickled = shipped
-  source = _OPENED.pop(key) if key in _OPENED else pickle.loads(pickled)
-  _OPENED[key] = source  # (most recent last)
-  for old in list(_OPENED)[:-4]:
-    del _OPENED[old]
-  block = shared_memory.SharedMemory(name=block_name)
-  try:
-    out = np.ndarray((start + len(idx), size, size, 3), np.uint8, block.buf)
-    labels = _read_into(out[start:], source, dataset, idx, positions, size, training, seed, step)
-    del out
-  finally:
-    block.close()
-  return labels
+  source = _recent(_OPENED, key, lambda: pickle.loads(pickled), 4)
+  # Blocks are reused batch after batch: kept mapped, their pages are not
+  # faulted in again.
+  block = _recent(_MAPPED, block_name, lambda: shared_memory.SharedMemory(name=block_name),
+                  2 * SPARE, lambda b: b.close())
+  out = np.ndarray((len(idx), size, size, 3), np.uint8, block.buf,
+                   offset=start * size * size * 3)
+  return _read_into(out, source, dataset, idx, positions, size, training, seed, step)
 
 
 class Decoder:
@@ -156,6 +166,7 @@ class Decoder:
       raise ValueError(f'data_workers must be an integer >= 0, got {workers!r}')
     self.size, self.workers = size, workers
     self._dropped = []  # (parts, shared block) of batches dropped before their result
+    self._spare = []  # shared blocks whose batch is done, to reuse
     self._shipped = None  # (source, (key, pickled source)) last sent to the workers
 
   @property
@@ -194,13 +205,27 @@ class Decoder:
       return done
     self._sweep()
     shipped = self._ship(source, dataset)
-    block = shared_memory.SharedMemory(create=True, size=math.prod(shape) or 1)
-    n = max(1, min(len(idx), 4 * self.workers))
+    block = self._block(math.prod(shape) or 1)
+    n = max(1, min(len(idx), 2 * self.workers))
     bounds = np.linspace(0, len(idx), n + 1).astype(int)
     parts = [self.pool.submit(_work, block.name, a, shipped, dataset, idx[a:b], positions[a:b],
                               self.size, training, seed, step)
              for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    return _Joined(parts, block, shape, self._dropped)
+    return _Joined(parts, block, shape, self)
+
+  def _block(self, nbytes: int):
+    """A shared block of at least ``nbytes``: a spare one, else a new one."""
+    for block in self._spare:
+      if block.size >= nbytes:
+        self._spare.remove(block)
+        return block
+    return shared_memory.SharedMemory(create=True, size=nbytes)
+
+  def _give_back(self, block):
+    """Keeps a block no worker writes into any more for the next batch (or frees it)."""
+    self._spare.append(block)
+    while len(self._spare) > SPARE:
+      _free(self._spare.pop(0))
 
   def _ship(self, source, dataset):
     """(key, pickled ``source``): what the workers open it from (pickled once)."""
@@ -214,13 +239,13 @@ class Decoder:
     return self._shipped[1]
 
   def _sweep(self, wait: bool = False):
-    """Frees the shared blocks of batches dropped unread, once their workers are done."""
+    """Takes back the shared blocks of batches dropped unread, once their workers are done."""
     for parts, block in list(self._dropped):
       if wait:
         _settle(parts)
       if all(p.done() for p in parts):
         self._dropped.remove((parts, block))
-        _free(block)
+        self._give_back(block)
 
   def close(self):
     """Stops the worker processes (a later batch starts them again)."""
@@ -228,6 +253,8 @@ class Decoder:
     if pool is not None:
       pool.shutdown(cancel_futures=True)
     self._sweep(wait=True)
+    while self._spare:
+      _free(self._spare.pop())
 
 
 _POOLS: dict[int, futures.ProcessPoolExecutor] = {}
@@ -270,11 +297,12 @@ def _free(block):
 
 class _Joined:
   """A batch being decoded by workers into a shared block; ``result()`` copies
-  it out (with the labels the workers read) and frees the block (a batch
-  dropped unread is freed by its decoder once its workers are done)."""
+  it out (with the labels the workers read) and gives the block back to its
+  decoder for a later batch (a batch dropped unread is taken back once its
+  workers are done)."""
 
-  def __init__(self, parts, block, shape, dropped):
-    self.parts, self.block, self.shape, self.dropped = parts, block, shape, dropped
+  def __init__(self, parts, block, shape, decoder):
+    self.parts, self.block, self.shape, self.decoder = parts, block, shape, decoder
 
   def result(self):
     try:
@@ -286,11 +314,11 @@ class _Joined:
     finally:
       _settle(self.parts)
       block, self.block = self.block, None
-      _free(block)
+      self.decoder._give_back(block)
 
   def __del__(self):
     if getattr(self, 'block', None) is not None:
-      self.dropped.append((self.parts, self.block))
+      self.decoder._dropped.append((self.parts, self.block))
 
 
 def default_workers() -> int:

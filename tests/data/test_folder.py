@@ -148,7 +148,8 @@ def test_truncated_image_is_named_at_decode():
 
 def test_worker_batches_free_their_shared_blocks():
   """Workers write batches into shared memory: read, failed and dropped
-  batches all give their block back (none is left in /dev/shm)."""
+  batches all give their block back, for reuse while the decoder runs and
+  freed when it closes (none is left in /dev/shm)."""
   from multiprocessing import shared_memory
   arr = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
   good, bad = _encode(arr, 'PNG'), _encode(arr, 'JPEG')[:100]
@@ -162,11 +163,11 @@ def test_worker_batches_free_their_shared_blocks():
     images, labels = read.result()
     assert np.array_equal(images, expected) and labels.tolist() == [7] * 5
     failed = dec.submit(source, np.array([0, 1]), False)
-    names.append(failed.block.name)
+    assert failed.block.name == names[0]  # the read batch's block, reused
+    dropped = dec.submit(source, np.array([0]), False)  # (a new block: none is spare)
+    names.append(dropped.block.name)
     with pytest.raises(decode.DecodeError, match='cat/1.jpg'):
       failed.result()
-    dropped = dec.submit(source, np.array([0]), False)
-    names.append(dropped.block.name)
     del dropped
   finally:
     dec.close()
