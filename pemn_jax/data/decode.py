@@ -19,6 +19,7 @@ decodes in the calling process.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as futures
 import io
 import math
@@ -27,6 +28,7 @@ import os
 import pickle
 import sys
 import uuid
+import weakref
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -167,6 +169,7 @@ class Decoder:
     self.size, self.workers = size, workers
     self._dropped = []  # (parts, shared block) of batches dropped before their result
     self._spare = []  # shared blocks whose batch is done, to reuse
+    self._blocks = {}  # name -> every shared block made and not yet freed
     self._shipped = None  # (source, (key, pickled source)) last sent to the workers
 
   @property
@@ -219,13 +222,18 @@ class Decoder:
       if block.size >= nbytes:
         self._spare.remove(block)
         return block
-    return shared_memory.SharedMemory(create=True, size=nbytes)
+    block = shared_memory.SharedMemory(create=True, size=nbytes)
+    self._blocks[block.name] = block
+    _LIVE.add(self)
+    return block
 
   def _give_back(self, block):
     """Keeps a block no worker writes into any more for the next batch (or frees it)."""
     self._spare.append(block)
     while len(self._spare) > SPARE:
-      _free(self._spare.pop(0))
+      old = self._spare.pop(0)
+      del self._blocks[old.name]
+      _free(old)
 
   def _ship(self, source, dataset):
     """(key, pickled ``source``): what the workers open it from (pickled once)."""
@@ -248,16 +256,34 @@ class Decoder:
         self._give_back(block)
 
   def close(self):
-    """Stops the worker processes (a later batch starts them again)."""
+    """Stops the worker processes (a later batch starts them again) and frees
+    this decoder's shared blocks."""
     pool = _POOLS.pop(self.workers, None)
     if pool is not None:
       pool.shutdown(cancel_futures=True)
     self._sweep(wait=True)
-    while self._spare:
-      _free(self._spare.pop())
+    self._release()
+
+  def _release(self):
+    """Frees every shared block this decoder made (at close, when it is
+    dropped, and at exit: none is left behind in /dev/shm)."""
+    self._spare.clear()
+    self._dropped.clear()
+    while self._blocks:
+      _free(self._blocks.popitem()[1])
+
+  def __del__(self):
+    self._release()
 
 
 _POOLS: dict[int, futures.ProcessPoolExecutor] = {}
+_LIVE = weakref.WeakSet()  # decoders holding shared blocks
+
+
+@atexit.register
+def _release_all():  # (runs after the pools' workers have exited)
+  for decoder in list(_LIVE):
+    decoder._release()
 
 
 def _ready(i):
