@@ -39,10 +39,11 @@ def topk_mask(values, keep: float | None = None, *, kept=None):
   slice (a prefix sum would gather the whole array on every device).
 
   Under ``vmap`` (a sweep's stacked variants), in a program lowered for CPU
-  the variants' masks are computed one after another in a loop: batched,
+  the variants' thresholds are found one after another in a loop: batched,
   each count pass streams all variants' values (K times the bytes, out of
   cache) for the same work, measured 1.3-1.5x slower than the variants one
   by one; lowered for GPU/TPU they stay batched (chosen at lowering). The
+  masks are then made from the thresholds in one batched pass. The
   mask is piecewise constant, so its derivative is zero (``values`` enters
   under ``stop_gradient``).
   """
@@ -60,20 +61,35 @@ def topk_mask(values, keep: float | None = None, *, kept=None):
 
 @jax.custom_batching.custom_vmap
 def _topk_mask(values, m):
-  return _topk_one(values, m)
+  flat = values.reshape(-1)
+  keep = _keep(_ordered_bits(flat), *_cut(flat, m))
+  return keep.astype(values.dtype).reshape(values.shape)
 
 
 @_topk_mask.def_vmap
 def _topk_variants(axis_size, in_batched, values, m):
   values, m = (x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
                for x, b in zip((values, m), in_batched, strict=True))
-  return jax.lax.platform_dependent(
-      values, m, cpu=lambda v, k: jax.lax.map(lambda a: _topk_one(*a), (v, k)),
-      default=jax.vmap(_topk_one)), True
+  flat = values.reshape(axis_size, -1)
+  # Each variant's cut (two scalars) in a loop on CPU, batched elsewhere; the
+  # masks then in one batched elementwise pass that fuses into their users (a
+  # loop producing the masks themselves would write and zero-fill K fresh
+  # arrays of the values' size every step).
+  thr, start = jax.lax.platform_dependent(
+      flat, m, cpu=lambda v, k: jax.lax.map(lambda a: _cut(*a), (v, k)),
+      default=jax.vmap(_cut))
+  keep = _keep(_ordered_bits(flat), thr[:, None], start[:, None])
+  return keep.astype(values.dtype).reshape(values.shape), True
 
 
-def _topk_one(values, m):
-  flat = values.reshape(-1)
+def _keep(bits, thr, start):
+  """The mask of a cut: above the threshold, or at it from position ``start`` on."""
+  pos = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, bits.ndim - 1)
+  return (bits > thr) | ((bits == thr) & (pos >= start))
+
+
+def _cut(flat, m):
+  """(threshold bits, first tie position kept) of the top-``m`` mask of ``flat``."""
   n = flat.shape[0]
   bits = _ordered_bits(flat)
 
@@ -102,8 +118,7 @@ def _topk_one(values, m):
     return i + 1, jnp.where(jnp.sum(tie & (pos >= cand)) >= need, cand, start)
 
   _, start = jax.lax.while_loop(more, body, (jnp.int32(0), jnp.uint32(0)))
-  keep = above | (tie & (pos >= start))  # start 0 when every tie is kept
-  return keep.astype(values.dtype).reshape(values.shape)
+  return thr, start  # start 0 when every tie is kept
 
 
 def _bits(n: int) -> int:
