@@ -139,6 +139,13 @@ def _recent(cache: dict, key, make, keep: int, drop=None):
   return value
 
 
+def _unmap(block):
+  try:
+    block.close()
+  except BufferError:  # (a view still alive, e.g. in a traceback: the mapping stays)
+    pass
+
+
 def _work(block_name, start, shipped, dataset, idx, positions, size, training, seed, step):
   """Worker: reads and decodes examples ``idx`` into rows ``start:`` of shared
   block ``block_name`` (no pixels through a pipe); returns their labels."""
@@ -147,7 +154,7 @@ def _work(block_name, start, shipped, dataset, idx, positions, size, training, s
   # Blocks are reused batch after batch: kept mapped, their pages are not
   # faulted in again.
   block = _recent(_MAPPED, block_name, lambda: shared_memory.SharedMemory(name=block_name),
-                  2 * SPARE, lambda b: b.close())
+                  2 * SPARE, _unmap)
   out = np.ndarray((len(idx), size, size, 3), np.uint8, block.buf,
                    offset=start * size * size * 3)
   return _read_into(out, source, dataset, idx, positions, size, training, seed, step)
