@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as futures
+import errno
 import io
 import math
 import multiprocessing
@@ -139,6 +140,15 @@ def _recent(cache: dict, key, make, keep: int, drop=None):
   return value
 
 
+def shm_free() -> int | None:
+  """Bytes free in ``/dev/shm`` (None where there is none, e.g. macOS)."""
+  try:
+    st = os.statvfs('/dev/shm')
+  except OSError:
+    return None
+  return st.f_bavail * st.f_frsize
+
+
 def _unmap(block):
   try:
     block.close()
@@ -229,6 +239,12 @@ class Decoder:
       if block.size >= nbytes:
         self._spare.remove(block)
         return block
+    free = shm_free()
+    if free is not None and nbytes > free:  # (else a worker dies of SIGBUS writing it)
+      raise OSError(errno.ENOSPC, f'/dev/shm has {free / 2**20:,.0f} MiB free and a decoded '
+                    f'batch needs {nbytes / 2**20:,.0f} MiB: give the machine or container '
+                    'more shared memory (docker run --shm-size=...), lower the batch size, '
+                    'or set config.data_workers=0 to decode in this process')
     block = shared_memory.SharedMemory(create=True, size=nbytes)
     self._blocks[block.name] = block
     _LIVE.add(self)

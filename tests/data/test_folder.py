@@ -185,6 +185,16 @@ def test_worker_batches_free_their_shared_blocks():
   decode.Decoder(16, workers=1).close()  # (stops the pool it started)
 
 
+def test_too_little_shared_memory_is_a_clear_error(monkeypatch):
+  # (a block larger than /dev/shm's free space would kill the worker writing it)
+  monkeypatch.setattr(decode, 'shm_free', lambda: 1000)
+  dec = decode.Decoder(16, workers=1)
+  with pytest.raises(OSError, match=r'/dev/shm has 0 MiB free .*--shm-size.*data_workers=0'):
+    dec.submit([], np.zeros(5, int), True)
+  assert not dec._blocks
+  assert decode.shm_free() is None or decode.shm_free() > 0
+
+
 def test_cli_trains_evaluates_and_exports_an_image_folder(tmp_path):
   """2 steps of ResNet-18 (ImageNet-style) at 64 px on a folder of mixed
   sizes; the exported file evaluates to the run's own test accuracy."""
