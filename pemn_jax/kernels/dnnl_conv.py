@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,14 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pemn_jax.kernels import native
+
 SOURCE = Path(__file__).with_name('csrc') / 'dnnl_conv.cc'
 RUNTIME, HEADERS = 'onednn-cpu-gomp', 'onednn-devel-cpu-gomp'
 TARGETS = {'fwd': 'PemnDnnlConvFwd', 'bwd_data': 'PemnDnnlConvBwdData',
            'bwd_weights': 'PemnDnnlConvBwdWeights'}
 
 
-class Unavailable(RuntimeError):
-  """oneDNN convolutions cannot be used here (the message says why)."""
+Unavailable = native.Unavailable
+cache_dir = native.cache_dir
 
 
 def _dist_file(dist: str, suffix: str) -> Path:
@@ -52,12 +50,6 @@ def _dist_file(dist: str, suffix: str) -> Path:
   raise Unavailable(f'the {dist} package has no file ending in {suffix}')
 
 
-def cache_dir() -> Path:
-  """Where compiled handlers are kept: ``$PEMN_JAX_CACHE_DIR``, else
-  ``~/.cache/pemn_jax``."""
-  return Path(os.environ.get('PEMN_JAX_CACHE_DIR') or Path.home() / '.cache' / 'pemn_jax')
-
-
 def build() -> Path:
   """The compiled handler library, compiled first if not cached.
 
@@ -67,44 +59,11 @@ def build() -> Path:
     Unavailable: oneDNN, its headers or a compiler is missing, or the
       compilation failed (the compiler's message included).
   """
-  if not sys.platform.startswith('linux'):
-    raise Unavailable(f'built for Linux only (this is {sys.platform})')
   lib = _dist_file(RUNTIME, 'libdnnl.so.3')
   header = _dist_file(HEADERS, 'include/dnnl.hpp')
-  cxx = shutil.which(os.environ.get('CXX', 'g++'))
-  if cxx is None:
-    raise Unavailable(f'no C++ compiler ({os.environ.get("CXX", "g++")}) on PATH')
-  ffi_include = Path(jax.ffi.include_dir())
-  import jaxlib
-  key = hashlib.sha256(b'\0'.join([
-      SOURCE.read_bytes(), jaxlib.__version__.encode(), str(lib).encode(),
-      str(lib.stat().st_size).encode(), cxx.encode()])).hexdigest()[:16]
-  out = cache_dir() / 'ffi' / f'libpemn_dnnl_conv-{key}.so'
-  if out.exists():
-    return out
-  # compiled under a temporary name, then renamed: processes building at once
-  # each write their own file and the last rename wins (they are identical)
-  try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
-    os.close(fd)
-  except OSError as e:
-    raise Unavailable(f'cannot write the compiled handlers to {out.parent} ({e}); set '
-                      'PEMN_JAX_CACHE_DIR to a writable directory') from None
-  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', str(SOURCE), '-o', tmp,
-         f'-I{ffi_include}', f'-I{header.parent}', f'-L{lib.parent}', '-l:libdnnl.so.3',
-         f'-Wl,-rpath,{lib.parent}']
-  try:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if p.returncode:
-      raise Unavailable(f'compiling {SOURCE.name} failed ({" ".join(cmd)}):\n{p.stderr[-2000:]}')
-    os.replace(tmp, out)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    raise Unavailable(f'compiling {SOURCE.name} failed: {e}') from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return out
+  return native.build(SOURCE, 'pemn_dnnl_conv',
+                      (f'-I{header.parent}', f'-L{lib.parent}', '-l:libdnnl.so.3',
+                       f'-Wl,-rpath,{lib.parent}'), (str(lib), str(lib.stat().st_size)))
 
 
 @functools.cache
@@ -116,12 +75,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     # from another OpenMP runtime in the process, e.g. PyTorch's). Read once,
     # when libgomp loads; a value the user set is kept.
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-    try:
-      lib = ctypes.CDLL(str(path))
-    except OSError as e:
-      raise Unavailable(f'loading {path} failed: {e}') from None
-    for name in TARGETS.values():
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
+    lib = native.load(path, TARGETS.values())
     lib.PemnDnnlVersion.restype = ctypes.c_char_p
     return lib, ''
   except Unavailable as e:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from pemn_jax.kernels import topk_cut
 
 
 def num_kept(n: int, keep: float) -> int:
@@ -19,33 +23,39 @@ def num_kept(n: int, keep: float) -> int:
   return max(1, n - int((1.0 - keep) * n))
 
 
-def _ordered_bits(values):
-  """float32 -> uint32 with the same order (so integer compares sort floats)."""
+def _ordered_bits(values, magnitude: bool = False):
+  """float32 -> uint32 with the same order (so integer compares sort floats);
+  with ``magnitude``, the order of ``abs(values)``."""
   bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+  if magnitude:  # the sign bit cleared, then set: abs(values)' ordered bits
+    return bits | jnp.uint32(0x80000000)
   return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def topk_mask(values, keep: float | None = None, *, kept=None):
+def topk_mask(values, keep: float | None = None, *, kept=None, magnitude: bool = False):
   """0/1 mask (values' dtype) with exactly ``num_kept(values.size, keep)`` (or
-  ``kept``) ones at the largest entries of ``values``; among equal values the
-  later positions win (as the tail of a stable ascending argsort). ``kept``
-  may be a traced integer in ``[1, size]`` (e.g. a sparsity schedule).
+  ``kept``) ones at the largest entries of ``values`` (with ``magnitude``: of
+  ``abs(values)``, without making that array); among equal values the later
+  positions win (as the tail of a stable ascending argsort). ``kept`` may be
+  a traced integer in ``[1, size]`` (e.g. a sparsity schedule).
 
   No sort: the k-th largest value is found by a 32-step binary search on the
-  order-preserving integer bits (32 vectorized count passes), which on CPU is
-  ~15x faster than sorting. When more entries equal that value than are
-  needed, a second binary search over positions keeps the last ones. Only
-  elementwise ops and sums: on a sharded ``values`` every device works on its
-  slice (a prefix sum would gather the whole array on every device).
+  order-preserving integer bits (32 vectorized count passes). When more
+  entries equal that value than are needed, a second binary search over
+  positions keeps the last ones. Only elementwise ops and sums: on a sharded
+  ``values`` every device works on its slice (a prefix sum would gather the
+  whole array on every device). That is the program lowered for GPU/TPU.
 
-  Under ``vmap`` (a sweep's stacked variants), in a program lowered for CPU
-  the variants' thresholds are found one after another in a loop: batched,
-  each count pass streams all variants' values (K times the bytes, out of
-  cache) for the same work, measured 1.3-1.5x slower than the variants one
-  by one; lowered for GPU/TPU they stay batched (chosen at lowering). The
-  masks are then made from the thresholds in one batched pass. The
-  mask is piecewise constant, so its derivative is zero (``values`` enters
-  under ``stop_gradient``).
+  Lowered for CPU (chosen at lowering), the cut -- threshold and first kept
+  tie -- comes from a C++ radix select (``kernels.topk_cut``, one pass over
+  the values; 8x faster than the count passes, which XLA:CPU materializes
+  and sums apart), or, where it cannot be built, from the same count passes.
+  Under ``vmap`` (a sweep's stacked variants) the CPU program finds the
+  variants' cuts one after another (batched count passes stream all
+  variants' values, K times the bytes, out of cache: 1.3-1.5x slower than
+  one by one); lowered for GPU/TPU they stay batched. The masks are then
+  made from the cuts in one batched pass. The mask is piecewise constant, so
+  its derivative is zero (``values`` enters under ``stop_gradient``).
   """
   n = values.size
   if isinstance(kept, jax.Array):
@@ -56,30 +66,43 @@ def topk_mask(values, keep: float | None = None, *, kept=None):
       raise ValueError(f'top-k count must be in [1, {n}], got {m}')
     if m == n:
       return jnp.ones_like(values)
-  return _topk_mask(jax.lax.stop_gradient(values), jnp.asarray(m, jnp.int32))
+  return _masker(magnitude)(jax.lax.stop_gradient(values), jnp.asarray(m, jnp.int32))
 
 
-@jax.custom_batching.custom_vmap
-def _topk_mask(values, m):
-  flat = values.reshape(-1)
-  keep = _keep(_ordered_bits(flat), *_cut(flat, m))
-  return keep.astype(values.dtype).reshape(values.shape)
+@functools.cache
+def _masker(magnitude: bool):
+  """The mask function (custom-vmapped) ranking values, or their magnitudes."""
+  order = functools.partial(_ordered_bits, magnitude=magnitude)
+  cut = functools.partial(_cut, magnitude=magnitude)
 
+  def cpu_cuts(flat, m):
+    # each row's cut on CPU: the C++ kernel where it is available, else
+    # ``_cut`` row after row
+    if topk_cut.available():
+      return topk_cut.cut(flat, m, magnitude=magnitude)
+    return jax.lax.map(lambda a: cut(*a), (flat, m))
 
-@_topk_mask.def_vmap
-def _topk_variants(axis_size, in_batched, values, m):
-  values, m = (x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
-               for x, b in zip((values, m), in_batched, strict=True))
-  flat = values.reshape(axis_size, -1)
-  # Each variant's cut (two scalars) in a loop on CPU, batched elsewhere; the
-  # masks then in one batched elementwise pass that fuses into their users (a
-  # loop producing the masks themselves would write and zero-fill K fresh
-  # arrays of the values' size every step).
-  thr, start = jax.lax.platform_dependent(
-      flat, m, cpu=lambda v, k: jax.lax.map(lambda a: _cut(*a), (v, k)),
-      default=jax.vmap(_cut))
-  keep = _keep(_ordered_bits(flat), thr[:, None], start[:, None])
-  return keep.astype(values.dtype).reshape(values.shape), True
+  @jax.custom_batching.custom_vmap
+  def mask(values, m):
+    flat = values.reshape(-1)
+    thr, start = jax.lax.platform_dependent(
+        flat, m, cpu=lambda v, k: tuple(c[0] for c in cpu_cuts(v[None], k[None])), default=cut)
+    return _keep(order(flat), thr, start).astype(values.dtype).reshape(values.shape)
+
+  @mask.def_vmap
+  def variants(axis_size, in_batched, values, m):
+    values, m = (x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
+                 for x, b in zip((values, m), in_batched, strict=True))
+    flat = values.reshape(axis_size, -1)
+    # Each variant's cut (two scalars) in a loop on CPU, batched elsewhere;
+    # the masks then in one batched elementwise pass that fuses into their
+    # users (a loop producing the masks themselves would write and zero-fill
+    # K fresh arrays of the values' size every step).
+    thr, start = jax.lax.platform_dependent(flat, m, cpu=cpu_cuts, default=jax.vmap(cut))
+    keep = _keep(order(flat), thr[:, None], start[:, None])
+    return keep.astype(values.dtype).reshape(values.shape), True
+
+  return mask
 
 
 def _keep(bits, thr, start):
@@ -88,10 +111,11 @@ def _keep(bits, thr, start):
   return (bits > thr) | ((bits == thr) & (pos >= start))
 
 
-def _cut(flat, m):
-  """(threshold bits, first tie position kept) of the top-``m`` mask of ``flat``."""
+def _cut(flat, m, magnitude: bool = False):
+  """(threshold bits, first tie position kept) of the top-``m`` mask of ``flat``
+  (with ``magnitude``: of its absolute values)."""
   n = flat.shape[0]
-  bits = _ordered_bits(flat)
+  bits = _ordered_bits(flat, magnitude)
 
   def body(i, prefix):
     cand = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))

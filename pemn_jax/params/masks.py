@@ -116,10 +116,10 @@ class Masked(Composed):
       # concatenation of all leaves that a device would have to hold whole.
       s = shard_flat(scores[p].reshape(-1))
       if self.kind == 'edge_popup':
-        a = jnp.abs(s)
-        hard = (topk_mask(jax.lax.stop_gradient(a), self.keep) if self._kept is None else
-                topk_mask(jax.lax.stop_gradient(a), kept=self._kept[p]))
-        m = straight_through(hard, a)
+        # ranked by |scores|, read from the scores (no array of |scores| made)
+        hard = (topk_mask(s, self.keep, magnitude=True) if self._kept is None else
+                topk_mask(s, kept=self._kept[p], magnitude=True))
+        m = straight_through(hard, jnp.abs(s))
       else:
         prob = jax.nn.sigmoid(s)
         # jax.random.bernoulli(key, p) is uniform(key, p.shape) < p.

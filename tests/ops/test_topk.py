@@ -1,9 +1,13 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pemn_jax.kernels import topk_cut
 from pemn_jax.ops import num_kept, straight_through, topk_mask
+from pemn_jax.ops.topk import _cut
 
 
 def get_subnet(scores, k):
@@ -83,6 +87,12 @@ def test_traced_count_matches_static_count():
     np.testing.assert_array_equal(np.asarray(f(v, jnp.int32(k))), np.asarray(topk_mask(v, kept=k)))
 
 
+def counts(text, shape):
+  """The lowered program's count passes (int32 sums) over ``shape``."""
+  return [ln for ln in text.splitlines()
+          if 'stablehlo.reduce' in ln and f'(tensor<{shape}xi32>' in ln]
+
+
 def test_vmapped_variants_equal_the_reference_and_run_in_a_loop():
   # A sweep's stacked variants: per-variant values and counts, one with ties
   # at its threshold (the tie search runs) and the others without.
@@ -95,21 +105,72 @@ def test_vmapped_variants_equal_the_reference_and_run_in_a_loop():
   out = np.asarray(f(jnp.asarray(vals), jnp.asarray(ks)))
   for v, k, m in zip(vals, ks, out, strict=True):
     np.testing.assert_array_equal(m, reference_topk(v, int(k)))
-  # On CPU the variants' cuts are found one after another: the count passes
-  # (sums) run on one variant's 300 values, never on all four variants' 1,200
-  # at once. Lowered for TPU they stay batched. Either way the masks are made
-  # from the cuts in one batched pass.
+  # On CPU the variants' cuts come from the C++ kernel (one call on all four
+  # rows), or where it cannot be built from count passes on one variant's 300
+  # values at a time, never on all four variants' 1,200 at once. Lowered for
+  # TPU they stay batched count passes. Either way the masks are made from the
+  # cuts in one batched pass.
   args = (jnp.asarray(vals), jnp.asarray(ks))
   cpu = f.trace(*args).lower(lowering_platforms=('cpu',)).as_text()
   tpu = f.trace(*args).lower(lowering_platforms=('tpu',)).as_text()
-
-  def counts(text, shape):
-    return [ln for ln in text.splitlines()
-            if 'stablehlo.reduce' in ln and f'(tensor<{shape}xi32>' in ln]
-
-  assert counts(cpu, '300') and not counts(cpu, '4x300')
-  assert counts(tpu, '4x300') and not counts(tpu, '300')
+  if topk_cut.available():
+    assert not counts(cpu, '300') and not counts(cpu, '4x300')
+    assert re.search(r'custom_call @PemnTopkCut\(.*tensor<4x300xf32>', cpu)
+  else:
+    assert counts(cpu, '300') and not counts(cpu, '4x300')
+  assert counts(tpu, '4x300') and not counts(tpu, '300') and 'custom_call' not in tpu
   assert 'tensor<4x300xui32>' in cpu  # (the batched mask pass)
   # Differentiable (zero derivative), batched or not.
   g = jax.grad(lambda v: jnp.sum(jax.vmap(lambda x: topk_mask(x, 0.5) * x)(v)))(vals)
   np.testing.assert_array_equal(np.asarray(g), np.stack([reference_topk(v, 150) for v in vals]))
+
+
+def edge_rows():
+  """Rows with what a cut must get right: ties straddling it, all equal,
+  signed zeros, infinities, NaNs, subnormals; and their counts."""
+  rng = np.random.default_rng(7)
+  rows = [rng.standard_normal(500), rng.integers(0, 3, 500), np.full(500, 0.5),
+          rng.integers(-5, 5, 500) * 1e-40, rng.standard_normal(500)]
+  rows[4][::7] = rng.choice([0.0, -0.0, np.inf, -np.inf, np.nan], rows[4][::7].size)
+  rows = np.stack(rows).astype(np.float32)
+  return rows, [1, 2, 167, 250, 333, 499, 500]
+
+
+def test_cpu_kernel_cuts_equal_the_count_passes():
+  if not topk_cut.available():
+    pytest.skip(f'no CPU top-k kernel here: {topk_cut.unavailable_reason()}')
+  rows, ms = edge_rows()
+  for m in ms:
+    k = jnp.full(len(rows), m, jnp.int32)
+    for mag in (False, True):  # magnitude: the count passes' cut of abs(rows)
+      want = jax.jit(jax.vmap(_cut))(jnp.abs(rows) if mag else jnp.asarray(rows), k)
+      got = jax.jit(lambda v, k, mag=mag: topk_cut.cut(v, k, magnitude=mag))(rows, k)
+      for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f'm={m} {mag}')
+  # and its masks against the stable argsort (NaN-free rows)
+  f = jax.jit(jax.vmap(lambda v, k: topk_mask(v, kept=k)))
+  fa = jax.jit(jax.vmap(lambda v, k: topk_mask(v, kept=k, magnitude=True)))
+  for m in ms:
+    out = np.asarray(f(jnp.asarray(rows[:4]), jnp.full(4, m, jnp.int32)))
+    out_abs = np.asarray(fa(jnp.asarray(rows[:4]), jnp.full(4, m, jnp.int32)))
+    for v, o, oa in zip(rows[:4], out, out_abs, strict=True):
+      np.testing.assert_array_equal(o, reference_topk(v, m))
+      np.testing.assert_array_equal(oa, reference_topk(np.abs(v), m))
+
+
+def test_without_the_cpu_kernel_the_count_passes_run(monkeypatch):
+  monkeypatch.setattr(topk_cut, '_load', lambda: 'no compiler (the test says so)')
+  assert not topk_cut.available()
+  rows, ms = edge_rows()
+  f = jax.jit(jax.vmap(lambda v, k: topk_mask(v, kept=k)))
+  one = jax.jit(lambda v, k: topk_mask(v, kept=k))
+  one_abs = jax.jit(lambda v, k: topk_mask(v, kept=k, magnitude=True))
+  for m in ms[::2]:
+    out = np.asarray(f(jnp.asarray(rows[:4]), jnp.full(4, m, jnp.int32)))
+    for v, o in zip(rows[:4], out, strict=True):
+      np.testing.assert_array_equal(o, reference_topk(v, m))
+      np.testing.assert_array_equal(np.asarray(one(jnp.asarray(v), jnp.int32(m))), o)
+      np.testing.assert_array_equal(np.asarray(one_abs(jnp.asarray(v), jnp.int32(m))),
+                                    reference_topk(np.abs(v), m))
+  text = one.trace(jnp.asarray(rows[0]), jnp.int32(3)).lower(lowering_platforms=('cpu',)).as_text()
+  assert counts(text, '500') and 'custom_call' not in text
