@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/ablate_speed.py
     .venv/bin/python benchmarks/ablate_speed.py --config X.py[:ARGS] --k 8 --steps 300
     .venv/bin/python benchmarks/ablate_speed.py --in_process
+    .venv/bin/python benchmarks/ablate_speed.py --jitted
 
 By default each side runs as a user runs it, in processes of its own: one
 ``python -m pemn_jax.ablate`` command (the K variants as one vmapped step)
@@ -23,6 +24,11 @@ between the batched and the single step, and training amplifies it). Data
 is prepared before either side is timed. Last line:
 
     ablate K=<k> vmapped_s=<a> sequential_s=<b> speedup=<b/a>
+
+``--jitted`` times instead the steps alone: the trainer's stacked step over
+K variants against K calls of its single step, each jitted (compiled
+once, outside the timing) on one batch, alternated over rounds; last line
+``ablate_jitted K=<k> stacked_step_s=<a> single_steps_s=<b> ratio=<b/a>``.
 """
 
 from __future__ import annotations
@@ -102,6 +108,38 @@ def in_process(config: str, sweep: str, sets: list[str], tmp: str, variants):
   return vmapped, time.time() - t0
 
 
+def jitted(config, k: int, rounds: int, calls: int) -> tuple[float, float]:
+  """(stacked step seconds, K single steps' seconds): medians over
+  ``rounds`` alternated rounds of ``calls`` back-to-back calls each."""
+  import statistics
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pemn_jax.train import loop
+  from pemn_jax.train.run import Run
+  run = Run.build(config)
+  single, _ = loop.step_functions(run)
+  stacked, _ = loop.step_functions(run, stacked=True)
+  single, stacked = jax.jit(single), jax.jit(stacked)
+  batch = run.pipe.raw_batch(0)
+  states = [run.init_state(jax.random.key(i), np.uint32(i)) for i in range(k)]
+  many = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+  def seconds(step, ts):
+    jax.block_until_ready(step(ts, {}, *batch, np.uint32(0)))  # compiled here
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = step(ts, {}, *batch, np.uint32(0))
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / calls
+
+  times = [(seconds(stacked, many), len(states) * seconds(single, states[0]))
+           for _ in range(rounds)]
+  return tuple(statistics.median(t) for t in zip(*times, strict=True))
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default='configs/quickstart.py')
@@ -109,6 +147,8 @@ def main(argv=None):
   ap.add_argument('--steps', type=int, default=300, help='training steps per variant')
   ap.add_argument('--in_process', action='store_true',
                   help='both sides in this process (default: each as its commands, alone)')
+  ap.add_argument('--jitted', action='store_true',
+                  help='time the jitted steps alone (one stacked vs K single steps)')
   ap.add_argument('--smoke', action='store_true', help='K=2, a few steps on a data slice')
   args = ap.parse_args(argv)
   import jax
@@ -125,9 +165,15 @@ def main(argv=None):
   if [int(v.config.seed) for v in variants] != list(range(k)):
     raise SystemExit('the variants are not seeds 0..k-1 in order')
   batch = variants[0].config.batch_size
-  how = 'in this process' if args.in_process else 'each side in its own processes'
+  how = ('jitted steps alone' if args.jitted else
+         'in this process' if args.in_process else 'each side in its own processes')
   print(f'# {args.config}, K={k} seeds, {steps} steps of batch {batch}, {how}, '
         f'{jax.device_count()} device(s), jax {jax.__version__}', flush=True)
+  if args.jitted:
+    a, b = jitted(variants[0].config, k, 2 if args.smoke else 5, 2 if args.smoke else 30)
+    print(f'ablate_jitted K={k} stacked_step_s={a:.4f} single_steps_s={b:.4f} '
+          f'ratio={b / a:.2f}')
+    return
   with tempfile.TemporaryDirectory() as tmp:
     # Data prepared before either side is timed.
     from pemn_jax.data import sources
