@@ -49,7 +49,8 @@ def topk_mask(values, keep: float | None = None, *, kept=None, magnitude: bool =
   Lowered for CPU (chosen at lowering), the cut -- threshold and first kept
   tie -- comes from a C++ radix select (``kernels.topk_cut``, one pass over
   the values; 8x faster than the count passes, which XLA:CPU materializes
-  and sums apart), or, where it cannot be built, from the same count passes.
+  and sums apart) in a one-device process where it can be built
+  (``use_kernel()``), else from the same count passes.
   Under ``vmap`` (a sweep's stacked variants) the CPU program finds the
   variants' cuts one after another (batched count passes stream all
   variants' values, K times the bytes, out of cache: 1.3-1.5x slower than
@@ -78,7 +79,7 @@ def _masker(magnitude: bool):
   def cpu_cuts(flat, m):
     # each row's cut on CPU: the C++ kernel where it is available, else
     # ``_cut`` row after row
-    if topk_cut.available():
+    if use_kernel():
       return topk_cut.cut(flat, m, magnitude=magnitude)
     return jax.lax.map(lambda a: cut(*a), (flat, m))
 
@@ -103,6 +104,14 @@ def _masker(magnitude: bool):
     return keep.astype(values.dtype).reshape(values.shape), True
 
   return mask
+
+
+def use_kernel() -> bool:
+  """Whether a CPU program finds cuts with ``kernels.topk_cut``: where it is
+  available, in a one-device process (XLA cannot partition a custom call: on
+  scores sharded over devices it would gather each layer's to every device,
+  where the count passes work slice by slice)."""
+  return jax.device_count() == 1 and topk_cut.available()
 
 
 def _keep(bits, thr, start):

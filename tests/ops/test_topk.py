@@ -1,4 +1,7 @@
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,7 @@ import pytest
 
 from pemn_jax.kernels import topk_cut
 from pemn_jax.ops import num_kept, straight_through, topk_mask
-from pemn_jax.ops.topk import _cut
+from pemn_jax.ops.topk import _cut, use_kernel
 
 
 def get_subnet(scores, k):
@@ -113,7 +116,7 @@ def test_vmapped_variants_equal_the_reference_and_run_in_a_loop():
   args = (jnp.asarray(vals), jnp.asarray(ks))
   cpu = f.trace(*args).lower(lowering_platforms=('cpu',)).as_text()
   tpu = f.trace(*args).lower(lowering_platforms=('tpu',)).as_text()
-  if topk_cut.available():
+  if use_kernel():
     assert not counts(cpu, '300') and not counts(cpu, '4x300')
     assert re.search(r'custom_call @PemnTopkCut\(.*tensor<4x300xf32>', cpu)
   else:
@@ -174,3 +177,24 @@ def test_without_the_cpu_kernel_the_count_passes_run(monkeypatch):
                                     reference_topk(np.abs(v), m))
   text = one.trace(jnp.asarray(rows[0]), jnp.int32(3)).lower(lowering_platforms=('cpu',)).as_text()
   assert counts(text, '500') and 'custom_call' not in text
+
+
+def test_several_devices_keep_the_count_passes():
+  # Scores sharded over devices: the count passes work slice by slice, where
+  # the (unpartitionable) kernel would gather each layer to every device.
+  code = '''
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from pemn_jax.ops import topk_mask
+from pemn_jax.ops.topk import use_kernel
+v = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal(4000), jnp.float32),
+                   NamedSharding(jax.make_mesh((2,), ('d',)), P('d')))
+f = jax.jit(lambda v: topk_mask(v, 0.3, magnitude=True))
+text = f.trace(v).lower(lowering_platforms=('cpu',)).as_text()
+print(use_kernel(), 'custom_call' in text, int(np.asarray(f(v)).sum()))
+'''
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2')
+  r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.split() == ['False', 'False', str(num_kept(4000, 0.3))], r.stdout
