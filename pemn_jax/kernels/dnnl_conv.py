@@ -36,7 +36,6 @@ TARGETS = {'fwd': 'PemnDnnlConvFwd', 'bwd_data': 'PemnDnnlConvBwdData',
 
 
 Unavailable = native.Unavailable
-cache_dir = native.cache_dir
 
 
 def _dist_file(dist: str, suffix: str) -> Path:

@@ -95,10 +95,11 @@ def _masker(magnitude: bool):
     values, m = (x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
                  for x, b in zip((values, m), in_batched, strict=True))
     flat = values.reshape(axis_size, -1)
-    # Each variant's cut (two scalars) in a loop on CPU, batched elsewhere;
-    # the masks then in one batched elementwise pass that fuses into their
-    # users (a loop producing the masks themselves would write and zero-fill
-    # K fresh arrays of the values' size every step).
+    # Each variant's cut (two scalars) one variant after another on CPU (the
+    # kernel's rows, or a loop of count passes), batched elsewhere; the masks
+    # then in one batched elementwise pass that fuses into their users (a loop
+    # producing the masks themselves would write and zero-fill K fresh arrays
+    # of the values' size every step).
     thr, start = jax.lax.platform_dependent(flat, m, cpu=cpu_cuts, default=jax.vmap(cut))
     keep = _keep(order(flat), thr[:, None], start[:, None])
     return keep.astype(values.dtype).reshape(values.shape), True

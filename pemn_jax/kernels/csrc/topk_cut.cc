@@ -32,12 +32,11 @@ void Cut(const float* v, int64_t n, int64_t m, uint32_t* thr_out, uint32_t* star
   uint32_t hist[2048];
   std::memset(hist, 0, sizeof(hist));
   for (int64_t i = 0; i < n; ++i) hist[Ordered<Abs>(v[i]) >> 21]++;
-  int64_t above = 0, need = m;
+  int64_t need = m;  // still to keep at and below the current bucket
   int b = 2047;
   for (;; --b) {
     if (hist[b] >= need) break;
     need -= hist[b];
-    above += hist[b];
   }
   uint32_t prefix = uint32_t(b) << 21;
   std::vector<uint32_t> cand;
@@ -48,7 +47,7 @@ void Cut(const float* v, int64_t n, int64_t m, uint32_t* thr_out, uint32_t* star
   }
   // then 11 and 10 bits over the candidates
   const int shifts[2] = {10, 0}, widths[2] = {11, 10};
-  int64_t ties = cand.size();
+  int64_t ties = 0;  // values equal to the cut (set by the last digit)
   for (int s = 0; s < 2; ++s) {
     int nb = 1 << widths[s];
     uint32_t mask = uint32_t(nb - 1);
@@ -58,7 +57,6 @@ void Cut(const float* v, int64_t n, int64_t m, uint32_t* thr_out, uint32_t* star
     for (;; --d) {
       if (hist[d] >= need) break;
       need -= hist[d];
-      above += hist[d];
     }
     prefix |= uint32_t(d) << shifts[s];
     ties = hist[d];
