@@ -1,5 +1,6 @@
-// oneDNN 2-D convolutions (NHWC input, HWIO kernel, float32) as XLA FFI handlers:
-// forward, input gradient (backward data) and kernel gradient (backward weights).
+// oneDNN 2-D convolutions (NHWC input, OHWI kernel, float32) as XLA FFI handlers:
+// forward, input gradient (backward data) and kernel gradient (backward weights, OIHW:
+// the plain layouts oneDNN reorders its blocked ones to and from fastest).
 // Built and loaded by pemn_jax/ops/dnnl_conv.py; see its docstring.
 //
 // Each handler takes (a, b) buffers and writes one result; the attributes are the
@@ -42,17 +43,17 @@ struct Prims {
   dnnl::convolution_backward_data bwd_d;
   dnnl::convolution_backward_weights::primitive_desc bwd_w_pd;
   dnnl::convolution_backward_weights bwd_w;
-  memory::desc x_md, w_md, y_md;  // the callers' layouts: NHWC, HWIO, NHWC
+  memory::desc x_md, w_md, y_md, dw_md;  // the callers' layouts: NHWC, OHWI, NHWC, OIHW
 };
 
 std::mutex cache_mu;
 std::map<Key, std::shared_ptr<Prims>> cache;
 
-// x: (n, h, w, c); kernel (kh, kw, c, k); y: (n, oh, ow, k).
+// x: (n, h, w, c); kernel (k, kh, kw, c); y: (n, oh, ow, k).
 std::shared_ptr<Prims> Get(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                            ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pb, int64_t pl, int64_t pr) {
-  Key key{x[0], x[1], x[2], x[3], w[0], w[1], w[3], sh, sw, pt, pb, pl, pr};
+  Key key{x[0], x[1], x[2], x[3], w[1], w[2], w[0], sh, sw, pt, pb, pl, pr};
   std::lock_guard<std::mutex> lock(cache_mu);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -60,8 +61,9 @@ std::shared_ptr<Prims> Get(ffi::Span<const int64_t> x, ffi::Span<const int64_t> 
   auto p = std::make_shared<Prims>();
   p->x_md = memory::desc({x[0], x[3], x[1], x[2]}, dt::f32, tag::nhwc);
   p->y_md = memory::desc({y[0], y[3], y[1], y[2]}, dt::f32, tag::nhwc);
-  p->w_md = memory::desc({w[3], w[2], w[0], w[1]}, dt::f32, tag::hwio);
-  memory::desc w_any({w[3], w[2], w[0], w[1]}, dt::f32, tag::any);
+  p->w_md = memory::desc({w[0], w[3], w[1], w[2]}, dt::f32, tag::ohwi);
+  p->dw_md = memory::desc({w[0], w[3], w[1], w[2]}, dt::f32, tag::oihw);
+  memory::desc w_any({w[0], w[3], w[1], w[2]}, dt::f32, tag::any);
   memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -81,19 +83,20 @@ std::shared_ptr<Prims> Get(ffi::Span<const int64_t> x, ffi::Span<const int64_t> 
   return p;
 }
 
-// A scratchpad of the size the primitive asks for, owned by the caller.
+// A scratchpad of the size the primitive asks for, owned by the caller (left
+// uninitialized: the primitive writes before it reads).
 struct Scratch {
-  std::vector<char> bytes;
+  std::unique_ptr<char[]> bytes;
   memory mem;
   explicit Scratch(const memory::desc& md)
-      : bytes(md.get_size() + 64), mem(md, Engine(), Aligned()) {}
+      : bytes(new char[md.get_size() + 64]), mem(md, Engine(), Aligned()) {}
   void* Aligned() {
-    auto a = reinterpret_cast<std::uintptr_t>(bytes.data());
+    auto a = reinterpret_cast<std::uintptr_t>(bytes.get());
     return reinterpret_cast<void*>((a + 63) & ~std::uintptr_t(63));
   }
 };
 
-// The kernel in the layout the primitive wants (reordered from HWIO if it differs).
+// The kernel in the layout the primitive wants (reordered from OHWI if it differs).
 memory KernelIn(const memory::desc& want, const memory& plain, dnnl::stream& s) {
   if (want == plain.get_desc()) return plain;
   memory other(want, Engine());
@@ -151,13 +154,15 @@ static ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
                                  ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
                                  int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   return Guard([&] {
-    auto p = Get(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+    auto d = dw->dimensions();  // (k, c, kh, kw)
+    std::vector<int64_t> ohwi{d[0], d[2], d[3], d[1]};
+    auto p = Get(x.dimensions(), ohwi, dy.dimensions(), sh, sw, pt, pb, pl, pr);
     auto& eng = Engine();
     dnnl::stream s(eng);
     memory xm(p->x_md, eng, x.typed_data()), dym(p->y_md, eng, dy.typed_data());
-    memory dwplain(p->w_md, eng, dw->typed_data());
+    memory dwplain(p->dw_md, eng, dw->typed_data());
     auto want = p->bwd_w_pd.diff_weights_desc();
-    bool same = want == p->w_md;
+    bool same = want == p->dw_md;
     memory dwm = same ? dwplain : memory(want, eng);
     Scratch scratch(p->bwd_w_pd.scratchpad_desc());
     p->bwd_w.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
