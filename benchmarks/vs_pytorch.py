@@ -14,7 +14,9 @@ Workloads (batch 128 of 32x32x3, random data, one optimizer step each):
 As a user meets them (the default): each side in its own process with its
 own defaults, a fresh process per side and round, the sides alternated and
 their order rotated every round. pemn_jax runs as its trainer does
-(``pemn_jax.kernels.cpu_tuning`` and, where ``pip install -e '.[cpu]'``
+(``pemn_jax.kernels.cpu_tuning``, configured from the workload's activations
+as ``python -m pemn_jax.main`` configures it from its config's, and, where
+``pip install -e '.[cpu]'``
 installed them, oneDNN's convolutions through XLA's FFI: see
 ``pemn_jax.kernels.dnnl_conv``); PyTorch (CPU build, ``pip install
 torch==2.13.0``; needed by this benchmark only, never by the library) runs
@@ -56,20 +58,19 @@ import numpy as np
 # pemn_jax: it runs as a PyTorch user's process does.
 TORCH_CHILD = any(a.startswith('--child=torch') for a in sys.argv)
 BASE_ENV = dict(os.environ)  # as the user started this process: what each side's process gets
+CPU_TUNING = {}
 if not TORCH_CHILD:
-  from pemn_jax.kernels import cpu_tuning
-
-  CPU_TUNING = cpu_tuning.configure()  # before JAX's CPU backend starts
-
   import jax
   import jax.numpy as jnp
   import optax
 
   from pemn_jax import models
   from pemn_jax import params as param_lib
+  from pemn_jax.config import base_config
   from pemn_jax.kernels import conv as fast_conv
-  from pemn_jax.kernels import dnnl_conv
+  from pemn_jax.kernels import cpu_tuning, dnnl_conv
   from pemn_jax.train import create_train_state, make_train_step
+  from pemn_jax.train.run import activation_bytes
 
 try:
   import torch
@@ -332,6 +333,19 @@ def layer_table(warmup, steps, smoke):
 SIDES = ('pemn_jax', 'torch', 'torch_cl')  # torch_cl: PyTorch in channels_last format
 
 
+def tune(names, batch, smoke):
+  """The trainer's CPU set-up (``cpu_tuning.configure``, before JAX's backend
+  starts), decided as the trainer decides it: by the activations of a step of
+  the largest of the ``names`` workloads."""
+  c = base_config()
+  c.batch_size, c.dataset = batch, 'fashion_mnist' if smoke else 'cifar10'
+  sizes = []
+  for name in names:
+    c.model = 'lenet5' if smoke else WORKLOADS[name]['model']
+    sizes.append(activation_bytes(c) or 0)
+  CPU_TUNING.update(cpu_tuning.configure(max(sizes)))
+
+
 def jax_setup() -> dict:
   """What pemn_jax's process runs with: its CPU tuning and oneDNN's status."""
   return {'cpu_tuning': CPU_TUNING, 'onednn': dnnl_conv.version() if dnnl_conv.available()
@@ -343,6 +357,7 @@ def child(side, name, args):
   one JSON line of the timed steps' seconds."""
   shape = (28, 28, 1) if args.smoke and side == 'pemn_jax' else (32, 32, 3)
   if side == 'pemn_jax':
+    tune([name], args.batch, args.smoke)
     fn = jax_step(name, 'auto', args.batch, shape, args.smoke)
     info = jax_setup()
   else:
@@ -410,6 +425,8 @@ def main():
     args.batch, args.steps, args.warmup, args.rounds = 8, 1, 1, 1
   if args.child:
     return child(args.child, args.workloads, args)
+  if args.in_process or args.layers:
+    tune([n for n in args.workloads.split(',') if n in WORKLOADS], args.batch, args.smoke)
   if torch is None and not args.smoke:
     raise SystemExit('this benchmark needs PyTorch (CPU build): pip install torch==2.13.0')
   for name in args.workloads.split(','):

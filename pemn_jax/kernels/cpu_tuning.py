@@ -1,23 +1,35 @@
-"""XLA:CPU set-up for training: a memory-lean schedule, freed memory kept.
+"""XLA:CPU set-up for training: a memory-lean schedule, a step's memory kept.
 
 ``configure()``, before JAX starts its CPU backend (``python -m
 pemn_jax.main`` and the benchmarks call it first thing; XLA reads its flags
-then, and the backend's threads pick their malloc arenas when they start):
+and JAX its dispatch mode then):
 
 1. ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (added to
    ``XLA_FLAGS`` unless set): XLA's default CPU schedule keeps 9.6 GB of
    temporaries alive for a ConvMixer-256/8 step at batch 128, the
    memory-minimizing one 2.7 GB;
-2. only with ``PEMN_JAX_HOST_MEMORY=retain``: ``retain()`` asks glibc to
-   serve large blocks from one heap and never give freed memory back, so a
-   step reuses the last step's pages instead of faulting in (and zeroing)
-   gigabytes of fresh ``mmap``s (ConvMixer: 3.4 -> 2.6 s per step; ResNet-20
-   slower, 0.47 -> 0.58 s: one arena contends; hence opt-in). Resident memory
-   then stays at its peak.
+2. for steps with large temporaries, ``keep()``: XLA:CPU allocates a step's
+   temporaries as one block on every execution (292 MB for ResNet-20 at
+   batch 128). Dispatched asynchronously, that happens on a worker thread,
+   whose glibc arena cannot hold a block over 64 MiB: glibc maps it afresh
+   and unmaps it after the step, so every step faults in and zeroes it
+   (74,700 page faults a ResNet-20 step). ``keep()`` runs single-device
+   computations in the calling thread (``jax_cpu_enable_async_dispatch``
+   off; the main thread's arena has no size limit) and asks glibc never to
+   map large blocks apart nor give freed memory back (``mallopt``), so each
+   step reuses the last one's pages: ResNet-20 0.25-0.29 -> 0.19-0.22 s a
+   step, ConvMixer-256/8 PEMN 2.65 -> 2.12 s. Resident memory then stays at
+   its peak. It is not free for small steps: without asynchronous dispatch
+   the Python work of a call no longer overlaps the previous step (the
+   quickstart MLP's trainer step 2.76 -> 3.10 ms), hence ``keep`` only above
+   ``KEEP_ABOVE`` bytes of activations per step (the caller's estimate,
+   e.g. ``pemn_jax.train.run.activation_bytes``).
 
-Nothing is done unless the process will run on CPU (``JAX_PLATFORMS`` unset
-or ``cpu``, no GPU/TPU plugin); ``retain`` needs glibc;
-``PEMN_JAX_CPU_TUNING=off`` turns it all off. Measurements: docs/cpu_speed.md.
+``PEMN_JAX_HOST_MEMORY=keep`` / ``release`` forces 2. on / off (``auto``, the
+default, decides by the estimate). Nothing is done unless the process will
+run on CPU (``JAX_PLATFORMS`` unset or ``cpu``, no GPU/TPU plugin); ``keep``
+needs glibc; ``PEMN_JAX_CPU_TUNING=off`` turns it all off. Measurements:
+docs/cpu_speed.md.
 """
 
 from __future__ import annotations
@@ -28,7 +40,8 @@ import importlib.util
 import os
 import sys
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+KEEP_ABOVE = 64 << 20  # bytes of activations per step: a block a worker's arena cannot keep
 _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
                         'jax_rocm7_plugin', 'libtpu')
 _done: str | None = None
@@ -44,12 +57,18 @@ def _cpu_only() -> bool:
 SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
 
 
-def configure() -> dict[str, str]:
-  """The memory-lean schedule for a CPU run (call before JAX's first
-  computation); freed memory is kept too if ``PEMN_JAX_HOST_MEMORY=retain``.
+def configure(step_bytes: int | None = None) -> dict[str, str]:
+  """The CPU set-up of a training process (call before JAX's first computation).
 
+  Args:
+    step_bytes: an estimate of the activations of one training step (e.g.
+      ``pemn_jax.train.run.activation_bytes(config)``); ``keep()`` is applied
+      above ``KEEP_ABOVE`` unless ``PEMN_JAX_HOST_MEMORY`` says otherwise.
+      None: unknown (not kept unless asked).
   Returns:
     ``{'scheduler': ..., 'host_memory': ...}``: what was done or why not.
+  Raises:
+    ValueError: ``PEMN_JAX_HOST_MEMORY`` is none of auto, keep, release.
   """
   if os.environ.get('PEMN_JAX_CPU_TUNING', '').lower() == 'off':
     return {'scheduler': 'disabled', 'host_memory': 'disabled'}
@@ -63,15 +82,20 @@ def configure() -> dict[str, str]:
   else:
     os.environ['XLA_FLAGS'] = f'{flags} {SCHEDULER_FLAG}=false'.strip()
     scheduler = 'memory-minimizing'
-  wanted = os.environ.get('PEMN_JAX_HOST_MEMORY', 'default').lower() == 'retain'
-  return {'scheduler': scheduler, 'host_memory': retain() if wanted else 'default'}
+  wanted = os.environ.get('PEMN_JAX_HOST_MEMORY', 'auto').strip().lower() or 'auto'
+  wanted = {'retain': 'keep'}.get(wanted, wanted)  # its name before 2026-12-03
+  if wanted not in ('auto', 'keep', 'release'):
+    raise ValueError(f'PEMN_JAX_HOST_MEMORY={wanted!r}: expected auto, keep or release')
+  if wanted == 'auto':
+    wanted = 'keep' if step_bytes is not None and step_bytes > KEEP_ABOVE else 'release'
+  return {'scheduler': scheduler, 'host_memory': keep() if wanted == 'keep' else 'released'}
 
 
-def retain() -> str:
-  """Makes glibc keep freed memory for reuse (see the module docstring).
+def keep() -> str:
+  """Keeps a step's memory for the next step (see the module docstring).
 
   Returns:
-    What was done: ``'retained'``, or why not (``'not cpu'``, ``'not glibc'``,
+    What was done: ``'kept'``, or why not (``'not cpu'``, ``'not glibc'``,
     ``'backend already started'``).
   """
   global _done
@@ -89,9 +113,12 @@ def retain() -> str:
     except (OSError, AttributeError, TypeError):
       _done = 'not glibc'
     else:
-      ok = (libc.mallopt(_M_ARENA_MAX, 1) == 1 and libc.mallopt(_M_MMAP_MAX, 0) == 1
+      ok = (libc.mallopt(_M_MMAP_MAX, 0) == 1
             and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)  # -1: SIZE_MAX, never trim
-      _done = 'retained' if ok else 'not glibc'
+      if ok:
+        import jax
+        jax.config.update('jax_cpu_enable_async_dispatch', False)
+      _done = 'kept' if ok else 'not glibc'
   return _done
 
 

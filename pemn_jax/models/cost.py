@@ -94,8 +94,10 @@ def measure(model, input_shape, max_module_calls: int | None = None, variables=N
     variables: the model's ``abstract_variables`` if already traced.
   Returns:
     ``params`` (count), ``param_bytes``, ``ops`` (equations of the inference
-    program of one example) and ``example_bytes`` (the largest inputs +
-    outputs of one of its operations).
+    program of one example), ``example_bytes`` (the largest inputs +
+    outputs of one of its operations) and ``activation_bytes`` (the outputs
+    of all its operations: an upper estimate of the activations one example
+    makes).
   Raises:
     CostError: more than ``max_module_calls`` module calls.
   """
@@ -110,13 +112,14 @@ def measure(model, input_shape, max_module_calls: int | None = None, variables=N
       return model.apply(v, x, train=False)
 
   jaxpr = jax.make_jaxpr(forward)(variables, x).jaxpr
-  ops = peak = 0
+  ops = peak = made = 0
   for eqn in _ops(jaxpr):
     ops += 1
-    peak = max(peak, sum(_bytes(v) for v in (*eqn.invars, *eqn.outvars)))
+    out = sum(_bytes(v) for v in eqn.outvars)
+    peak, made = max(peak, out + sum(_bytes(v) for v in eqn.invars)), made + out
   return {'params': sum(math.prod(p.shape) for p in leaves),
           'param_bytes': sum(math.prod(p.shape) * p.dtype.itemsize for p in leaves),
-          'ops': ops, 'example_bytes': peak}
+          'ops': ops, 'example_bytes': peak, 'activation_bytes': made}
 
 
 def check(model, input_shape, limits: Limits = Limits(), variables=None) -> dict:

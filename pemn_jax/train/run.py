@@ -24,6 +24,7 @@ from pemn_jax import params as param_lib
 from pemn_jax.config import RESUMABLE_KEYS, ConfigError, config_differences, without_legacy
 from pemn_jax.data import sources
 from pemn_jax.data.pipeline import Pipeline
+from pemn_jax.kernels import conv
 from pemn_jax.pytrees import flatten
 from pemn_jax.train.checkpoint import Checkpointer, CheckpointError, replicated_sharding
 from pemn_jax.train.optim import make_optimizer, with_pruning
@@ -154,6 +155,26 @@ class Run:
     return {'step': step, 'config': config.to_dict(), 'best': best,
             'num_classes': self.train_ds.num_classes,
             'input_shape': list(self.train_ds.image_shape)}
+
+
+def activation_bytes(config, variants: int = 1) -> int | None:
+  """What one training step of ``config`` makes in activations, estimated
+  from abstract shapes only (JAX's backend is not started): the outputs of
+  every operation of the model's forward pass on one example
+  (``models.cost.measure``) x the batch size x ``variants``.
+
+  Returns:
+    Bytes, or None where the model cannot be built from the config (the run
+    then says why).
+  """
+  try:
+    model = make_model(config, num_classes=10)  # the classifier's width barely counts
+    shape = sources.image_shape(config.dataset, config.get('image_size'))
+    with conv.forced('xla'):  # 'auto' would ask for the devices, starting the backend
+      per_example = models.cost.measure(model, shape)['activation_bytes']
+  except Exception:  # noqa: BLE001 - an estimate; the run reports a bad config itself
+    return None
+  return per_example * config.batch_size * variants
 
 
 def load_dataset(config, split: str) -> sources.Dataset:
