@@ -16,9 +16,14 @@ import sys
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string('out', 'curves.png', 'PNG to write.')
-_METRICS = flags.DEFINE_list('metrics', ['loss', 'accuracy', 'test_accuracy'],
-                             'Scalars to plot, one panel each.')
+
+def _define_flags():
+  """The command's flags, defined only when it runs: sweeps import ``plot``
+  as a library, where global flags would collide with another command's
+  (``evolve``'s ``--out``) in the same process."""
+  flags.DEFINE_string('out', 'curves.png', 'PNG to write.')
+  flags.DEFINE_list('metrics', ['loss', 'accuracy', 'test_accuracy'],
+                    'Scalars to plot, one panel each.')
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -73,7 +78,7 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError('usage: python -m pemn_jax.plot WORKDIR [WORKDIR ...] --out curves.png')
   try:
-    path = plot(argv[1:], _OUT.value, _METRICS.value)
+    path = plot(argv[1:], flags.FLAGS.out, flags.FLAGS.metrics)
   except (FileNotFoundError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -82,4 +87,5 @@ def main(argv):
 
 if __name__ == '__main__':
   from pemn_jax import cli
+  _define_flags()
   cli.run(main)

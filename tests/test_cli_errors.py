@@ -104,6 +104,20 @@ def test_enough_mistakes_are_covered():
                                          'pemn_jax.evolve', 'pemn_jax.ablate', 'pemn_jax.plot'}
 
 
+def test_library_imports_define_no_command_flags():
+  """``plot`` is imported as a library (sweep reports): its command's flags must
+  not be defined then, or a process that also imports another command's module
+  (``evolve``'s ``--out``) fails with DuplicateFlagError."""
+  code = ('import pemn_jax.plot, pemn_jax.sweep\n'
+          'from absl import flags\n'
+          'assert "out" not in flags.FLAGS and "metrics" not in flags.FLAGS\n'
+          'import pemn_jax.evolve.__main__\n'
+          'print("ok")')
+  r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-2000:]
+
+
 def test_sigint_stops_evolve_with_its_search_saved(tmp_path, mnist_slice):
   """Ctrl-C on evolve: the search is saved between generations, exit 0, and
   the same command resumes it."""
