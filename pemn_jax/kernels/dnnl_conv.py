@@ -61,7 +61,7 @@ def build() -> Path:
   lib = _dist_file(RUNTIME, 'libdnnl.so.3')
   header = _dist_file(HEADERS, 'include/dnnl.hpp')
   return native.build(SOURCE, 'pemn_dnnl_conv',
-                      (f'-I{header.parent}', f'-L{lib.parent}', '-l:libdnnl.so.3',
+                      (f'-I{header.parent}', f'-L{lib.parent}', '-l:libdnnl.so.3', '-fopenmp',
                        f'-Wl,-rpath,{lib.parent}'), (str(lib), str(lib.stat().st_size)))
 
 

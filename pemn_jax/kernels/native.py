@@ -53,7 +53,7 @@ def build(source: Path, name: str, flags: tuple[str, ...] = (), key: tuple[str, 
   import jaxlib
   digest = hashlib.sha256(b'\0'.join([
       source.read_bytes(), jaxlib.__version__.encode(), cxx.encode(),
-      *(str(k).encode() for k in key)])).hexdigest()[:16]
+      *(str(k).encode() for k in (*flags, *key))])).hexdigest()[:16]
   out = cache_dir() / 'ffi' / f'lib{name}-{digest}.so'
   if out.exists():
     return out

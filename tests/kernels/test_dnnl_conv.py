@@ -1,7 +1,7 @@
 """oneDNN convolutions through XLA's FFI: values and gradients against direct
 sums, when 'auto' takes them, and clear errors where they cannot run.
 
-Value/gradient equality with XLA on many shapes: tests/ops/test_conv.py
+Value/gradient equality with XLA on many shapes: tests/kernels/test_conv.py
 (parametrized over impl)."""
 
 import os
@@ -156,3 +156,49 @@ def test_an_unwritable_cache_dir_is_named(monkeypatch, tmp_path):
   (tmp_path / 'x.cc').write_text('// nothing\n')
   with pytest.raises(dnnl_conv.Unavailable, match='cannot write .*PEMN_JAX_CACHE_DIR'):
     dnnl_conv.build()
+
+
+@needs_onednn
+def test_independent_convolutions_called_from_several_threads_at_once():
+  """Kernel gradients of six independent layers in one program (XLA may run
+  them side by side; the handlers take turns) and three Python threads calling
+  it at once: every result equals XLA's own convolution's, none hangs."""
+  import concurrent.futures
+  rng = np.random.default_rng(7)
+  xs = [jnp.asarray(rng.standard_normal((4, 10, 10, 3 + i)), jnp.float32) for i in range(6)]
+  ws = [jnp.asarray(rng.standard_normal((3, 3, 3 + i, 5)), jnp.float32) for i in range(6)]
+  pads = ((1, 1), (1, 1))
+
+  def loss(ws, xs, conv):
+    return sum(jnp.sum(jnp.tanh(conv(x, w))) for x, w in zip(xs, ws))
+
+  onednn = jax.jit(jax.grad(lambda ws, xs: loss(ws, xs, lambda x, w: dnnl_conv.conv(
+      x, w, (1, 1), pads))))
+  assert 'PemnDnnlConvBwdWeights' in onednn.lower(ws, xs).as_text()
+  want = jax.jit(jax.grad(lambda ws, xs: loss(ws, xs, lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')))))(ws, xs)
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    runs = [pool.submit(onednn, ws, xs) for _ in range(6)]
+    got = [r.result(timeout=300) for r in runs]
+  for g in got:
+    for a, b in zip(g, want):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_compiled_libraries_are_keyed_by_their_flags(monkeypatch, tmp_path):
+  """A change of compiler flags alone (e.g. a new link flag) compiles afresh,
+  never reuses a library built without it."""
+  import shutil
+
+  from pemn_jax.kernels import native
+  if shutil.which('g++') is None or not sys.platform.startswith('linux'):
+    pytest.skip('needs g++ on Linux')
+  monkeypatch.setenv('PEMN_JAX_CACHE_DIR', str(tmp_path / 'cache'))
+  src = tmp_path / 'k.cc'
+  src.write_text('extern "C" int pemn_test_one() { return 1; }\n')
+  plain = native.build(src, 'k')
+  again = native.build(src, 'k')
+  flagged = native.build(src, 'k', ('-DPEMN_TEST_FLAG',))
+  assert plain == again and flagged != plain
+  assert sorted(p.name for p in (tmp_path / 'cache' / 'ffi').iterdir()) == sorted(
+      {plain.name, flagged.name})

@@ -1,13 +1,14 @@
 // oneDNN 2-D convolutions (NHWC input, OHWI kernel, float32) as XLA FFI handlers:
 // forward, input gradient (backward data) and kernel gradient (backward weights, OIHW:
 // the plain layouts oneDNN reorders its blocked ones to and from fastest).
-// Built and loaded by pemn_jax/ops/dnnl_conv.py; see its docstring.
+// Built and loaded by pemn_jax/kernels/dnnl_conv.py; see its docstring.
 //
 // Each handler takes (a, b) buffers and writes one result; the attributes are the
 // strides and the explicit padding (top, bottom, left, right). Primitives are built
-// once per geometry and kept; every execution gets its own scratchpad (user mode), so
-// concurrent executions of one primitive (XLA may run independent thunks at once)
-// share nothing mutable.
+// once per geometry and kept; every execution gets its own scratchpad (user mode).
+// Executions run one at a time in a process: XLA runs independent thunks at once
+// (e.g. a step's kernel gradients), and two oneDNN calls side by side, each with all
+// the OpenMP threads, took 2-3x as long each (ResNet-20 step: 4% slower overall).
 
 #include <cstdint>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "dnnl.hpp"
+#include "omp.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -47,6 +49,8 @@ struct Prims {
 };
 
 std::mutex cache_mu;
+// Held while a handler runs (see the top of this file).
+std::mutex run_mu;
 std::map<Key, std::shared_ptr<Prims>> cache;
 
 // x: (n, h, w, c); kernel (k, kh, kw, c); y: (n, oh, ow, k).
@@ -96,11 +100,20 @@ struct Scratch {
   }
 };
 
+// A kernel's reorder on the calling thread alone: a few thousand floats, which
+// take ~10x longer when the sleeping OpenMP threads are woken for them.
+void Reorder(memory& from, memory& to, dnnl::stream& s) {
+  int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  dnnl::reorder(from, to).execute(s, from, to);
+  omp_set_num_threads(threads);
+}
+
 // The kernel in the layout the primitive wants (reordered from OHWI if it differs).
-memory KernelIn(const memory::desc& want, const memory& plain, dnnl::stream& s) {
+memory KernelIn(const memory::desc& want, memory plain, dnnl::stream& s) {
   if (want == plain.get_desc()) return plain;
   memory other(want, Engine());
-  dnnl::reorder(plain, other).execute(s, const_cast<memory&>(plain), other);
+  Reorder(plain, other, s);
   return other;
 }
 
@@ -125,6 +138,7 @@ static ffi::Error FwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     auto p = Get(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
     auto& eng = Engine();
     dnnl::stream s(eng);
+    std::lock_guard<std::mutex> run(run_mu);
     memory xm(p->x_md, eng, x.typed_data()), ym(p->y_md, eng, y->typed_data());
     memory wm = KernelIn(p->fwd_pd.weights_desc(), memory(p->w_md, eng, w.typed_data()), s);
     Scratch scratch(p->fwd_pd.scratchpad_desc());
@@ -141,6 +155,7 @@ static ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
     auto p = Get(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
     auto& eng = Engine();
     dnnl::stream s(eng);
+    std::lock_guard<std::mutex> run(run_mu);
     memory dym(p->y_md, eng, dy.typed_data()), dxm(p->x_md, eng, dx->typed_data());
     memory wm = KernelIn(p->bwd_d_pd.weights_desc(), memory(p->w_md, eng, w.typed_data()), s);
     Scratch scratch(p->bwd_d_pd.scratchpad_desc());
@@ -159,6 +174,7 @@ static ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
     auto p = Get(x.dimensions(), ohwi, dy.dimensions(), sh, sw, pt, pb, pl, pr);
     auto& eng = Engine();
     dnnl::stream s(eng);
+    std::lock_guard<std::mutex> run(run_mu);
     memory xm(p->x_md, eng, x.typed_data()), dym(p->y_md, eng, dy.typed_data());
     memory dwplain(p->dw_md, eng, dw->typed_data());
     auto want = p->bwd_w_pd.diff_weights_desc();
@@ -167,7 +183,7 @@ static ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
     Scratch scratch(p->bwd_w_pd.scratchpad_desc());
     p->bwd_w.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
                          {DNNL_ARG_DIFF_WEIGHTS, dwm}, {DNNL_ARG_SCRATCHPAD, scratch.mem}});
-    if (!same) dnnl::reorder(dwm, dwplain).execute(s, dwm, dwplain);
+    if (!same) Reorder(dwm, dwplain, s);
     s.wait();
   });
 }
