@@ -5,9 +5,10 @@ pemn_jax.main`` and the benchmarks call it first thing; XLA reads its flags
 and JAX its dispatch mode then):
 
 1. ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (added to
-   ``XLA_FLAGS`` unless set): XLA's default CPU schedule keeps 9.6 GB of
-   temporaries alive for a ConvMixer-256/8 step at batch 128, the
-   memory-minimizing one 2.7 GB;
+   ``XLA_FLAGS`` unless set): XLA's default CPU schedule keeps 3.46 GB of
+   temporaries alive for a ConvMixer-256/8 PEMN step at batch 128, the
+   memory-minimizing one 2.89 GB (9.6 and 2.7 GB while the depthwise
+   convolutions' input gradient was autodiff's k*k padded slices);
 2. for steps with large temporaries, ``keep()``: XLA:CPU allocates a step's
    temporaries as one block on every execution (292 MB for ResNet-20 at
    batch 128). Dispatched asynchronously, that happens on a worker thread,

@@ -109,13 +109,13 @@ def version() -> str:
   return lib.PemnDnnlVersion().decode() if lib is not None else ''
 
 
-def _call(target: str, shape, a, b, strides, pads):
+def _call(target: str, shape, a, b, strides, pads, groups):
   (pt, pb), (pl, pr) = pads
   fn = jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
                         vmap_method='sequential')
   i64 = np.int64
   return fn(a, b, sh=i64(strides[0]), sw=i64(strides[1]), pt=i64(pt), pb=i64(pb), pl=i64(pl),
-            pr=i64(pr))
+            pr=i64(pr), g=i64(groups))
 
 
 def out_shape(x_shape, w_shape, strides, pads) -> tuple[int, int, int, int]:
@@ -125,32 +125,39 @@ def out_shape(x_shape, w_shape, strides, pads) -> tuple[int, int, int, int]:
           (w + sum(pads[1]) - kw) // strides[1] + 1, k)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]],
+         groups: int = 1):
   """A 2-D convolution by oneDNN: ``lax.conv_general_dilated(x, w, strides,
-  pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))``.
+  pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)``.
 
   Args:
     x: (N, H, W, C) float32.
-    w: (kh, kw, C, K) float32.
+    w: (kh, kw, C / groups, K) float32.
     strides: (sh, sw).
     pads: ((top, bottom), (left, right)), each >= 0.
+    groups: C and K split into this many groups (C for a depthwise convolution).
   Returns:
     (N, Ho, Wo, K) float32; differentiable (reverse mode) in ``x`` and ``w``.
   Raises:
     Unavailable: when ``available()`` is False.
   """
-  return _forward(x, w, strides, pads)
+  return _forward(x, w, strides, pads, groups)
 
 
-def _forward(x, w, strides, pads):
+def _forward(x, w, strides, pads, groups):
   if not available():
     raise Unavailable(f'oneDNN convolutions are unavailable: {unavailable_reason()}')
   if x.dtype != jnp.float32 or w.dtype != jnp.float32:
     raise TypeError(f'dnnl_conv.conv takes float32, got {x.dtype} and {w.dtype}')
   if any(p < 0 for pp in pads for p in pp):
     raise ValueError(f'dnnl_conv.conv takes non-negative padding, got {pads}')
-  return _call('fwd', out_shape(x.shape, w.shape, strides, pads), x, _ohwi(w), strides, pads)
+  c, (_, _, cg, k) = x.shape[3], w.shape
+  if groups < 1 or c % groups or k % groups or cg != c // groups:
+    raise ValueError(f'dnnl_conv.conv: input channels {c} and kernel {w.shape} do not '
+                     f'split into {groups} groups')
+  return _call('fwd', out_shape(x.shape, w.shape, strides, pads), x, _ohwi(w), strides, pads,
+               groups)
 
 
 def _ohwi(w):
@@ -160,15 +167,15 @@ def _ohwi(w):
   return jnp.transpose(w, (3, 0, 1, 2))
 
 
-def _conv_fwd(x, w, strides, pads):
-  return _forward(x, w, strides, pads), (x, w)
+def _conv_fwd(x, w, strides, pads, groups):
+  return _forward(x, w, strides, pads, groups), (x, w)
 
 
-def _conv_bwd(strides, pads, res, g):
+def _conv_bwd(strides, pads, groups, res, g):
   x, w = res
-  dx = _call('bwd_data', x.shape, g, _ohwi(w), strides, pads)
-  kh, kw, c, k = w.shape
-  dw = _call('bwd_weights', (k, c, kh, kw), x, g, strides, pads)
+  dx = _call('bwd_data', x.shape, g, _ohwi(w), strides, pads, groups)
+  kh, kw, cg, k = w.shape
+  dw = _call('bwd_weights', (k, cg, kh, kw), x, g, strides, pads, groups)
   return dx, jnp.transpose(dw, (2, 3, 1, 0))
 
 

@@ -19,28 +19,14 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 NnxConv = functools.partial(nnx.Conv, conv_general_dilated=conv_general_dilated)
 
 
-def shifted_depthwise_conv(x, kernel):
-  """'SAME' stride-1 depthwise conv as k*k shifted multiply-adds (NHWC,
-  kernel (kh, kw, 1, C)). On XLA:CPU this is several times faster than
-  ``conv_general_dilated(feature_group_count=C)``, forward and backward."""
-  kh, kw = kernel.shape[:2]
-  h, w = x.shape[1], x.shape[2]
-  ph, pw = (kh - 1) // 2, (kw - 1) // 2
-  xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
-  out = None
-  for dy in range(kh):
-    for dx in range(kw):
-      term = xp[:, dy:dy + h, dx:dx + w, :] * kernel[dy, dx, 0, :]
-      out = term if out is None else out + term
-  return out
-
-
 class DepthwiseConv(nn.Module):
   """Depthwise 'SAME' conv with nn.Conv's param names and shapes.
 
   ``impl``: 'xla' (grouped convolution), 'shift' (shifted multiply-adds), or
-  'auto' (shift on CPU, xla elsewhere: chosen per platform when lowered;
-  xla within ``kernels.conv.forced('xla')``). Both give the same function.
+  'auto' (on CPU ``kernels.conv.depthwise_conv``: oneDNN's where the
+  convolutions take oneDNN, else shift; xla elsewhere: chosen per platform
+  when lowered; xla within ``kernels.conv.forced('xla')``). All give the same
+  function.
   """
   kernel_size: int
   use_bias: bool = True
@@ -60,9 +46,9 @@ class DepthwiseConv(nn.Module):
     if impl == 'auto' and conv.default_impl() == 'xla':
       impl = 'xla'
     if impl == 'auto':  # chosen per platform when lowered
-      y = jax.lax.platform_dependent(x, kernel, cpu=shifted_depthwise_conv, default=grouped)
+      y = jax.lax.platform_dependent(x, kernel, cpu=conv.depthwise_conv, default=grouped)
     else:
-      y = (shifted_depthwise_conv if impl == 'shift' else grouped)(x, kernel)
+      y = (conv.shifted_depthwise_conv if impl == 'shift' else grouped)(x, kernel)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     return y

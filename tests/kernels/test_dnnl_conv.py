@@ -202,3 +202,27 @@ def test_compiled_libraries_are_keyed_by_their_flags(monkeypatch, tmp_path):
   assert plain == again and flagged != plain
   assert sorted(p.name for p in (tmp_path / 'cache' / 'ffi').iterdir()) == sorted(
       {plain.name, flagged.name})
+
+
+@needs_onednn
+@pytest.mark.parametrize('case', [
+    ((2, 9, 8, 6), (3, 3, 2, 9), (1, 1), ((1, 1), (1, 1)), 3),
+    ((4, 10, 10, 8), (5, 5, 1, 8), (1, 1), ((2, 2), (2, 2)), 8),   # depthwise
+    ((3, 7, 9, 4), (4, 3, 1, 8), (2, 1), ((1, 2), (0, 2)), 4),     # depthwise x2, uneven
+], ids=str)
+def test_grouped_convolutions_equal_xlas(case):
+  """Grouped convolutions (``groups``): values and both gradients against
+  XLA's ``feature_group_count`` convolution."""
+  xs, ws, strides, pads, groups = case
+  rng = np.random.default_rng(len(str(case)))
+  x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
+  want, want_vjp = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups), x, w)
+  got, got_vjp = jax.vjp(jax.jit(lambda x, w: dnnl_conv.conv(x, w, strides, pads, groups)), x, w)
+  g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  for a, b in zip((got, *got_vjp(g)), (want, *want_vjp(g))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+  with pytest.raises(ValueError, match='do not split into 5 groups'):
+    dnnl_conv.conv(x, w, strides, pads, 5)

@@ -105,17 +105,38 @@ def test_standard_parameter_counts():
   assert counts['lenet5'] == 61_706
 
 
-def test_depthwise_shift_equals_xla():
-  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 6))
-  mods = {impl: models.DepthwiseConv(5, impl=impl) for impl in ('shift', 'xla')}
-  v = mods['xla'].init(jax.random.key(1), x)
-  f = {k: (lambda v, x, m=m: m.apply(v, x)) for k, m in mods.items()}
-  np.testing.assert_allclose(np.asarray(f['shift'](v, x)), np.asarray(f['xla'](v, x)),
-                             rtol=1e-5, atol=1e-5)
-  gs = {k: jax.grad(lambda v, x, fn=fn: jnp.sum(fn(v, x) ** 2), argnums=(0, 1))(v, x)
-        for k, fn in f.items()}
-  for a, b in zip(jax.tree.leaves(gs['shift']), jax.tree.leaves(gs['xla'])):
+@pytest.mark.parametrize('size', [3, 4, 5])
+@pytest.mark.parametrize('impl', ['shift', 'onednn'])
+def test_depthwise_equals_xla(impl, size):
+  """The CPU depthwise convolutions (shifted multiply-adds with their own
+  gradient; oneDNN's grouped convolution) against XLA's grouped convolution:
+  values and both gradients, odd and even kernels."""
+  from pemn_jax.kernels import conv, dnnl_conv
+  if impl == 'onednn' and not dnnl_conv.available():
+    pytest.skip('oneDNN convolutions unavailable here')
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 6))
+  mod = models.DepthwiseConv(size, impl='xla')
+  v = mod.init(jax.random.key(1), x)
+  kernel = v['params']['kernel']
+  fns = {'xla': lambda x, k: mod.apply({'params': {'kernel': k, 'bias': v['params']['bias']}}, x)
+         - v['params']['bias'],
+         'shift': conv.shifted_depthwise_conv,
+         'onednn': lambda x, k: conv.depthwise_conv(x, k, impl='onednn')}
+  g = jax.random.normal(jax.random.key(2), x.shape)
+  want, want_vjp = jax.vjp(fns['xla'], x, kernel)
+  got, got_vjp = jax.vjp(jax.jit(fns[impl]), x, kernel)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_module_impls_agree():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 6))
+  mods = {impl: models.DepthwiseConv(5, impl=impl) for impl in ('shift', 'auto', 'xla')}
+  v = mods['xla'].init(jax.random.key(1), x)
+  for impl in ('shift', 'auto'):
+    np.testing.assert_allclose(np.asarray(mods[impl].apply(v, x)),
+                               np.asarray(mods['xla'].apply(v, x)), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_model():

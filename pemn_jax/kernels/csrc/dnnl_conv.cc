@@ -4,7 +4,8 @@
 // Built and loaded by pemn_jax/kernels/dnnl_conv.py; see its docstring.
 //
 // Each handler takes (a, b) buffers and writes one result; the attributes are the
-// strides and the explicit padding (top, bottom, left, right). Primitives are built
+// strides, the explicit padding (top, bottom, left, right) and the number of groups
+// (g: the channels of the input and output split into g groups; depthwise: g = c). Primitives are built
 // once per geometry and kept; every execution gets its own scratchpad (user mode).
 // Executions run one at a time in a process: XLA runs independent thunks at once
 // (e.g. a step's kernel gradients), and two oneDNN calls side by side, each with all
@@ -36,7 +37,7 @@ dnnl::engine& Engine() {
 }
 
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t, int64_t, int64_t, int64_t, int64_t>;
+                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
 struct Prims {
   dnnl::convolution_forward::primitive_desc fwd_pd;
@@ -53,11 +54,21 @@ std::mutex cache_mu;
 std::mutex run_mu;
 std::map<Key, std::shared_ptr<Prims>> cache;
 
-// x: (n, h, w, c); kernel (k, kh, kw, c); y: (n, oh, ow, k).
+// The kernel's descriptor: (k, kh, kw, c/g) memory (OHWI) or, with ohwi false,
+// (k, c/g, kh, kw) (OIHW); with g > 1 groups, oneDNN's (g, k/g, c/g, kh, kw) dims
+// over the same memory (the output channels of a group are contiguous).
+memory::desc Kernel(int64_t k, int64_t cg, int64_t kh, int64_t kw, int64_t g, bool ohwi) {
+  if (g == 1) return memory::desc({k, cg, kh, kw}, dt::f32, ohwi ? tag::ohwi : tag::oihw);
+  memory::dims strides = ohwi ? memory::dims{k / g * kh * kw * cg, kh * kw * cg, 1, kw * cg, cg}
+                              : memory::dims{k / g * cg * kh * kw, cg * kh * kw, kh * kw, kw, 1};
+  return memory::desc({g, k / g, cg, kh, kw}, dt::f32, strides);
+}
+
+// x: (n, h, w, c); kernel (k, kh, kw, c/g); y: (n, oh, ow, k); g groups.
 std::shared_ptr<Prims> Get(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                            ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
-                           int64_t pb, int64_t pl, int64_t pr) {
-  Key key{x[0], x[1], x[2], x[3], w[1], w[2], w[0], sh, sw, pt, pb, pl, pr};
+                           int64_t pb, int64_t pl, int64_t pr, int64_t g) {
+  Key key{x[0], x[1], x[2], x[3], w[1], w[2], w[0], sh, sw, pt, pb, pl, pr, g};
   std::lock_guard<std::mutex> lock(cache_mu);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -65,9 +76,9 @@ std::shared_ptr<Prims> Get(ffi::Span<const int64_t> x, ffi::Span<const int64_t> 
   auto p = std::make_shared<Prims>();
   p->x_md = memory::desc({x[0], x[3], x[1], x[2]}, dt::f32, tag::nhwc);
   p->y_md = memory::desc({y[0], y[3], y[1], y[2]}, dt::f32, tag::nhwc);
-  p->w_md = memory::desc({w[0], w[3], w[1], w[2]}, dt::f32, tag::ohwi);
-  p->dw_md = memory::desc({w[0], w[3], w[1], w[2]}, dt::f32, tag::oihw);
-  memory::desc w_any({w[0], w[3], w[1], w[2]}, dt::f32, tag::any);
+  p->w_md = Kernel(w[0], w[3], w[1], w[2], g, true);
+  p->dw_md = Kernel(w[0], w[3], w[1], w[2], g, false);
+  memory::desc w_any(p->w_md.get_dims(), dt::f32, tag::any);
   memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -133,9 +144,9 @@ ffi::Error Guard(F f) {
 
 static ffi::Error FwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                          int64_t pb, int64_t pl, int64_t pr) {
+                          int64_t pb, int64_t pl, int64_t pr, int64_t g) {
   return Guard([&] {
-    auto p = Get(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+    auto p = Get(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr, g);
     auto& eng = Engine();
     dnnl::stream s(eng);
     std::lock_guard<std::mutex> run(run_mu);
@@ -150,9 +161,9 @@ static ffi::Error FwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 static ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                               ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
-                              int64_t pb, int64_t pl, int64_t pr) {
+                              int64_t pb, int64_t pl, int64_t pr, int64_t g) {
   return Guard([&] {
-    auto p = Get(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+    auto p = Get(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, g);
     auto& eng = Engine();
     dnnl::stream s(eng);
     std::lock_guard<std::mutex> run(run_mu);
@@ -167,11 +178,11 @@ static ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 
 static ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                  ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
-                                 int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                                 int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
   return Guard([&] {
-    auto d = dw->dimensions();  // (k, c, kh, kw)
+    auto d = dw->dimensions();  // (k, c/g, kh, kw)
     std::vector<int64_t> ohwi{d[0], d[2], d[3], d[1]};
-    auto p = Get(x.dimensions(), ohwi, dy.dimensions(), sh, sw, pt, pb, pl, pr);
+    auto p = Get(x.dimensions(), ohwi, dy.dimensions(), sh, sw, pt, pb, pl, pr, g);
     auto& eng = Engine();
     dnnl::stream s(eng);
     std::lock_guard<std::mutex> run(run_mu);
@@ -198,7 +209,8 @@ static ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
       .Attr<int64_t>("pt")                                                           \
       .Attr<int64_t>("pb")                                                           \
       .Attr<int64_t>("pl")                                                           \
-      .Attr<int64_t>("pr")
+      .Attr<int64_t>("pr")                                                           \
+      .Attr<int64_t>("g")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDnnlConvFwd, FwdImpl, PEMN_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDnnlConvBwdData, BwdDataImpl, PEMN_BIND);
