@@ -38,18 +38,13 @@ flags.mark_flags_as_required(['config', 'workdir', 'sweep'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from pemn_jax.kernels import cpu_tuning
+  from pemn_jax.cli import configure_cpu
   from pemn_jax.sweep.spec import load_config
-  from pemn_jax.train.run import activation_bytes
-  try:  # one variant's activations (a lower bound for a stacked step); see cpu_tuning
-    step_bytes = activation_bytes(load_config(_CONFIG.value))
-  except Exception:  # noqa: BLE001 - run_sweep below reports a bad config
-    step_bytes = None
   try:
-    cpu_tuning.configure(step_bytes)
-  except ValueError as e:  # a bad PEMN_JAX_HOST_MEMORY
-    from pemn_jax.cli import fail
-    fail(e)
+    config = load_config(_CONFIG.value)
+  except Exception:  # noqa: BLE001 - run_sweep below reports a bad config
+    config = None
+  configure_cpu(config)  # one variant's activations: a lower bound for a stacked step
   import tensorflow_datasets as tfds
   from absl import logging
 

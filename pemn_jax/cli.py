@@ -41,6 +41,19 @@ def fail(message, status: int = BAD_INPUT):
   sys.exit(status)
 
 
+def configure_cpu(config) -> None:
+  """Sets XLA:CPU up for a run of ``config`` before JAX's backend starts
+  (``pemn_jax.kernels.cpu_tuning.configure``, from the estimate of one
+  step's activations; ``config`` None: no estimate). A bad
+  ``PEMN_JAX_HOST_MEMORY`` exits 2 with its message."""
+  from pemn_jax.kernels import cpu_tuning
+  from pemn_jax.train.run import activation_bytes
+  try:
+    cpu_tuning.configure(None if config is None else activation_bytes(config))
+  except ValueError as e:
+    fail(e)
+
+
 class Eta:
   """A progress line with an ETA for a long task, for ``say``: at most one
   every ``every`` seconds, so a task shorter than that prints nothing.

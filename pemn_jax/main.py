@@ -46,14 +46,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from pemn_jax.kernels import cpu_tuning
-  from pemn_jax.train.run import activation_bytes
-  # Before JAX's CPU backend starts; see pemn_jax/kernels/cpu_tuning.py.
-  try:
-    cpu_tuning.configure(activation_bytes(_CONFIG.value))
-  except ValueError as e:  # a bad PEMN_JAX_HOST_MEMORY
-    from pemn_jax.cli import fail
-    fail(e)
+  from pemn_jax.cli import configure_cpu
+  configure_cpu(_CONFIG.value)  # before JAX's CPU backend starts
   import jax
   import tensorflow_datasets as tfds
   from absl import logging

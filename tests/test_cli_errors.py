@@ -98,6 +98,20 @@ def test_a_mistake_exits_2_with_one_line(argv, says):
   assert says in lines[0], lines[0]
 
 
+@pytest.mark.parametrize('module,more', [('pemn_jax.main', []),
+                                         ('pemn_jax.ablate', ['--sweep', 'seed=0,1'])])
+def test_a_bad_host_memory_setting_exits_2_before_training(module, more, tmp_path):
+  workdir = tmp_path / 'run'
+  argv = [module, '--config', 'configs/quickstart.py', '--workdir', str(workdir), *more]
+  r = subprocess.run([sys.executable, '-m', *argv], cwd=REPO, capture_output=True, text=True,
+                     timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu',
+                                       'PEMN_JAX_HOST_MEMORY': 'kept'})
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(('W', 'I'))]
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  assert lines == ["error: PEMN_JAX_HOST_MEMORY='kept': expected auto, keep or release"], lines
+  assert not workdir.exists()
+
+
 def test_enough_mistakes_are_covered():
   assert len(MISTAKES) >= 30
   assert {a[0] for a, _ in MISTAKES} == {'pemn_jax.main', 'pemn_jax.export', 'pemn_jax.evaluate',
