@@ -112,6 +112,16 @@ def test_a_bad_host_memory_setting_exits_2_before_training(module, more, tmp_pat
   assert not workdir.exists()
 
 
+def test_a_config_that_cannot_be_built_leaves_no_workdir(tmp_path):
+  """A mistake found only when the run is built (the parameterization's keep
+  fraction) is refused before the workdir is made or locked."""
+  workdir = tmp_path / 'run'
+  r = _run(['pemn_jax.main', '--config', 'configs/quickstart.py', '--workdir', str(workdir),
+            '--config.param.keep=1.5'])
+  assert r.returncode == 2 and 'keep fraction must be in (0, 1]' in r.stderr, r.stderr[-2000:]
+  assert not workdir.exists()
+
+
 def test_enough_mistakes_are_covered():
   assert len(MISTAKES) >= 30
   assert {a[0] for a, _ in MISTAKES} == {'pemn_jax.main', 'pemn_jax.export', 'pemn_jax.evaluate',

@@ -147,12 +147,12 @@ def train_and_evaluate(config, workdir: str, model=None) -> dict:
     ConfigError, DataError, CheckpointError, WorkdirError, DivergenceError.
   """
   validate(config)
+  run = Run.build(config, model)  # first: a config that cannot be built leaves no workdir
   workdir = prepare(workdir)
   with WorkdirLock(workdir) as lock:
     if lock.unsupported:
       print(f'warning: {workdir} cannot be locked ({lock.unsupported}); make sure no other run '
             'uses it', flush=True)
-    run = Run.build(config, model)
     return train(run, [Member(workdir, config, run.param)])[0]
 
 
