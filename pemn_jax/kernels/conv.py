@@ -87,7 +87,7 @@ def kernel_grad(x, g, kernel_hw: tuple[int, int], strides: tuple[int, int],
     (kh, kw, C, K) float32: sum over n, h, w of
     ``xpad[n, h*sh + i, w*sw + j, c] * g[n, h, w, k]``.
   """
-  n, _, _, c = x.shape
+  _, _, _, c = x.shape
   _, ho, wo, k = g.shape
   kh, kw = kernel_hw
   sh, sw = strides
@@ -96,28 +96,41 @@ def kernel_grad(x, g, kernel_hw: tuple[int, int], strides: tuple[int, int],
   xp = xp[:, :(ho - 1) * sh + kh, :(wo - 1) * sw + kw, :]
   if xp.shape[1] < (ho - 1) * sh + kh or xp.shape[2] < (wo - 1) * sw + kw:
     raise ValueError(f'kernel_grad: padded input {xp.shape} too small for output {g.shape}')
-  nb = _chunk(n, math.prod(xp.shape[1:]) * xp.dtype.itemsize)
-  # Chunk j holds examples j, j + n/nb, j + 2n/nb, ...: the batch's leading
-  # (data-sharded) dimension stays inside every chunk, so on a sharded batch
-  # each device reduces its own examples (no all-gather of activations); the
-  # chunk is sliced out in the loop (no transposed copy of x or g).
-  m = n // nb
-  xs = xp.reshape(nb, m, *xp.shape[1:])
-  gs = g.reshape(nb, m, ho * wo, k)
 
-  def body(j, acc):
-    xc = lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False)
-    gc = lax.dynamic_index_in_dim(gs, j, axis=1, keepdims=False).reshape(nb * ho * wo, k)
+  def chunk(xc, gc):
+    gc = gc.reshape(-1, k)
     parts = []
     for i in range(kh):
       for jj in range(kw):
         win = lax.slice(xc, (0, i, jj, 0),
-                        (nb, i + (ho - 1) * sh + 1, jj + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+                        (xc.shape[0], i + (ho - 1) * sh + 1, jj + (wo - 1) * sw + 1, c),
+                        (1, sh, sw, 1))
         parts.append(jnp.dot(win.reshape(-1, c).T, gc, preferred_element_type=jnp.float32))
-    return acc + jnp.stack(parts)
+    return jnp.stack(parts)
 
-  acc = lax.fori_loop(0, m, body, jnp.zeros((kh * kw, c, k), jnp.float32))
-  return acc.reshape(kh, kw, c, k)
+  return _sum_over_chunks(xp, g, chunk, (kh * kw, c, k)).reshape(kh, kw, c, k)
+
+
+def _sum_over_chunks(xp, g, chunk, shape):
+  """sum of ``chunk(xp[examples], g[examples])`` (float32, ``shape``) over
+  chunks of ~CHUNK_BYTES of examples, in a ``fori_loop``.
+
+  Chunk j holds examples j, j + n/nb, j + 2n/nb, ...: the batch's leading
+  (data-sharded) dimension stays inside every chunk, so on a sharded batch
+  each device reduces its own examples (no all-gather of activations); the
+  chunk is sliced out in the loop (no transposed copy of x or g).
+  """
+  n = xp.shape[0]
+  nb = _chunk(n, math.prod(xp.shape[1:]) * xp.dtype.itemsize)
+  m = n // nb
+  xs = xp.reshape(nb, m, *xp.shape[1:])
+  gs = g.reshape(nb, m, *g.shape[1:])
+
+  def body(j, acc):
+    return acc + chunk(lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False),
+                       lax.dynamic_index_in_dim(gs, j, axis=1, keepdims=False))
+
+  return lax.fori_loop(0, m, body, jnp.zeros(shape, jnp.float32))
 
 
 def depthwise_kernel_grad(x, g, kernel_hw: tuple[int, int],
@@ -135,24 +148,17 @@ def depthwise_kernel_grad(x, g, kernel_hw: tuple[int, int],
     whole batch at once, XLA:CPU writes each of the kh*kw shifted windows out
     in full first (ConvMixer-256/8: 0.65 of a 1.8 s step).
   """
-  n, _, _, c = x.shape
+  c = x.shape[3]
   _, ho, wo, _ = g.shape
   kh, kw = kernel_hw
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))[:, :ho + kh - 1, :wo + kw - 1, :]
-  nb = _chunk(n, math.prod(xp.shape[1:]) * xp.dtype.itemsize)
-  m = n // nb
-  xs = xp.reshape(nb, m, *xp.shape[1:])
-  gs = g.reshape(nb, m, ho, wo, c)
 
-  def body(j, acc):
-    xc = lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False)
-    gc = lax.dynamic_index_in_dim(gs, j, axis=1, keepdims=False)
-    return acc + jnp.stack([
+  def chunk(xc, gc):
+    return jnp.stack([
         jnp.sum(xc[:, i:i + ho, jj:jj + wo, :] * gc, axis=(0, 1, 2), dtype=jnp.float32)
         for i in range(kh) for jj in range(kw)])
 
-  acc = lax.fori_loop(0, m, body, jnp.zeros((kh * kw, c), jnp.float32))
-  return acc.reshape(kh, kw, c)
+  return _sum_over_chunks(xp, g, chunk, (kh * kw, c)).reshape(kh, kw, c)
 
 
 def _shifted_sum(x, kernel, pads):
@@ -168,11 +174,6 @@ def _shifted_sum(x, kernel, pads):
   return out
 
 
-def _same_pads(kernel):
-  kh, kw = kernel.shape[:2]
-  return ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
-
-
 @jax.custom_vjp
 def shifted_depthwise_conv(x, kernel):
   """'SAME' stride-1 depthwise conv as k*k shifted multiply-adds (NHWC,
@@ -184,7 +185,7 @@ def shifted_depthwise_conv(x, kernel):
   flipped (autodiff's would pad each of the k*k slices' gradients to full
   size and add them: ConvMixer-256/8's step spent 0.56 of its 1.93 s there).
   """
-  return _shifted_sum(x, kernel, _same_pads(kernel))
+  return _shifted_sum(x, kernel, _pads('SAME', x.shape, kernel.shape, (1, 1)))
 
 
 def _shifted_fwd(x, kernel):
@@ -193,7 +194,7 @@ def _shifted_fwd(x, kernel):
 
 def _shifted_bwd(res, g):
   x, kernel = res
-  (pt, pb), (pl, pr) = pads = _same_pads(kernel)
+  (pt, pb), (pl, pr) = pads = _pads('SAME', x.shape, kernel.shape, (1, 1))
   kh, kw = kernel.shape[:2]
   dx = _shifted_sum(g, kernel[::-1, ::-1], ((pb, pt), (pr, pl)))
   dk = depthwise_kernel_grad(x, g, (kh, kw), pads)
@@ -212,7 +213,8 @@ def depthwise_conv(x, kernel, impl: str | None = None):
   takes 31 ms forward and backward in oneDNN, 81-84 ms shifted."""
   impl = default_impl() if impl is None else impl
   if x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and _use_onednn(impl):
-    return dnnl_conv.conv(x, kernel, (1, 1), _same_pads(kernel), x.shape[-1])
+    return dnnl_conv.conv(x, kernel, (1, 1), _pads('SAME', x.shape, kernel.shape, (1, 1)),
+                          x.shape[-1])
   return shifted_depthwise_conv(x, kernel)
 
 

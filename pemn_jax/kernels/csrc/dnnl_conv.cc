@@ -5,8 +5,9 @@
 //
 // Each handler takes (a, b) buffers and writes one result; the attributes are the
 // strides, the explicit padding (top, bottom, left, right) and the number of groups
-// (g: the channels of the input and output split into g groups; depthwise: g = c). Primitives are built
-// once per geometry and kept; every execution gets its own scratchpad (user mode).
+// (g: the channels of the input and output split into g groups; depthwise: g = c).
+// Primitives are built once per geometry and kept; every execution gets its own
+// scratchpad (user mode).
 // Executions run one at a time in a process: XLA runs independent thunks at once
 // (e.g. a step's kernel gradients), and two oneDNN calls side by side, each with all
 // the OpenMP threads, took 2-3x as long each (ResNet-20 step: 4% slower overall).
@@ -113,11 +114,17 @@ struct Scratch {
 
 // A kernel's reorder on the calling thread alone: a few thousand floats, which
 // take ~10x longer when the sleeping OpenMP threads are woken for them.
-void Reorder(memory& from, memory& to, dnnl::stream& s) {
+// (The thread's OpenMP setting is restored even if the reorder throws: this XLA
+// thread runs the following convolutions too.)
+struct OneThread {
   int threads = omp_get_max_threads();
-  omp_set_num_threads(1);
+  OneThread() { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(threads); }
+};
+
+void Reorder(memory& from, memory& to, dnnl::stream& s) {
+  OneThread one;
   dnnl::reorder(from, to).execute(s, from, to);
-  omp_set_num_threads(threads);
 }
 
 // The kernel in the layout the primitive wants (reordered from OHWI if it differs).
